@@ -1,0 +1,74 @@
+"""Baseline gradient modes built on plain autograd (for comparison; same API).
+
+* ``Backprop``   autograd through the whole step loop: exact, memory grows with the number of steps.
+* ``Checkpoint`` ``torch.utils.checkpoint`` around each step (what DNO/AlignProp do): exact, stores the N
+  step inputs and recomputes each step's activations in the backward pass.
+* ``Truncated(k)`` the gradient flows through the last k steps only (DRaFT-K / AlignProp). The conditioning
+  and the weights see those k steps. x_T reaches the last k steps by a straight-through estimate in
+  y = x/α: ∂x_{N−k}/∂x_T ≈ (α_{N−k}/α_0) I, the Jacobian of the ODE's flow when ε̂ does not depend on x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .base import GradMode
+
+
+def _run_steps(solver, x, hist, cond, uncond, steps, wrap_step=None):
+    for i in steps:
+        if wrap_step is None:
+            x, hist = solver.step(i, x, hist, cond, uncond)
+        else:
+            x, hist = wrap_step(i, x, hist)
+    return x, hist
+
+
+@dataclass(frozen=True)
+class Backprop(GradMode):
+    name = "backprop"
+
+    def run(self, solver, x_T, cond, uncond, params):
+        x0, _ = _run_steps(solver, x_T, (), cond, uncond, range(solver.num_steps))
+        return x0
+
+
+@dataclass(frozen=True)
+class Checkpoint(GradMode):
+    name = "checkpoint"
+
+    def run(self, solver, x_T, cond, uncond, params):
+        def wrap_step(i, x, hist):
+            def flat_step(x, *hist):
+                x_next, hist_next = solver.step(i, x, hist, cond, uncond)
+                return (x_next, *hist_next)
+
+            out = checkpoint(flat_step, x, *hist, use_reentrant=False)
+            return out[0], tuple(out[1:])
+
+        x0, _ = _run_steps(solver, x_T, (), cond, uncond, range(solver.num_steps), wrap_step)
+        return x0
+
+
+@dataclass(frozen=True)
+class Truncated(GradMode):
+    k: int = 1
+    name = "truncated"
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"Truncated(k) needs an integer k ≥ 1 (the number of steps to back-propagate), got {self.k!r}")
+
+    def run(self, solver, x_T, cond, uncond, params):
+        n = solver.num_steps
+        start = max(0, n - self.k)
+        with torch.no_grad():
+            x, hist = _run_steps(solver, x_T, (), cond, uncond, range(start))
+        if start > 0:
+            scale = float(solver.grid.alpha[start] / solver.grid.alpha[0])
+            x = x + scale * (x_T - x_T.detach())
+        x0, _ = _run_steps(solver, x, hist, cond, uncond, range(start, n))
+        return x0
