@@ -19,14 +19,14 @@ def check_tensor(name: str, t, *, finite: bool = True) -> None:
 
 
 def check_sample_inputs(model, x_T, cond, uncond, guidance_scale: float, style: str) -> None:
-    check_tensor("x_T", x_T)
+    check_tensor("x_T", x_T, finite=False)
     if x_T.ndim < 2:
         raise ValueError(f"x_T must have a batch dimension, e.g. (B, C, H, W); got shape {tuple(x_T.shape)}")
     batch = x_T.shape[0]
     for name, emb in (("cond", cond), ("uncond", uncond)):
         if emb is None:
             continue
-        check_tensor(name, emb)
+        check_tensor(name, emb, finite=False)
         if emb.device != x_T.device:
             raise ValueError(f"{name} is on {emb.device} but x_T is on {x_T.device}; move both to one device with .to()")
         if emb.dtype != x_T.dtype:
@@ -52,6 +52,9 @@ def check_sample_inputs(model, x_T, cond, uncond, guidance_scale: float, style: 
         raise ValueError("this model is unconditional (no encoder_hidden_states): drop cond/uncond")
     if isinstance(model, nn.Module):
         _check_model_matches(model, x_T, cond)
+    for name, t in (("x_T", x_T), ("cond", cond), ("uncond", uncond)):
+        if t is not None:
+            check_tensor(name, t)
 
 
 def _check_model_matches(model: nn.Module, x_T, cond) -> None:
@@ -66,7 +69,9 @@ def _check_model_matches(model: nn.Module, x_T, cond) -> None:
             )
     config = getattr(model, "config", None)
     channels = getattr(config, "in_channels", None)
-    if isinstance(channels, int) and x_T.ndim == 4 and x_T.shape[1] != channels:
+    if isinstance(channels, int) and x_T.ndim != 4:
+        raise ValueError(f"x_T must have shape (B, C, H, W) for this model, got {tuple(x_T.shape)}; add the batch dimension with x_T[None]")
+    if isinstance(channels, int) and x_T.shape[1] != channels:
         raise ValueError(f"x_T has {x_T.shape[1]} channels but the model expects in_channels={channels}; sample x_T with shape (B, {channels}, H, W)")
     width = getattr(config, "cross_attention_dim", None)
     if cond is not None and isinstance(width, int) and cond.shape[-1] != width:
