@@ -48,6 +48,9 @@ class SamplerFunction(torch.autograd.Function):
     def forward(ctx, mode: CustomBackwardMode, solver: Solver, x_T, cond, uncond, *params):
         with torch.no_grad():
             x0, record = mode.record(solver, x_T.detach(), _detach(cond), _detach(uncond))
+        # The backward pass recomputes steps: it must see the autocast state the forward pass saw.
+        device_type = x_T.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.mode, ctx.solver, ctx.record = mode, solver, record
         ctx.cond, ctx.uncond, ctx.params = cond, uncond, params
         return x0
@@ -59,7 +62,8 @@ class SamplerFunction(torch.autograd.Function):
         params = [p for p, need in zip(ctx.params, needs[5:]) if need]
         cond = ctx.cond.detach().requires_grad_(needs[3]) if ctx.cond is not None else None
         uncond = ctx.uncond.detach().requires_grad_(needs[4]) if ctx.uncond is not None else None
-        with VJPAccumulator(cond, uncond, params) as acc:
+        device_type, enabled, dtype = ctx.autocast
+        with VJPAccumulator(cond, uncond, params) as acc, torch.autocast(device_type, dtype, enabled=enabled):
             grad_xT = ctx.mode.pull_back(ctx.solver, ctx.record, grad_x0, acc)
         grads = iter(acc.param_grads)
         param_grads = [next(grads) if need else None for need in needs[5:]]
