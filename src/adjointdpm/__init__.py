@@ -8,7 +8,7 @@ conditioning and the network weights, in memory that does not grow with the numb
     loss_fn(x0).backward()
 """
 
-from .gradients import Adjoint, Backprop, Checkpoint, Exact, GradMode, Truncated
+from .gradients import Adjoint, Backprop, Checkpoint, Exact, GradMode, Reversible, Truncated
 from .model import Denoiser
 from .sampling import sample
 from .schedule import CosineVPSchedule, DiscreteVPSchedule, LinearVPSchedule, VPSchedule

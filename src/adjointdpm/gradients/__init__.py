@@ -4,8 +4,9 @@ from .adjoint import Adjoint
 from .autograd_modes import Backprop, Checkpoint, Truncated
 from .base import GradMode
 from .exact import Exact
+from .reversible import Reversible
 
-GRAD_MODES: dict[str, type[GradMode]] = {m.name: m for m in (Adjoint, Exact, Backprop, Checkpoint, Truncated)}
+GRAD_MODES: dict[str, type[GradMode]] = {m.name: m for m in (Adjoint, Exact, Backprop, Checkpoint, Truncated, Reversible)}
 
 
 def resolve_grad_mode(grad) -> GradMode | None:
