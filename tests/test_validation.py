@@ -81,3 +81,30 @@ def test_non_finite_incoming_gradient(unet, inputs, grad):
     x0 = run(unet, x, cond, grad=grad)
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         (x0 * float("nan")).sum().backward()
+
+
+class _PoisonGradient(torch.autograd.Function):
+    """Identity forward; NaN backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+@pytest.mark.parametrize("grad", ["exact", "adjoint"])
+def test_non_finite_gradient_is_reported_at_its_step(unet, inputs, grad):
+    """A network whose backward at one time yields NaN: the error names that sampling step."""
+    x, cond, _, _ = inputs
+
+    def network(x, t, c):
+        out = unet(x, t, encoder_hidden_states=c).sample
+        return _PoisonGradient.apply(out) if float(t[0]) == 500.0 else out
+
+    x = x.clone().requires_grad_()
+    x0 = adpm.sample(network, x, schedule=SCHEDULE, timesteps=[999, 750, 500, 250, 0], cond=cond, grad=grad)
+    with pytest.raises(FloatingPointError, match=r"sampling step 2 \(model time 500\)"):
+        x0.sum().backward()

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._vjp import accumulation_dtype
-from .base import CustomBackwardMode
+from .base import CustomBackwardMode, check_step_cotangent
 
 ADJOINT_SOLVERS = ("euler", "heun", "multistep")
 ADJOINT_STATES = ("backsolve", "stored")
@@ -96,6 +96,7 @@ class Adjoint(CustomBackwardMode):
         )
         # ∂L/∂y = α ∂L/∂x, carried in float32 at least (half-precision models accumulate it widely)
         a = _or_zeros(x_bar, grad_x0).to(accumulation_dtype(grad_x0.dtype)) * float(grid.alpha[last])
+        check_step_cotangent(a, last, grid.t[last])
         y = states[last] / float(grid.alpha[last])
         idx = self.backward_indices(solver.num_steps)
         if idx.size > 1:
@@ -122,6 +123,7 @@ class Adjoint(CustomBackwardMode):
             step = float(rho[k_next] - rho[k])
             f, da = self._drift_vjp(solver, k, y, a, step, acc)
             a = a + da
+            check_step_cotangent(a, k, solver.grid.t[k])
             y = self._stored_y(solver, states, k_next) if self.state == "stored" else y + step * f
         return a
 
@@ -133,6 +135,7 @@ class Adjoint(CustomBackwardMode):
             y_pred = self._stored_y(solver, states, k_next) if self.state == "stored" else y + step * f1
             f2, da2 = self._drift_vjp(solver, k_next, y_pred, a + 2 * da1, step / 2, acc)
             a = a + da1 + da2
+            check_step_cotangent(a, k, solver.grid.t[k])
             y = y_pred if self.state == "stored" else y + step / 2 * (f1 + f2)
         return a
 
@@ -155,6 +158,7 @@ class Adjoint(CustomBackwardMode):
                 a_next = a + own[j] * da + prev[j] * da_prev
                 y_next = y + own[j] * f + prev[j] * f_prev
             a, f_prev, da_prev = a_next, f, da
+            check_step_cotangent(a, k, solver.grid.t[k])
             y = self._stored_y(solver, states, k_next) if self.state == "stored" else y_next
         return a
 

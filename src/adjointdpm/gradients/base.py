@@ -75,6 +75,16 @@ def _detach(t):
     return None if t is None else t.detach()
 
 
+def check_step_cotangent(cotangent: torch.Tensor, step: int, t: float) -> None:
+    """Stop the backward pass at the sampling step where a non-finite cotangent first appears."""
+    if not torch.isfinite(cotangent).all():
+        raise FloatingPointError(
+            f"the gradient became NaN or inf in the backward pass through sampling step {step} (model time {t:g}); "
+            "the network's backward at that time overflowed or divided by zero — try float32, a smaller "
+            "guidance scale, or check custom layers"
+        )
+
+
 def _check_incoming(grad_x0: torch.Tensor) -> None:
     if not torch.isfinite(grad_x0).all():
         raise FloatingPointError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import CustomBackwardMode
+from .base import CustomBackwardMode, check_step_cotangent
 
 
 @dataclass(frozen=True)
@@ -43,4 +43,5 @@ class Exact(CustomBackwardMode):
             _, (x_bar, *hist_bar) = acc.vjp(step, [x_i, *hist_i], cotangents)
             if x_bar is None:
                 x_bar = grad_x0.new_zeros(x_i.shape)
+            check_step_cotangent(x_bar, i, solver.grid.t[i])
         return x_bar
