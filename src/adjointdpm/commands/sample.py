@@ -1,0 +1,65 @@
+"""``adjointdpm sample``: text-to-image generation with the embedded model or a local SD folder.
+
+Writes one PNG per image (``000.png`` ...), ``grid.png`` and ``sample.json`` (the settings used)
+into ``--out``. Initial noise x_T is drawn from a CPU generator seeded with ``--seed``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def sample(
+    prompt: str = typer.Option(..., "--prompt", "-p", help='Text prompt, e.g. "a handwritten digit seven".'),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created)."),
+    num_images: int = typer.Option(16, "--num-images", "-n", min=1, max=4096, help="Number of images."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=1000, help="Solver steps (default: the model's; 20 for the embedded model)."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="ODE solver: ddim, dpmpp2m or heun (default: dpmpp2m)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Local diffusers folder (default: the embedded digits model)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per network batch."),
+    device: str = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".'),
+) -> None:
+    """Generate images from a text prompt."""
+    import torch
+
+    import adjointdpm as adpm
+    from adjointdpm.cli import CLIError
+    from adjointdpm.components import load_components
+    from adjointdpm.images import save_images
+
+    if solver is not None and solver not in adpm.SOLVERS:
+        raise CLIError(f"unknown solver {solver!r}; choose one of {', '.join(adpm.SOLVERS)}")
+    if guidance_scale is not None and not (0.0 <= guidance_scale <= 100.0):
+        raise CLIError(f"--guidance-scale must be in [0, 100], got {guidance_scale}")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder")
+    try:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError("--device cuda requested but no CUDA device is available")
+    except RuntimeError as e:
+        raise CLIError(f"bad --device {device!r}: {e}") from None
+
+    comps = load_components(model, device=dev)
+    images = comps.generate([prompt] * num_images, seed=seed, steps=steps, solver=solver,
+                            guidance_scale=guidance_scale, batch_size=batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    files, grid = save_images(images, out)
+    settings = comps.settings
+    meta = {
+        "prompt": prompt, "num_images": num_images, "seed": seed,
+        "steps": steps or settings["default_steps"], "solver": solver or settings["default_solver"],
+        "guidance_scale": settings["default_guidance_scale"] if guidance_scale is None else guidance_scale,
+        "model": str(comps.path), "files": [f.name for f in files], "grid": grid.name,
+    }
+    (out / "sample.json").write_text(json.dumps(meta, indent=2) + "\n")
+    typer.echo(f"wrote {len(files)} images and {grid.name} to {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sample")(sample)
