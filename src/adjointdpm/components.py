@@ -197,6 +197,9 @@ def load_components(path: str | os.PathLike | None = None, device="cpu", dtype=t
     vae_variant = _check_component(root, "vae", "diffusion_pytorch_model") if has_vae else None
 
     common = dict(local_files_only=True, use_safetensors=True)
+    bars = [(lib.utils.logging, lib.utils.logging.is_progress_bar_enabled()) for lib in (diffusers, transformers)]
+    for log, _ in bars:
+        log.disable_progress_bar()  # loading a local folder takes well under a second
     try:
         unet_cls = getattr(diffusers, index["unet"][1], diffusers.UNet2DConditionModel)
         unet = unet_cls.from_pretrained(root, subfolder="unet", torch_dtype=dtype, variant=unet_variant, **common)
@@ -212,6 +215,10 @@ def load_components(path: str | os.PathLike | None = None, device="cpu", dtype=t
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ComponentsError(f"cannot load {root}: {first}") from e
+    finally:
+        for log, enabled in bars:
+            if enabled:
+                log.enable_progress_bar()
 
     modules = [m for m in (unet, text_encoder, vae) if m is not None]
     for m in modules:

@@ -2,7 +2,7 @@
 
 For each digit d, ``n`` images are generated from the canonical prompt "a handwritten digit <word>"
 and ``n_generic`` from the generic prompt "a handwritten digit"; the judge's argmax gives each
-image a class. Reported:
+image (clamped to [-1, 1], as written to PNG) a class. Reported:
 
 * ``rate[d]`` - fraction of images of prompt d classified as d (in-vocabulary bar: >= 0.9; the
   held-out words "eight"/"nine" should stay <= 0.3);
@@ -36,8 +36,9 @@ def evaluate(path: str | None = None, images_per_prompt: int = 64, generic_image
     n_gen = generic_images if generic_images is not None else max(2, 4 * n)
     prompts = [prompt_for(d) for d in digits for _ in range(n)] + [GENERIC_CAPTION] * n_gen
     t0 = time.time()
+    # clamped to [-1, 1] as in the PNG files a user sees (the raw pixel-space samples overshoot a little)
     images = comps.generate(prompts, seed=seed, steps=steps, solver=solver, guidance_scale=guidance_scale,
-                            batch_size=batch_size)
+                            batch_size=batch_size).clamp(-1, 1)
     seconds = time.time() - t0
     with torch.no_grad():
         pred = critics.judge(images).argmax(-1)

@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(prog="python -m adjointdpm.embedded.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder (diffusers layout)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--unet-steps", type=int, default=2000)
     ap.add_argument("--critic-steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> Path:
                  batch_size=args.batch_size, device=args.device, eval_images=args.eval_images)
 
 
-def train(out: Path, seed: int = 0, unet_steps: int = 6000, critic_steps: int = 1500, batch_size: int = 128,
+def train(out: Path, seed: int = 0, unet_steps: int = 2000, critic_steps: int = 1500, batch_size: int = 128,
           device: str = "cpu", eval_images: int = 64) -> Path:
     t0, c0 = time.time(), time.process_time()
     out = Path(out)
