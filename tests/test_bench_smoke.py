@@ -1,0 +1,91 @@
+"""A fast run of every benchmark code path (python -m adjointdpm.bench grad / cpu / gpu --reduced / report)
+on the test suite's tiny model: the numbers are meaningless, the plumbing and the checks are not."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adjointdpm.bench.__main__ import main
+from adjointdpm.bench.common import PeakRSS, compare
+
+
+def test_peak_rss_sees_torch_allocations():
+    with PeakRSS() as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert 56 <= peak.peak_mib <= 160, peak.peak_mib
+
+
+def test_compare():
+    ref = torch.tensor([1.0, 2.0, 2.0])
+    assert compare(ref, ref) == {"rel": 0.0, "cos": pytest.approx(1.0)}
+    assert compare(-ref, ref)["rel"] == pytest.approx(2.0) and compare(-ref, ref)["cos"] == pytest.approx(-1.0)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    main(["cpu", "--models", "tiny", "--solvers", "ddim", "--steps", "2,4", "--threads", "1", "--wrt", "x_T,text,weights",
+          "--modes", "backprop,exact,adjoint,reversible,odeint_adjoint", "--out", str(out / "cpu.json"),
+          "--img", str(out / "img")])
+    return json.loads((out / "cpu.json").read_text()), out
+
+
+def test_sweep_measures_every_method(sweep):
+    result, out = sweep
+    rows = {(r["solver"], r["N"], r["mode"]): r for r in result["rows"]}
+    for n in (2, 4):
+        for mode in ("forward", "forward_edict", "backprop", "exact", "adjoint", "reversible", "odeint_adjoint"):
+            row = rows["ddim", n, mode]
+            assert row["status"] == "ok", row
+            assert row["time_s"] > 0 and row["peak_mib"] >= 0
+        for mode in ("backprop", "exact", "reversible"):  # float32 vs float64 back-propagation (EDICT's own)
+            errors = rows["ddim", n, mode]["errors"]
+            assert set(errors) == {"x_T", "text", "weights"}
+            assert all(e["rel"] < 1e-4 and e["cos"] > 0.9999 for e in errors.values()), errors
+        for mode in ("adjoint", "odeint_adjoint"):  # the continuous adjoint: biased at 2-4 steps, not broken
+            err = rows["ddim", n, mode]["errors"]["x_T"]
+            assert 1e-4 < err["rel"] < 2 and np.isfinite(err["cos"])
+    # with Euler, torchdiffeq's adjoint is the engine's stored-state Euler adjoint
+    odeint, adjoint = rows["ddim", 4, "odeint_adjoint"]["errors"], rows["ddim", 4, "adjoint"]["errors"]
+    assert odeint["weights"]["rel"] == pytest.approx(adjoint["weights"]["rel"], rel=0.05)
+    assert rows["ddim", 4, "backprop"]["peak_mib"] > rows["ddim", 4, "forward"]["peak_mib"]
+    check = [r for r in result["references"] if r.get("reference_check")]
+    assert check and all(v["rel"] < 1e-12 for r in check for v in r["reference_check"].values())
+    ratios = result["ratios"]
+    assert any(e["exact_over_backprop"] for e in ratios["per_n"])
+    assert {g["mode"] for g in ratios["peak_growth"]} >= {"exact", "backprop"}
+    assert sorted(p.name for p in (out / "img").iterdir()) == ["bench_error.png", "bench_memory.png", "bench_time.png"]
+
+
+def test_report_reprints(sweep, capsys):
+    _, out = sweep
+    main(["report", str(out / "cpu.json")])
+    text = capsys.readouterr().out
+    assert "| exact | 4 |" in text and "time(exact)/time(backprop)" in text
+
+
+def test_gpu_command_reduced_on_cpu(tmp_path, capsys):
+    main(["gpu", "--reduced", "--targets", "x_T,lora", "--modes", "exact,reversible", "--solvers", "ddim",
+          "--ddim-steps", "2", "--out", str(tmp_path / "gpu.json")])
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 4 and all(r["s_per_step"] > 0 and np.isfinite(r["loss"]) for r in ok)
+    assert next(r for r in ok if r["target"] == "lora")["trainable_parameters"] > 0
+    assert "| x_T | ddim, 2 |" in capsys.readouterr().out
+
+
+def test_odeint_adjoint_with_heun_for_dpmpp2m():
+    """The dpmpp2m counterpart (torchdiffeq heun2) gives a finite gradient for every group."""
+    from adjointdpm.bench.common import PRESETS, build_setup
+    from adjointdpm.bench.sweep import gradient
+
+    torch.set_num_threads(1)
+    setup = build_setup(PRESETS["tiny"], torch.float64)
+    grads = gradient(setup, "odeint_adjoint", "dpmpp2m", 3, ["x_T", "text", "weights"])
+    exact = gradient(setup, "exact", "dpmpp2m", 3, ["x_T", "text", "weights"])
+    for group in ("x_T", "text", "weights"):
+        assert torch.isfinite(grads[group]).all() and grads[group].shape == exact[group].shape
+        assert compare(grads[group], exact[group])["cos"] > 0
