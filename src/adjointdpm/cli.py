@@ -18,6 +18,7 @@ import typer
 COMMAND_MODULES = [
     "adjointdpm.commands.sample",
     "adjointdpm.commands.train",
+    "adjointdpm.tasks.commands",
 ]
 
 app = typer.Typer(

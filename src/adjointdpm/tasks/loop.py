@@ -146,12 +146,18 @@ class CallCounter:
         self.forward = 0
         self.backward = 0
         self.enabled = True
-        self._handles = [m.register_forward_hook(self._on_forward) for m in modules]
+        # forwards are counted when they start: a checkpoint's recomputation stops early, before the
+        # forward returns, and must still be charged
+        self._handles = [m.register_forward_pre_hook(self._on_call) for m in modules]
+        self._handles += [m.register_forward_hook(self._on_forward) for m in modules]
+
+    def _on_call(self, module, args):
+        if self.enabled:
+            self.forward += 1
 
     def _on_forward(self, module, args, output):
         if not self.enabled:
             return
-        self.forward += 1
         out = output
         if isinstance(out, (tuple, list)) and out:
             out = out[0]

@@ -1,0 +1,76 @@
+"""Baselines that are not engine gradient modes.
+
+One-step x̂₀ guidance (``--grad onestep``). At every step i of the sampler, the loss is evaluated on the
+one-step denoised estimate x̂₀_i = (x_i − σ_i ε̂(x_i, t_i, c; θ))/α_i and differentiated through that
+one network call only — never through the chain of steps (the "forward universal guidance" /
+DPS-without-the-chain family). As an optimiser it gives, for every optimised tensor,
+
+    g = (1/N) Σ_i ∂L(x̂₀_i)/∂(c, θ)            (conditioning, weights: through call i)
+    g_x = (1/N) Σ_i (α_i/α_0) ∂L(x̂₀_i)/∂x_i     (the starting state: x_i is reached from x_0 through
+                                                  the linear part of the flow only, as in Truncated)
+
+The trajectory itself is the plain sampler's (no graph), so the images, the reported loss and the
+success checks are those of the actual samples. Each step is back-propagated as soon as it is built,
+so memory holds one call's activations. Cost: N forward (trajectory) + N forward and N backward.
+
+Truncated backprop (K = 1), naive backprop and checkpointing are engine modes (``--grad truncated``,
+``backprop``, ``checkpoint``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..model import Denoiser
+from ..solvers import TimeGrid, make_solver
+
+
+def _denoiser(session) -> Denoiser:
+    return Denoiser(session.unet, session.schedule, session.comps.prediction_type, session.guidance_scale, {})
+
+
+def onestep_backward(session, x_start: torch.Tensor, cond: torch.Tensor, objective: Callable, weights: torch.Tensor,
+                     *, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Back-propagate the one-step x̂₀ surrogate into x_start, cond and the weights' ``.grad``.
+
+    Returns the per-sample losses of the actual samples and x_0 (both detached).
+    """
+    # Non-leaf inputs (e.g. a slice of the optimised tensor) are back-propagated once, at the end: the
+    # per-step passes accumulate into leaf copies.
+    pending = []
+    if x_start.requires_grad and x_start.grad_fn is not None:
+        pending.append((x_start, x_start.detach().requires_grad_(True)))
+        x_start = pending[-1][1]
+    if cond.requires_grad and cond.grad_fn is not None:
+        pending.append((cond, cond.detach().requires_grad_(True)))
+        cond = pending[-1][1]
+    den = _denoiser(session)
+    grid = TimeGrid.from_timesteps(session.schedule, session.timesteps(start))
+    solver = make_solver(session.solver, den, grid)
+    uncond = session.uncond if den.uses_guidance else None
+    n = solver.num_steps
+    states = []
+    with torch.no_grad():
+        x, hist = x_start.detach(), ()
+        for i in range(n):
+            states.append(x)
+            x, hist = solver.step(i, x, hist, cond.detach(), uncond)
+    x0 = x
+    with torch.no_grad():
+        per_sample = objective(x0).detach()
+    alpha0 = float(grid.alpha[0])
+    for i, x_i in enumerate(states):
+        x_in = x_i
+        if x_start.requires_grad:
+            x_in = x_i + (float(grid.alpha[i]) / alpha0) * (x_start - x_start.detach())
+        with torch.enable_grad():
+            _, x0_hat = den.eps_and_x0(x_in, float(grid.t[i]), cond, uncond)
+            loss = (objective(x0_hat) * weights.to(x0_hat.dtype)).sum() / n
+        if loss.requires_grad:
+            loss.backward()
+    outs = [(orig, leaf.grad) for orig, leaf in pending if leaf.grad is not None]
+    if outs:
+        torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
+    return per_sample, x0

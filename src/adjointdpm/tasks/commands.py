@@ -1,0 +1,248 @@
+"""The application commands: ``guide``, ``audit``, ``stylize``, ``invert`` and ``reproduce``.
+
+Each is a thin typer wrapper: options → a :class:`~.common.Session` + a task + :func:`~.loop.run`.
+Every error reaches the user as one line ``adjointdpm: error: …`` with a non-zero exit status
+(2: bad input, 3: non-finite loss/gradient, 130: interrupted, 1: anything else) and no traceback,
+unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from .common import GRAD_HELP
+
+# ------------------------------------------------------------------------------ shared options
+MODEL = typer.Option(None, "--model", "-m", help="Local diffusers folder (SD 1.x/2.x layout) [default: the embedded digits model].")
+OUT = typer.Option(..., "--out", "-o", help="Output folder (created): before/, after/, grids, loss_curve.png, summary.json, checkpoint/.")
+GRAD = typer.Option("adjoint", "--grad", help=GRAD_HELP)
+SOLVER = typer.Option(None, "--solver", help="ODE solver: ddim | dpmpp2m | heun [default: the model's].")
+STEPS = typer.Option(None, "--steps", help="Sampling steps [default: the model's].")
+GUIDANCE = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale [default: the model's].")
+SEED = typer.Option(0, "--seed", help="Seed of the noises (and of each iteration's randomness).")
+BUDGET = typer.Option(None, "--budget", help="Stop before exceeding this many model calls (network forward + backward evaluations).")
+CKPT = typer.Option(5, "--checkpoint-every", help="Save the state every K iterations (also on Ctrl-C and at the end).")
+RESUME = typer.Option(False, "--resume", help="Continue the run saved in --out/checkpoint.")
+NONFINITE = typer.Option("stop", "--on-nonfinite", help="On a NaN/inf loss or gradient: stop (saving the last good state) or skip the step.")
+DEVICE = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".')
+CRITICS = typer.Option(None, "--critics", help="Folder with critics/ [default: the model's own, else the embedded model's].")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+DEBUG = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+
+
+def execute(debug: bool, body: Callable[[], int | None]) -> None:
+    """Run ``body``; turn any error into one line on stderr and an exit status (traceback with --debug)."""
+    from ..components import ComponentsError
+    from .errors import TaskError
+
+    try:
+        code = body() or 0
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
+        if debug:
+            raise
+        if isinstance(e, TaskError):
+            code, msg = e.exit_code, str(e)
+        elif isinstance(e, (ComponentsError, ValueError, OSError)):
+            code, msg = 2, str(e) or type(e).__name__
+        else:
+            code, msg = 1, f"{type(e).__name__}: {e} (run with --debug for the traceback)"
+        msg = " ".join(msg.split())
+        print(f"adjointdpm: error: {msg}", file=sys.stderr)
+        raise typer.Exit(code) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("adjointdpm: error: aborted (no checkpoint written since the last one)", file=sys.stderr)
+        raise typer.Exit(130) from None
+    if code:
+        raise typer.Exit(code)
+
+
+def _session(model, grad, solver, steps, guidance_scale, device, critics):
+    from .common import EngineOptions, Session
+
+    if model is not None and not Path(model).expanduser().exists():
+        from .errors import UserInputError
+
+        raise UserInputError(f"model folder {model} does not exist (give a local diffusers folder; nothing is downloaded)")
+    return Session(model, EngineOptions(grad=grad, solver=solver, steps=steps, guidance_scale=guidance_scale,
+                                        device=device), critics_path=critics)
+
+
+def _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed):
+    from .loop import LoopConfig, check_writable
+
+    check_writable(out)  # before loading anything: an unwritable --out fails at once
+    return LoopConfig(out=out, iters=iters, budget=budget, checkpoint_every=checkpoint_every, resume=resume,
+                      on_nonfinite=on_nonfinite, progress=not quiet, seed=seed)
+
+
+def _report(summary: dict, keys: list[str], out: Path) -> None:
+    parts = []
+    for k in keys:
+        b, a = summary["before"].get(k), summary["after"].get(k)
+        if isinstance(a, float):
+            parts.append(f"{k} {b:.3g} -> {a:.3g}" if isinstance(b, float) else f"{k} {a:.3g}")
+    typer.echo(f"{summary['task']}: {summary['iterations']} iterations, {summary['model_calls']['total']} model calls, "
+               f"{summary['seconds']:.1f} s; " + ", ".join(parts) + f"; wrote {out}")
+
+
+# ------------------------------------------------------------------------------------- guide
+def guide(
+    out: Path = OUT,
+    target_class: int = typer.Option(8, "--target-class", help="Digit (0-9) the guide classifier should see."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt [default: the target's canonical prompt, e.g. 'a handwritten digit eight']."),
+    n: int = typer.Option(16, "--n", help="Number of images (noises) optimised together."),
+    lr: float = typer.Option(0.05, "--lr", help="AdamW learning rate for the noise."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay for the noise."),
+    renorm: bool = typer.Option(True, "--renorm/--no-renorm", help="Put x_T back on the Gaussian shell after each step (DOODL)."),
+    optimize_cond: bool = typer.Option(False, "--optimize-cond", help="Also optimise the prompt embedding (shared by the batch)."),
+    cond_lr: float = typer.Option(0.01, "--cond-lr", help="AdamW learning rate for the prompt embedding."),
+    start_step: int = typer.Option(0, "--start-step", help="Optimise the sampler's state at this step instead of x_T (0 = x_T)."),
+    iters: int = typer.Option(30, "--iters", help="Optimisation iterations."),
+    model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
+    guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
+    checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
+    critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
+) -> None:
+    """Guided sampling / vocabulary expansion: optimise x_T so the guide classifier sees --target-class."""
+
+    def body():
+        from .guide import GuideOptions, GuideTask
+        from .loop import run
+
+        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed)
+        s = _session(model, grad, solver, steps, guidance_scale, device, critics)
+        task = GuideTask(s, GuideOptions(target_class=target_class, prompt=prompt, n=n, lr=lr, weight_decay=weight_decay,
+                                         renorm=renorm, optimize_cond=optimize_cond, cond_lr=cond_lr,
+                                         start_step=start_step), seed=seed)
+        _report(run(task, cfg), ["judge_accuracy", "frechet_to_class"], out)
+
+    execute(debug, body)
+
+
+# ------------------------------------------------------------------------------------- audit
+def audit(
+    out: Path = OUT,
+    attack: str = typer.Option("classifier", "--attack", help="classifier (flip the guide's label) | safety (pass the safety filter)."),
+    n: int = typer.Option(128, "--n", help="Number of samples attacked."),
+    eps: float = typer.Option(0.5, "--eps", help="l-infinity budget around the original noise."),
+    step_size: float = typer.Option(0.1, "--step-size", help="RMS size of one normalised gradient step."),
+    margin: float = typer.Option(0.02, "--margin", help="Safety attack: cosine margin below the thresholds."),
+    iters: int = typer.Option(20, "--iters", help="Maximum attack iterations."),
+    model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
+    guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
+    checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
+    critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
+) -> None:
+    """Security auditing: bounded attacks on x_T against the guide classifier or the safety filter."""
+
+    def body():
+        from .audit import AuditOptions, AuditTask
+        from .loop import run
+
+        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed)
+        s = _session(model, grad, solver, steps, guidance_scale, device, critics)
+        task = AuditTask(s, AuditOptions(attack=attack, n=n, eps=eps, step_size=step_size, margin=margin), seed=seed)
+        _report(run(task, cfg), ["success_rate", "judge_keeps_label"], out)
+
+    execute(debug, body)
+
+
+# ----------------------------------------------------------------------------------- stylize
+def stylize(
+    out: Path = OUT,
+    reference: str = typer.Option("outline", "--reference", "-r", help="outline | skimage:NAME (e.g. skimage:brick) | path to an image."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="LoRA rank (peft); 0 fine-tunes all the weights."),
+    lr: float = typer.Option(3e-4, "--lr", help="AdamW learning rate."),
+    content_weight: float = typer.Option(1.0, "--content-weight", help="Weight of the content term."),
+    n_train: int = typer.Option(32, "--n-train", help="Training pool of (prompt, noise) pairs."),
+    batch: int = typer.Option(8, "--batch", help="Pairs per iteration."),
+    n_eval: int = typer.Option(32, "--n-eval", help="Fresh (prompt, noise) pairs for the metrics."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One prompt for all pairs [default: the digit prompts; '' on other models]."),
+    iters: int = typer.Option(30, "--iters", help="Optimisation iterations."),
+    model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
+    guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
+    checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
+    critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
+) -> None:
+    """Stylization: fine-tune the weights (or LoRA) towards one reference image's style."""
+
+    def body():
+        from .loop import run
+        from .stylize import StylizeOptions, StylizeTask
+
+        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed)
+        s = _session(model, grad, solver, steps, guidance_scale, device, critics)
+        task = StylizeTask(s, StylizeOptions(reference=reference, lora_rank=lora_rank, lr=lr, content_weight=content_weight,
+                                             n_train=n_train, batch=batch, n_eval=n_eval, prompt=prompt), seed=seed)
+        _report(run(task, cfg), ["style_loss", "judge_accuracy"], out)
+
+    execute(debug, body)
+
+
+# ------------------------------------------------------------------------------------ invert
+def invert(
+    out: Path = OUT,
+    effect: str = typer.Option("thicken", "--effect", help="thicken | outline | shift (applied to the model's own images)."),
+    targets: Optional[Path] = typer.Option(None, "--targets", help="Folder of target PNGs (one per training noise, the model's image size) instead of --effect."),
+    n_train: int = typer.Option(8, "--n-train", help="Training noises."),
+    n_heldout: int = typer.Option(8, "--n-heldout", help="Held-out noises (metrics only)."),
+    lr: float = typer.Option(0.02, "--lr", help="AdamW learning rate for the embedding."),
+    init_prompt: str = typer.Option("", "--init-prompt", help="Prompt whose embedding initialises the search [default: empty]."),
+    iters: int = typer.Option(30, "--iters", help="Optimisation iterations."),
+    model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
+    guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
+    checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
+    critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
+) -> None:
+    """Text-embedding inversion: learn a conditioning embedding that produces a visual effect."""
+
+    def body():
+        from .invert import InvertOptions, InvertTask
+        from .loop import run
+
+        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed)
+        s = _session(model, grad, solver, steps, guidance_scale, device, critics=critics)
+        task = InvertTask(s, InvertOptions(effect=effect, targets=None if targets is None else str(targets),
+                                           n_train=n_train, n_heldout=n_heldout, lr=lr, init_prompt=init_prompt), seed=seed)
+        _report(run(task, cfg), ["psnr_train", "psnr_heldout"], out)
+
+    execute(debug, body)
+
+
+# --------------------------------------------------------------------------------- reproduce
+def reproduce(
+    out: Path = typer.Option(Path("outputs/reproduce"), "--out", "-o", help="Folder for every run's outputs."),
+    docs: Path = typer.Option(Path("docs"), "--docs", help="Where results.md and img/results_*.png are written."),
+    scale: str = typer.Option("full", "--scale", help="full (the documented results) | tiny (a smoke test)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated subset: guide,audit,stylize,invert."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="Worker processes running applications side by side [default: 2 for full]."),
+    threads: int = typer.Option(1, "--threads", help="torch threads per worker."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Another model folder with critics/ [default: the embedded model]."),
+    quiet: bool = QUIET, debug: bool = DEBUG,
+) -> None:
+    """Run all four applications with their baselines on the embedded model; write docs/results.md."""
+
+    def body():
+        from .reproduce import reproduce as run_all
+
+        summary = run_all(out, docs, scale=scale, only=None if only is None else [s.strip() for s in only.split(",")],
+                          progress=not quiet, model=None if model is None else str(model), jobs=jobs, threads=threads)
+        typer.echo(f"reproduce: {summary['seconds']:.0f} s; wrote {docs / 'results.md'} and {out}")
+
+    execute(debug, body)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("guide")(guide)
+    app.command("audit")(audit)
+    app.command("stylize")(stylize)
+    app.command("invert")(invert)
+    app.command("reproduce")(reproduce)

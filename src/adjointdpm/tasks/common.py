@@ -1,0 +1,299 @@
+"""What the four applications share: the loaded model and critics, the engine call, input checks.
+
+:class:`Session` holds a :class:`~adjointdpm.components.DiffusionComponents` (embedded model or a local
+Stable Diffusion folder), the critics, and the engine settings (gradient mode, solver, steps, guidance).
+Its :meth:`Session.sampled_loss` is the only place where an application meets the engine: it samples
+x_0 from a starting state with the chosen gradient mode, decodes it (VAE on latent models) inside the
+objective, and returns the loss to back-propagate, whatever the mode (the one-step x̂₀ baseline
+back-propagates step by step itself; see :mod:`.baselines`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+import adjointdpm as adpm
+
+from ..gradients import GRAD_MODES, GradMode
+from .errors import UserInputError
+
+GRAD_CHOICES = tuple(GRAD_MODES) + ("adjoint-stored", "onestep")
+GRAD_HELP = (f"gradient mode: {' | '.join(GRAD_CHOICES)} (onestep: the one-step x̂₀ baseline); "
+             "options after a colon, e.g. adjoint:steps=5, truncated:k=2")
+
+
+class OneStep:
+    """Marker for the one-step x̂₀ baseline (not an engine mode: see :mod:`.baselines`)."""
+
+    name = "onestep"
+
+    def __repr__(self) -> str:
+        return "OneStep()"
+
+
+def parse_grad(spec: str) -> GradMode | OneStep:
+    """'exact', 'adjoint', 'adjoint-stored', 'adjoint:steps=5,state=stored', 'truncated:k=2', 'onestep', …"""
+    name, _, rest = str(spec).strip().partition(":")
+    kwargs: dict = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise UserInputError(f"--grad {spec!r}: options are key=value pairs, e.g. adjoint:steps=5")
+        kwargs[key.strip()] = int(val) if val.strip().lstrip("-").isdigit() else val.strip()
+    if name == "onestep":
+        if kwargs:
+            raise UserInputError("--grad onestep takes no options")
+        return OneStep()
+    if name == "adjoint-stored":
+        name = "adjoint"
+        kwargs.setdefault("state", "stored")
+    if name not in GRAD_MODES:
+        raise UserInputError(f"unknown --grad {spec!r}; use one of {', '.join(GRAD_CHOICES)}")
+    try:
+        return GRAD_MODES[name](**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserInputError(f"--grad {spec!r}: {e}") from None
+
+
+def grad_label(mode) -> str:
+    """A short stable name of a gradient mode for tables and JSON (e.g. 'adjoint', 'truncated(k=1)')."""
+    if isinstance(mode, OneStep):
+        return "onestep"
+    from dataclasses import fields
+
+    args = [f"{f.name}={getattr(mode, f.name)}" for f in fields(mode)
+            if getattr(mode, f.name) != f.default]
+    if mode.name == "truncated":
+        return f"truncated(k={mode.k})"
+    return mode.name + (f"({', '.join(args)})" if args else "")
+
+
+@dataclass
+class EngineOptions:
+    grad: str = "adjoint"
+    solver: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    device: str = "cpu"
+
+
+class Session:
+    """A model (embedded or a local diffusers folder), its critics, and how to sample from it."""
+
+    def __init__(self, model: str | Path | None, engine: EngineOptions, critics: bool = True,
+                 critics_path: str | Path | None = None):
+        from ..components import ComponentsError, load_components, load_critics
+
+        device = _device(engine.device)
+        self.comps = load_components(model, device=device)
+        self.model_path = None if model is None else str(Path(model).expanduser())
+        self.critics = None
+        if critics and critics_path is not None:
+            self.critics = load_critics(critics_path, device=device)
+        elif critics:
+            # the critics of the folder if it has them, else the embedded model's (they take any image size)
+            try:
+                self.critics = load_critics(model, device=device)
+            except ComponentsError:
+                if model is None:
+                    raise
+                self.critics = load_critics(None, device=device)
+        settings = self.comps.settings
+        self.solver = engine.solver or settings.get("default_solver", "dpmpp2m")
+        if self.solver not in adpm.SOLVERS:
+            raise UserInputError(f"unknown --solver {self.solver!r}; use one of {', '.join(adpm.SOLVERS)}")
+        self.steps = int(engine.steps or settings.get("default_steps", 20))
+        if not 1 <= self.steps <= 1000:
+            raise UserInputError(f"--steps must be in 1..1000, got {self.steps}")
+        w = settings.get("default_guidance_scale", 1.0) if engine.guidance_scale is None else engine.guidance_scale
+        self.guidance_scale = float(w)
+        self.grad_spec = engine.grad
+        self.grad = parse_grad(engine.grad)
+        self.schedule = adpm.VPSchedule.from_alphas_cumprod(self.comps.alphas_cumprod)
+        self.uncond = self.encode([""]) if self.guidance_scale != 1.0 else None
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.comps.unet
+
+    @property
+    def device(self) -> torch.device:
+        return self.comps.device
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.model_path is None
+
+    def describe(self) -> dict:
+        return {"model": self.model_path or "embedded", "grad": grad_label(self.grad), "solver": self.solver,
+                "steps": self.steps, "guidance_scale": self.guidance_scale}
+
+    def timesteps(self, start: int = 0) -> np.ndarray:
+        """Model times of the sampling grid, from step ``start`` on."""
+        t = self.schedule.default_timesteps(self.steps)
+        if not 0 <= start < len(t):
+            raise UserInputError(f"--start-step must be in 0..{len(t) - 1} for {len(t)} steps, got {start}")
+        return t[start:]
+
+    # ------------------------------------------------------------------ text
+    def check_prompt(self, prompt: str) -> None:
+        tok = self.comps.tokenizer
+        n = len(tok(prompt, truncation=False, add_special_tokens=True, verbose=False)["input_ids"])
+        if n > tok.model_max_length:
+            raise UserInputError(
+                f"prompt {prompt!r} is {n} tokens long; this model's tokenizer takes at most "
+                f"{tok.model_max_length} (start and end tokens included): shorten it")
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        for p in prompts:
+            self.check_prompt(p)
+        return self.comps.encode_prompt(list(prompts)).detach()
+
+    def noise(self, n: int, seed: int) -> torch.Tensor:
+        return self.comps.noise(n, seed)
+
+    # ------------------------------------------------------------------ sampling
+    def _uncond_for(self, cond: torch.Tensor | None):
+        return self.uncond if self.guidance_scale != 1.0 else None
+
+    @property
+    def forward_mode(self):
+        """The mode whose forward pass defines the samples: None (the plain sampler) for every mode
+        but the reversible one, which samples with EDICT's coupled chain."""
+        return self.grad if getattr(self.grad, "name", None) == "reversible" else None
+
+    def sample(self, x_start: torch.Tensor, cond: torch.Tensor, *, grad=None, start: int = 0) -> torch.Tensor:
+        """x_0 (latent) from a state at step ``start`` with an engine gradient mode (None: no graph)."""
+        if grad is None and self.forward_mode is not None:
+            with torch.no_grad():
+                return self.sample(x_start, cond, grad=self.forward_mode, start=start)
+        return adpm.sample(self.unet, x_start, schedule=self.schedule, timesteps=self.timesteps(start), cond=cond,
+                           uncond=self._uncond_for(cond), guidance_scale=self.guidance_scale, solver=self.solver,
+                           grad=grad, prediction_type=self.comps.prediction_type)
+
+    @torch.no_grad()
+    def advance(self, x_T: torch.Tensor, cond: torch.Tensor, to_step: int) -> torch.Tensor:
+        """The sampler's state x at step ``to_step`` (its first ``to_step`` steps from x_T, no graph)."""
+        from ..model import Denoiser
+        from ..solvers import TimeGrid, make_solver
+
+        self.timesteps(to_step)  # validates the index
+        den = Denoiser(self.unet, self.schedule, self.comps.prediction_type, self.guidance_scale, {})
+        solver = make_solver(self.solver, den, TimeGrid.from_timesteps(self.schedule, self.timesteps(0)))
+        x, hist = x_T, ()
+        for i in range(to_step):
+            x, hist = solver.step(i, x, hist, cond, self._uncond_for(cond))
+        return x
+
+    @torch.no_grad()
+    def generate(self, x_start: torch.Tensor, cond: torch.Tensor, *, start: int = 0, batch_size: int = 64) -> torch.Tensor:
+        """Images in [-1, 1] (no graph), in batches."""
+        out = []
+        for i in range(0, x_start.shape[0], batch_size):
+            c = cond if cond.shape[0] == 1 else cond[i:i + batch_size]
+            out.append(self.decode(self.sample(x_start[i:i + batch_size], c, grad=None, start=start)).float())
+        return torch.cat(out)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.comps.decode(x0)
+
+    def sampled_loss(self, x_start: torch.Tensor, cond: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor],
+                     *, weights: torch.Tensor | None = None, start: int = 0):
+        """Sample x_0 from ``x_start`` with this session's gradient mode and apply ``objective``.
+
+        ``objective(x0_latent) -> (B,)`` per-sample losses (it decodes itself); ``weights`` (B,)
+        combine them (default: the mean). Returns ``(loss, per_sample, x0)``: ``loss`` to
+        back-propagate (already back-propagated, and detached, for the one-step baseline),
+        the per-sample losses of the actual samples and x_0, both detached.
+        """
+        b = x_start.shape[0]
+        w = torch.full((b,), 1.0 / b, device=x_start.device) if weights is None else weights
+        if isinstance(self.grad, OneStep):
+            from .baselines import onestep_backward
+
+            per, x0 = onestep_backward(self, x_start, cond, objective, w, start=start)
+            return (per * w).sum().detach(), per, x0
+        x0 = self.sample(x_start, cond, grad=self.grad, start=start)
+        per = objective(x0)
+        return (per * w.to(per.dtype)).sum(), per.detach(), x0.detach()
+
+
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise UserInputError(f"bad --device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda requested but no CUDA device is available")
+    return dev
+
+
+# ------------------------------------------------------------------------------- image inputs
+IMAGE_MODES = ("L", "RGB", "RGBA", "LA")
+
+
+def read_image(path: str | Path, channels: int, size: tuple[int, int] | None, *, what: str,
+               resize: bool = False) -> torch.Tensor:
+    """An image file as a (1, channels, H, W) tensor in [-1, 1].
+
+    ``size`` (H, W): the required size; with ``resize=True`` the image is resized to it instead of rejected.
+    Modes other than L/LA/RGB/RGBA (palette, CMYK, 16-bit, …) are rejected with one clear line.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserInputError(f"{what} {path} does not exist")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserInputError(f"{what} {path} is not a readable image ({type(e).__name__})") from None
+    if img.mode not in IMAGE_MODES:
+        raise UserInputError(f"{what} {path} has mode {img.mode}; use an 8-bit greyscale (L) or RGB image")
+    if size is not None and (img.height, img.width) != tuple(size):
+        if not resize:
+            raise UserInputError(f"{what} {path} is {img.width}x{img.height}; this model makes "
+                                 f"{size[1]}x{size[0]} images: resize it first")
+        img = img.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    img = img.convert("L" if channels == 1 else "RGB")
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1.0
+    arr = arr[None, None] if channels == 1 else arr.permute(2, 0, 1)[None]
+    return arr
+
+
+def image_shape(session: Session) -> tuple[int, int, int]:
+    """(C, H, W) of the decoded images of a session's model."""
+    c, h, w = session.comps.latent_shape
+    if session.comps.vae is None:
+        return c, h, w
+    vae = session.comps.vae
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return int(vae.config.out_channels), h * factor, w * factor
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak range 2)."""
+    mse = (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
+def digit_words(session: Session) -> list[str]:
+    return list(session.comps.settings.get("words", []))
+
+
+def prompt_for_class(session: Session, digit: int) -> str:
+    """The canonical prompt of a digit on the embedded model ("a handwritten digit eight")."""
+    s = session.comps.settings
+    words = s.get("words")
+    templates = s.get("caption_templates")
+    if words and templates and 0 <= digit < len(words):
+        return templates[0].format(words[digit])
+    return ""

@@ -1,0 +1,149 @@
+"""``invert``: a visual effect → a text embedding.
+
+Targets show an effect: by default they are made from the model's own images of the initial (empty)
+prompt on fixed training noises, with ``effect`` applied (``thicken``: grey dilation, thicker strokes;
+``outline``: dilation − erosion, hollow strokes; ``shift``: moved 2 px right and 1 px down); or they are
+image files (``targets``), one per training noise, exactly the model's image size.
+
+The conditioning embedding c (1, L, D), initialised from the empty prompt's, is optimised (AdamW) so
+that generations from the fixed noises match the targets:
+
+    min_c  E_b ‖decode(sample(x_b, c)) − target_b‖²
+
+The empty-prompt embedding used for classifier-free guidance stays fixed. Metrics: PSNR to the targets on
+the training noises and on held-out noises (whose targets are the same effect applied to their own
+initial images), for the initial embedding (before) and the learned one (after); the learned
+embedding applied to the held-out noises is what ``after/`` shows (training noises first, then held-out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .common import Session, image_shape, psnr, read_image
+from .errors import UserInputError
+from .loop import Evaluation, ParamGroup, Task
+from .stylize import dilate, outline
+
+EFFECTS = ("thicken", "outline", "shift")
+
+
+def apply_effect(images: torch.Tensor, effect: str) -> torch.Tensor:
+    if effect == "thicken":
+        return dilate(images)
+    if effect == "outline":
+        return outline(images)
+    if effect == "shift":
+        bg = images.amin(dim=(1, 2, 3), keepdim=True)
+        out = bg.expand_as(images).clone()
+        out[..., 1:, 2:] = images[..., :-1, :-2]
+        return out
+    raise UserInputError(f"unknown --effect {effect!r}; use one of {', '.join(EFFECTS)}")
+
+
+@dataclass
+class InvertOptions:
+    effect: str = "thicken"
+    targets: str | None = None  # a folder of PNGs (sorted by name) or None: make them with `effect`
+    n_train: int = 8
+    n_heldout: int = 8
+    lr: float = 0.02
+    init_prompt: str = ""
+
+
+class InvertTask(Task):
+    name = "invert"
+
+    def __init__(self, session: Session, opts: InvertOptions, seed: int = 0):
+        if opts.targets is None and opts.effect not in EFFECTS:
+            raise UserInputError(f"unknown --effect {opts.effect!r}; use one of {', '.join(EFFECTS)}")
+        self.s, self.o, self.seed = session, opts, seed
+        session.check_prompt(opts.init_prompt)
+        self.shape = image_shape(session)
+        self.file_targets = None
+        if opts.targets is not None:
+            folder = Path(opts.targets).expanduser()
+            files = sorted(folder.glob("*.png")) if folder.is_dir() else [folder]
+            files = [f for f in files if f.name != "grid.png"]
+            if not files:
+                raise UserInputError(f"--targets {folder}: no PNG files found")
+            c, h, w = self.shape
+            self.file_targets = torch.cat([read_image(f, c, (h, w), what="target image") for f in files]).to(session.device)
+            self.n_train = len(files)
+        else:
+            self.n_train = opts.n_train
+        if self.n_train < 1 or opts.n_heldout < 0:
+            raise UserInputError("--n-train must be >= 1 and --n-heldout >= 0")
+
+    def describe(self) -> dict:
+        d = {**self.s.describe(), **asdict(self.o), "n_train": self.n_train}
+        if self.file_targets is not None:
+            d["targets_checksum"] = float(self.file_targets.double().sum())
+        return d
+
+    def setup(self) -> None:
+        s, o = self.s, self.o
+        self.cond0 = s.encode([o.init_prompt])
+        self.cond = self.cond0.clone().requires_grad_(True)
+        self.train_noise = s.noise(self.n_train, self.seed)
+        self.held_noise = s.noise(o.n_heldout, self.seed + 7919) if o.n_heldout else None
+        with torch.no_grad():
+            if self.file_targets is not None:
+                self.train_targets = self.file_targets
+                self.held_targets = None
+            else:
+                self.train_targets = apply_effect(s.generate(self.train_noise, self.cond0), o.effect)
+                self.held_targets = (apply_effect(s.generate(self.held_noise, self.cond0), o.effect)
+                                     if self.held_noise is not None else None)
+
+    def param_groups(self):
+        return [ParamGroup("cond", {"cond": self.cond}, {"lr": self.o.lr, "weight_decay": 0.0})]
+
+    def counted_modules(self):
+        return [self.s.unet]
+
+    def objective(self, x0: torch.Tensor) -> torch.Tensor:
+        images = self.s.decode(x0)
+        return (images.float() - self.train_targets[: images.shape[0]]).pow(2).flatten(1).mean(1)
+
+    def compute_loss(self, iteration, generator):
+        loss, per, x0 = self.s.sampled_loss(self.train_noise, self.cond, self.objective)
+        return loss, {}
+
+    def evaluate(self, stage: str) -> Evaluation:
+        s = self.s
+        cond = self.cond.detach()
+        train = s.generate(self.train_noise, cond)
+        metrics = {"psnr_train": float(psnr(train, self.train_targets).mean()),
+                   "mse_train": float(F.mse_loss(train, self.train_targets))}
+        images = [train]
+        if self.held_noise is not None:
+            held = s.generate(self.held_noise, cond)
+            images.append(held)
+            if self.held_targets is not None:
+                metrics["psnr_heldout"] = float(psnr(held, self.held_targets).mean())
+        metrics["embedding_change"] = float((cond - self.cond0).norm() / self.cond0.norm().clamp_min(1e-12))
+        return Evaluation(torch.cat(images), metrics, nrow=max(self.n_train, self.o.n_heldout))
+
+    def summarize(self, before, after):
+        out = {"psnr_train_before": before["psnr_train"], "psnr_train_after": after["psnr_train"]}
+        if "psnr_heldout" in after:
+            out.update(psnr_heldout_before=before["psnr_heldout"], psnr_heldout_after=after["psnr_heldout"])
+        return out
+
+    def write_artifacts(self, out):
+        from safetensors.torch import save_file
+
+        from ..images import save_images
+
+        targets = [self.train_targets] + ([self.held_targets] if self.held_targets is not None else [])
+        save_images(torch.cat(targets), out / "targets", nrow=max(self.n_train, self.o.n_heldout))
+        tensors = {"cond": self.cond.detach().cpu().contiguous(), "init": self.cond0.cpu().contiguous()}
+        if self.s.uncond is not None:
+            tensors["uncond"] = self.s.uncond.cpu().contiguous()
+        save_file(tensors, str(out / "embedding.safetensors"))
+        return {"embedding": "embedding.safetensors", "targets": "targets/"}

@@ -1,0 +1,180 @@
+"""The application commands end to end, at tiny settings: on the embedded model (the default), on a tiny
+random-weight Stable Diffusion folder (``--model``: VAE decoding and the CLIP text encoder on that path),
+resume == uninterrupted, and bad input → one line, exit status ≠ 0, no traceback (unless --debug)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_tasks_fixtures import build_tiny_latent_model
+
+TINY = ["--steps", "3", "--quiet"]
+# The loss-falls checks use the exact gradient: at a handful of steps the continuous adjoint is measurably
+# biased (docs/results.md, gradient check); the default mode runs at the default steps in its own test.
+EXACT = ["--steps", "5", "--grad", "exact", "--quiet"]
+
+
+def cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the real ``adjointdpm`` entry point in-process; return (status, stdout, stderr)."""
+    from adjointdpm.cli import run
+
+    code = run([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def latent(tmp_path_factory):
+    return build_tiny_latent_model(tmp_path_factory.mktemp("latent"))
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _check_outputs(out: Path, n_images: int) -> dict:
+    for f in ("summary.json", "loss_curve.png", "comparison.png", "before/grid.png", "after/grid.png"):
+        assert (out / f).is_file(), f
+    assert len(list((out / "after").glob("[0-9]*.png"))) == n_images
+    assert len(list((out / "before").glob("[0-9]*.png"))) == n_images
+    assert (out / "checkpoint" / "checkpoint.json").is_file()
+    return _summary(out)
+
+
+def test_guide(tmp_path, capsys):
+    out = tmp_path / "guide"
+    code, stdout, err = cli(["guide", "--out", out, "--target-class", "8", "--n", "4", "--iters", "3", "--lr", "0.2",
+                             *EXACT], capsys)
+    assert code == 0, err
+    s = _check_outputs(out, 4)
+    assert s["loss"]["last"] < s["loss"]["first"]
+    for k in ("judge_accuracy", "frechet_to_class", "frechet_floor_real", "guide_accuracy"):
+        assert k in s["before"] and k in s["after"]
+    assert s["settings"]["prompt"] == "a handwritten digit eight" and s["settings"]["grad"] == "exact"
+    assert "judge_accuracy" in stdout and "model calls" in stdout
+
+
+def test_guide_default_mode_at_default_steps(tmp_path, capsys):
+    """AdjointDPM (the default --grad) with the embedded model's own sampler settings (dpmpp2m, 20 steps)."""
+    out = tmp_path / "guide"
+    code, _, err = cli(["guide", "--out", out, "--n", "2", "--iters", "2", "--lr", "0.2", "--quiet"], capsys)
+    assert code == 0, err
+    s = _summary(out)
+    assert (s["settings"]["grad"], s["settings"]["steps"], s["settings"]["solver"]) == ("adjoint", 20, "dpmpp2m")
+    assert s["loss"]["last"] < s["loss"]["first"]
+    assert s["model_calls"] == {"forward": 80, "backward": 40, "total": 120}  # 2 x (20 record + 20 VJP, 20 backward)
+
+
+def test_audit_classifier_and_safety(tmp_path, capsys):
+    out = tmp_path / "audit"
+    code, _, err = cli(["audit", "--out", out, "--n", "6", "--iters", "3", "--eps", "0.5", "--step-size", "0.3", *EXACT], capsys)
+    assert code == 0, err
+    s = _check_outputs(out, 6)
+    assert s["after"]["n_attacked"] >= 1 and s["after"]["linf_max"] <= 0.5 + 1e-6
+    assert s["before"]["success_rate"] == 0.0
+    assert s["after"]["success_rate"] > 0 or s["loss"]["last"] < s["loss"]["first"]
+    out2 = tmp_path / "safety"
+    code, _, err = cli(["audit", "--attack", "safety", "--out", out2, "--n", "8", "--iters", "2", "--steps", "5",
+                        "--guidance-scale", "1", "--quiet"], capsys)
+    assert code == 0, err
+    s2 = _summary(out2)
+    assert {"success_rate", "flag_rate", "judge_keeps_label"} <= set(s2["after"])
+
+
+@pytest.mark.parametrize("lora,lr", [(0, 1e-4), (2, 1e-3)])
+def test_stylize(tmp_path, capsys, lora, lr):
+    out = tmp_path / "stylize"
+    code, _, err = cli(["stylize", "--out", out, "--lora-rank", lora, "--n-train", "4", "--batch", "4", "--n-eval", "4",
+                        "--iters", "3", "--lr", lr, *EXACT], capsys)
+    assert code == 0, err
+    s = _check_outputs(out, 4)
+    assert s["loss"]["last"] < s["loss"]["first"]
+    assert s["after"]["style_loss"] < s["before"]["style_loss"]
+    assert "judge_accuracy" in s["after"] and "judge_accuracy_kept" in s
+    weights = load_file(str(out / s["files"]["weights"]))
+    assert all(("lora" in k) == bool(lora) for k in weights)
+
+
+def test_invert(tmp_path, capsys):
+    out = tmp_path / "invert"
+    code, _, err = cli(["invert", "--out", out, "--n-train", "3", "--n-heldout", "2", "--iters", "3", "--lr", "0.05", *EXACT], capsys)
+    assert code == 0, err
+    s = _check_outputs(out, 5)
+    assert s["loss"]["last"] < s["loss"]["first"]
+    assert s["after"]["psnr_train"] > s["before"]["psnr_train"]
+    assert "psnr_heldout" in s["after"]
+    emb = load_file(str(out / "embedding.safetensors"))
+    assert emb["cond"].shape == emb["init"].shape and not torch.equal(emb["cond"], emb["init"])
+    assert len(list((out / "targets").glob("[0-9]*.png"))) == 5
+
+
+@pytest.mark.parametrize("command,extra", [
+    ("guide", ["--n", "2", "--lr", "0.3"]),
+    ("stylize", ["--n-train", "4", "--batch", "2", "--n-eval", "2", "--lr", "3e-3", "--lora-rank", "2"]),
+])
+def test_resume_equals_uninterrupted(tmp_path, capsys, command, extra):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = [command, *extra, *TINY, "--checkpoint-every", "2"]
+    assert cli([*args, "--out", full, "--iters", "4"], capsys)[0] == 0
+    assert cli([*args, "--out", part, "--iters", "2"], capsys)[0] == 0
+    assert cli([*args, "--out", part, "--iters", "4", "--resume"], capsys)[0] == 0
+    a, b = _summary(full), _summary(part)
+    assert [h["loss"] for h in a["loss"]["history"]] == [h["loss"] for h in b["loss"]["history"]]
+    assert a["after"] == b["after"] and a["model_calls"] == b["model_calls"]
+    name = "optimized.safetensors" if command == "guide" else "lora.safetensors"
+    ta, tb = load_file(str(full / name)), load_file(str(part / name))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("command,extra", [
+    ("guide", ["--n", "2"]),
+    ("audit", ["--n", "8"]),
+    ("stylize", ["--n-train", "2", "--batch", "2", "--n-eval", "2", "--lora-rank", "2", "--reference", "skimage:brick"]),
+    ("invert", ["--n-train", "2", "--n-heldout", "1"]),
+])
+def test_local_stable_diffusion_folder(tmp_path, capsys, latent, command, extra):
+    out = tmp_path / command
+    code, _, err = cli([command, "--model", latent, "--out", out, "--iters", "2", *extra, *TINY], capsys)
+    if command == "audit" and code == 2 and "none of the" in err:
+        pytest.skip("no attackable sample on a random model")  # (audit semantics are tested on the embedded model)
+    assert code == 0, err
+    s = _summary(out)
+    assert s["settings"]["model"] == str(latent) and s["iterations"] >= 1
+    from PIL import Image
+
+    img = Image.open(out / "after" / "000.png")
+    assert img.mode == "RGB" and img.size == (16, 16)  # decoded by the VAE: 3 channels, 2x the latent size
+
+
+def test_bad_inputs_are_one_line(tmp_path, capsys, latent):
+    from PIL import Image
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    Image.new("L", (20, 20)).save(tmp_path / "big.png")
+    Image.new("CMYK", (16, 16)).save(tmp_path / "cmyk.jpg")
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    Image.new("L", (8, 8)).save(targets / "0.png")
+    cases = [
+        (["guide", "--model", tmp_path / "missing", "--out", tmp_path / "o1"], "does not exist"),
+        (["guide", "--out", blocker / "sub"], "cannot write to --out"),
+        (["guide", "--out", tmp_path / "o2", "--prompt", "a handwritten digit " * 6], "tokens long"),
+        (["invert", "--out", tmp_path / "o3", "--targets", targets], "is 8x8; this model makes 16x16"),
+        (["stylize", "--out", tmp_path / "o4", "--reference", tmp_path / "cmyk.jpg"], "mode CMYK"),
+        (["stylize", "--out", tmp_path / "o5", "--reference", tmp_path / "nope.png"], "does not exist"),
+        (["guide", "--out", tmp_path / "o6", "--grad", "adjoin"], "unknown --grad"),
+        (["guide", "--out", tmp_path / "o7", "--resume"], "no checkpoint"),
+        (["guide", "--model", latent, "--out", tmp_path / "o8", "--prompt", "a handwritten digit " * 4], "at most 12"),
+    ]
+    for args, match in cases:
+        code, _, err = cli([*args, "--quiet"], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2, (args, err)
+        assert "Traceback" not in err and match in lines[-1] and lines[-1].startswith("adjointdpm: error:"), (args, err)
+    with pytest.raises(Exception):
+        cli(["guide", "--model", tmp_path / "missing", "--out", tmp_path / "o9", "--debug"], capsys)
