@@ -23,6 +23,7 @@ def sample(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Local diffusers folder (default: the embedded digits model)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per network batch."),
     device: str = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".'),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's choice; 1 is best on a busy machine)."),
 ) -> None:
     """Generate images from a text prompt."""
     import torch
@@ -45,6 +46,8 @@ def sample(
     except RuntimeError as e:
         raise CLIError(f"bad --device {device!r}: {e}") from None
 
+    if threads:
+        torch.set_num_threads(threads)
     comps = load_components(model, device=dev)
     images = comps.generate([prompt] * num_images, seed=seed, steps=steps, solver=solver,
                             guidance_scale=guidance_scale, batch_size=batch_size)
