@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "adjointdpm.commands.sample",
     "adjointdpm.commands.train",
     "adjointdpm.tasks.commands",
+    "adjointdpm.commands.demo",
 ]
 
 app = typer.Typer(
