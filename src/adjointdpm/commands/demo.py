@@ -21,8 +21,9 @@ def demo(
     out: Path = typer.Option(Path("outputs/demo"), "--out", "-o", help="Output folder."),
     grad: str = typer.Option("exact", "--grad", help="Gradient mode of the guidance step."),
     target_class: int = typer.Option(9, "--target-class", help="The held-out digit to teach (8 or 9)."),
-    n: int = typer.Option(16, "--n", help="Noises optimised."),
-    iters: int = typer.Option(20, "--iters", help="Optimisation iterations."),
+    n: int = typer.Option(8, "--n", help="Noises optimised."),
+    iters: int = typer.Option(12, "--iters", help="Optimisation iterations."),
+    lr: float = typer.Option(0.2, "--lr", help="AdamW learning rate of the noise."),
 ) -> None:
     """Run the main job on the embedded model: sample, then close the vocabulary gap for one digit."""
     from adjointdpm.cli import CLIError, run
@@ -36,7 +37,7 @@ def demo(
         if code:
             raise typer.Exit(code)
     code = run(["guide", "--out", str(out / f"guide_{word}"), "--target-class", str(target_class),
-                "--prompt", f"a handwritten digit {word}", "--n", str(n), "--iters", str(iters), "--grad", grad])
+                "--prompt", f"a handwritten digit {word}", "--n", str(n), "--iters", str(iters), "--lr", str(lr), "--grad", grad])
     if code:
         raise typer.Exit(code)
     typer.echo(f"demo: samples in {out / 'samples'}, vocabulary expansion in {out / f'guide_{word}'} "
