@@ -27,6 +27,9 @@ def _common_sweep_args(p: argparse.ArgumentParser, out: str, modes: str, wrt: st
     p.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
     p.add_argument("--mem-limit-gib", type=float, default=10.0,
                    help="skip a method at N when its memory, projected from the previous N, exceeds this")
+    p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="memory runs only: fix glibc's mmap threshold (e.g. 65536) so peak RSS tracks live tensors")
+    p.add_argument("--memory-only", action="store_true", help="only the fresh-process memory runs (no reference, no timing)")
     p.add_argument("--out", default=out, help=f"results JSON (default {out})")
 
 
@@ -124,7 +127,8 @@ def _sweep_command(args) -> int:
         specs.append(PRESETS[name])
     cfg = SweepConfig(suite=suite, models=specs, solvers=solvers, steps=_ints(args.steps), modes=modes,
                       wrt=_csv(args.wrt), repeats=args.repeats, mem_limit_gib=args.mem_limit_gib,
-                      threads=args.threads, notes=notes)
+                      threads=args.threads, mmap_threshold=args.mmap_threshold,
+                      memory_only=args.memory_only, notes=notes)
     result = run_sweep(cfg, log=lambda msg: print(msg, flush=True))
     write_json(args.out, result)
     print()

@@ -26,8 +26,8 @@ def _get(result, model, solver, n, mode):
     return rows[0] if rows else None
 
 
-def _time(row):
-    return None if row is None or "time_s" not in row else row["time_s"]
+def _time(row, key="time_s"):
+    return None if row is None or key not in row else row[key]
 
 
 def _div(a, b):
@@ -45,16 +45,19 @@ def ratios(result: dict) -> dict:
             if r["mode"] not in modes:
                 modes.append(r["mode"])
         for n in ns:
-            backprop = _time(_get(result, model, solver, n, "backprop"))
-            entry = {"model": model, "solver": solver, "N": n,
-                     "exact_over_backprop": _div(_time(_get(result, model, solver, n, "exact")), backprop),
-                     "over_backprop": {}, "over_forward": {}}
-            for mode in modes:
-                if mode.startswith("forward"):
-                    continue
-                t = _time(_get(result, model, solver, n, mode))
-                entry["over_backprop"][mode] = _div(t, backprop)
-                entry["over_forward"][mode] = _div(t, _time(_get(result, model, solver, n, forward_kind(mode))))
+            entry = {"model": model, "solver": solver, "N": n}
+            for key, suffix in (("time_s", ""), ("cpu_s", "_cpu")):
+                backprop = _time(_get(result, model, solver, n, "backprop"), key)
+                entry["exact_over_backprop" + suffix] = _div(_time(_get(result, model, solver, n, "exact"), key),
+                                                             backprop)
+                entry["over_backprop" + suffix], entry["over_forward" + suffix] = {}, {}
+                for mode in modes:
+                    if mode.startswith("forward"):
+                        continue
+                    t = _time(_get(result, model, solver, n, mode), key)
+                    forward = _time(_get(result, model, solver, n, forward_kind(mode)), key)
+                    entry["over_backprop" + suffix][mode] = _div(t, backprop)
+                    entry["over_forward" + suffix][mode] = _div(t, forward)
             out["per_n"].append(entry)
         if len(ns) >= 2:
             for mode in modes:
@@ -84,7 +87,7 @@ def sweep_tables(result: dict, markdown: bool = True) -> str:
             keys.append((r["model"], r["solver"]))
     rat = {(e["model"], e["solver"], e["N"]): e for e in result.get("ratios", {}).get("per_n", [])}
     for model, solver in keys:
-        head = ["method", "N", "s/grad", "s/opt-step", "×backprop", "×forward", "peak MiB"]
+        head = ["method", "N", "s/grad", "CPU s", "s/opt-step", "×backprop", "×forward", "×fwd (CPU)", "peak MiB"]
         for g in groups:
             head += [f"rel.err {GROUP_LABEL[g]}", f"cos {GROUP_LABEL[g]}"]
         lines = [f"**{model}, solver {solver}** (gradient w.r.t. {', '.join(groups)})", ""]
@@ -97,10 +100,12 @@ def sweep_tables(result: dict, markdown: bool = True) -> str:
                 rows.append(cells)
                 continue
             is_fwd = r["mode"].startswith("forward")
-            cells += [_fmt(r.get("time_s"), ".2f"), "" if is_fwd else _fmt(r.get("step_s"), ".2f"),
+            cells += [_fmt(r.get("time_s"), ".2f"), _fmt(r.get("cpu_s"), ".2f"),
+                      "" if is_fwd else _fmt(r.get("step_s"), ".2f"),
                       "" if is_fwd else _fmt(e.get("over_backprop", {}).get(r["mode"]), ".2f"),
                       "" if is_fwd else _fmt(e.get("over_forward", {}).get(r["mode"]), ".2f"),
-                      _fmt(r.get("peak_mib"), ".0f")]
+                      "" if is_fwd else _fmt(e.get("over_forward_cpu", {}).get(r["mode"]), ".2f"),
+                      _fmt(r.get("peak_mib"), ".1f" if (r.get("peak_mib") or 0) < 100 else ".0f")]
             for g in groups:
                 err = (r.get("errors") or {}).get(g)
                 cells += [_fmt(err and err["rel"], ".1e"), _fmt(err and err["cos"], ".6f")]
@@ -118,18 +123,20 @@ def targets_table(result: dict, markdown: bool = True) -> str:
     rows = []
     for e in rat["per_n"]:
         tag = f"{e['model']} {e['solver']} N={e['N']}"
-        v = e["exact_over_backprop"]
+        v, c = e["exact_over_backprop"], e.get("exact_over_backprop_cpu")
         rows.append([tag, "time(exact)/time(backprop)", f"≤ {TARGETS['exact_over_backprop']}", _fmt(v, ".3f"),
-                     _verdict(v, TARGETS["exact_over_backprop"])])
+                     _verdict(v, TARGETS["exact_over_backprop"]), _fmt(c, ".3f"),
+                     _verdict(c, TARGETS["exact_over_backprop"])])
         for mode in ENGINE_O1_MODES:
-            v = e["over_forward"].get(mode)
+            v, c = e["over_forward"].get(mode), e.get("over_forward_cpu", {}).get(mode)
             rows.append([tag, f"time({mode})/time(forward)", f"≤ {TARGETS['grad_over_forward']}", _fmt(v, ".3f"),
-                         _verdict(v, TARGETS["grad_over_forward"])])
+                         _verdict(v, TARGETS["grad_over_forward"]), _fmt(c, ".3f"),
+                         _verdict(c, TARGETS["grad_over_forward"])])
         row = _get(result, e["model"], e["solver"], e["N"], "exact")
         err = (row or {}).get("errors") or {}
         worst = max((v["rel"] for v in err.values() if v), default=None)
         rows.append([tag, "exact: rel. error vs float64 backprop (worst group)", f"≤ {TARGETS['exact_rel_err']:.0e}",
-                     _fmt(worst, ".1e"), _verdict(worst, TARGETS["exact_rel_err"])])
+                     _fmt(worst, ".1e"), _verdict(worst, TARGETS["exact_rel_err"]), "", ""])
     for g in rat["peak_growth"]:
         if g["mode"] in ENGINE_O1_MODES:
             target, verdict = f"≤ {TARGETS['peak_growth']}", _verdict(g["ratio"], TARGETS["peak_growth"])
@@ -138,8 +145,9 @@ def targets_table(result: dict, markdown: bool = True) -> str:
         else:
             target, verdict = "(info)", ""
         rows.append([f"{g['model']} {g['solver']}", f"peak({g['mode']}, N={g['N_max']})/peak(N={g['N_min']})",
-                     target, _fmt(g["ratio"], ".3f"), verdict])
-    return "\n".join(_table(["where", "ratio", "target", "measured", ""], rows, markdown))
+                     target, _fmt(g["ratio"], ".3f"), verdict, "", ""])
+    head = ["where", "ratio", "target", "measured (wall)", "", "measured (CPU time)", ""]
+    return "\n".join(_table(head, rows, markdown))
 
 
 def _verdict(v, limit):

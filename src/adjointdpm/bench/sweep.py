@@ -11,7 +11,12 @@ only imported the libraries, see ``zygote.py``):
    and of the memory process's measured call is reported; every sample is kept in the JSON. The first round's gradients are compared with the
    reference (relative error and cosine, per group: x_T, text embeddings = cond ⊕ uncond, weights).
 3. ``memory``: one process per method: peak RSS of one gradient computation above the RSS just before it
-   (see ``common.PeakRSS``), on the first call after a one-network-call warm-up.
+   (see ``common.PeakRSS``), on the first call after a one-network-call warm-up. With ``mmap_threshold``
+   glibc gives every allocation of at least that size its own pages (returned on free), so the peak
+   tracks live tensors rather than the heap's reuse (slower: such runs are not timing samples).
+
+Times are wall-clock (what a user waits) and process CPU time (user + system, all threads): on a shared
+machine the second is far less sensitive to other processes' load.
 
 A method whose memory at the next N is projected (linearly from the previous N) above ``mem_limit`` is
 skipped at that N and the JSON says so. Ratios (time(exact)/time(backprop), time(grad)/time(forward),
@@ -130,15 +135,17 @@ def job_timing(job: dict) -> dict:
     refs = {fam: torch.load(path) for fam, path in job["references"].items() if path and os.path.exists(path)}
     _warm_up(setup, solver)
     times = {m: [] for m in modes}
+    cpu_times = {m: [] for m in modes}
     step_times = {m: [] for m in modes}
     errors, losses = {}, {}
     loads = []
     for r in range(job["repeats"]):
         order = modes[r % len(modes):] + modes[: r % len(modes)]
         for mode in order:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             grads = gradient(setup, mode, solver, steps, wrt)
             times[mode].append(time.perf_counter() - start)
+            cpu_times[mode].append(time.process_time() - cpu_start)
             step_times[mode].append(times[mode][-1] + optimiser_step(setup, bool(grads), wrt))
             if r == 0 and grads:
                 ref = refs.get("edict" if mode == "reversible" else "sampler", {})
@@ -146,22 +153,38 @@ def job_timing(job: dict) -> dict:
                 losses[mode] = grads["loss"]
             del grads
         loads.append(loadavg()[0] if loadavg() else None)
-    return {"times": times, "step_times": step_times, "errors": errors, "losses": losses, "loadavg_1min": loads,
+    return {"times": times, "cpu_times": cpu_times, "step_times": step_times, "errors": errors, "losses": losses, "loadavg_1min": loads,
             "parameters": parameter_count(setup.model)}
 
 
+def _fix_mmap_threshold(nbytes: int) -> bool:
+    """glibc: allocations ≥ nbytes get their own pages, returned to the kernel on free (no heap reuse)."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def job_memory(job: dict) -> dict:
+    threshold = job.get("mmap_threshold")
+    fixed = _fix_mmap_threshold(threshold) if threshold else False
     spec = ModelSpec.from_json(job["spec"])
     setup = build_setup(spec, torch.float32)
     _warm_up(setup, job["solver"])
     model_mib = sum(p.numel() * p.element_size() for p in setup.model.parameters()) / 2**20
     rss_before = rss_mib()
     with PeakRSS() as peak:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         gradient(setup, job["mode"], job["solver"], job["steps"], job["wrt"])
-        seconds = time.perf_counter() - start
-    return {"peak_mib": peak.peak_mib, "method": peak.method, "seconds": seconds,
-            "rss_before_mib": rss_before, "model_mib": model_mib}
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    out = {"peak_mib": peak.peak_mib, "method": peak.method, "rss_before_mib": rss_before, "model_mib": model_mib}
+    if fixed:  # page-per-tensor allocation is slower: not a timing sample
+        out["method"] += f", glibc mmap threshold fixed at {threshold} B"
+    else:
+        out.update(seconds=seconds, cpu_seconds=cpu_seconds)
+    return out
 
 
 JOBS = {"reference": job_reference, "timing": job_timing, "memory": job_memory}
@@ -182,6 +205,8 @@ class SweepConfig:
     wrt: list[str]
     repeats: int = 1
     mem_limit_gib: float = 10.0
+    mmap_threshold: int | None = None
+    memory_only: bool = False
     threads: int | None = None
     timeout_s: float = 3600.0
     notes: list[str] = field(default_factory=list)
@@ -194,6 +219,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         "config": {
             "models": [m.to_json() for m in cfg.models], "solvers": cfg.solvers, "steps": cfg.steps,
             "modes": cfg.modes, "wrt": cfg.wrt, "repeats": cfg.repeats, "mem_limit_gib": cfg.mem_limit_gib,
+            "mmap_threshold": cfg.mmap_threshold, "threads": cfg.threads, "memory_only": cfg.memory_only,
             "loss": "mean((x_0 - target)^2), fixed random target",
         },
         "machine": machine_info(),
@@ -223,9 +249,9 @@ def _sweep_one(cfg: SweepConfig, spec: ModelSpec, solver: str, tmp: Path, result
     last_peak: dict[str, tuple[int, float]] = {}
     for n in sorted(cfg.steps):
         t0 = time.time()
-        log(f"[{spec.name} {solver} N={n}] load {loadavg()[:1]}: float64 reference …")
+        log(f"[{spec.name} {solver} N={n}] load {loadavg()[:1]}: " + ("memory …" if cfg.memory_only else "float64 reference …"))
         references = {}
-        for family in ["sampler"] + (["edict"] if "reversible" in modes else []):
+        for family in ([] if cfg.memory_only else ["sampler"] + (["edict"] if "reversible" in modes else [])):
             path = str(tmp / f"{spec.name}-{solver}-{n}-{family}.pt")
             ref = run_worker({**base, "job": "reference", "steps": n, "family": family, "path": path,
                               "check_backprop": n == min(cfg.steps)}, cfg.timeout_s)
@@ -245,13 +271,15 @@ def _sweep_one(cfg: SweepConfig, spec: ModelSpec, solver: str, tmp: Path, result
             run_now.append(mode)
         memory = {}
         for mode in run_now:
-            mem = run_worker({**base, "job": "memory", "steps": n, "mode": mode}, cfg.timeout_s)
+            mem = run_worker({**base, "job": "memory", "steps": n, "mode": mode, "mmap_threshold": cfg.mmap_threshold},
+                             cfg.timeout_s)
             memory[mode] = mem
             if "error" not in mem:
                 last_peak[mode] = (n, mem["peak_mib"])
         log(f"   memory done ({time.time() - t0:.0f} s); timing {len(run_now)} methods × {cfg.repeats} rounds …")
-        timing = run_worker({**base, "job": "timing", "steps": n, "modes": run_now, "repeats": cfg.repeats,
-                             "references": references}, cfg.timeout_s)
+        timing = {"error": "not run (memory only)"} if cfg.memory_only else run_worker(
+            {**base, "job": "timing", "steps": n, "modes": run_now, "repeats": cfg.repeats, "references": references},
+            cfg.timeout_s)
         for mode in kinds + modes:
             if mode in skipped:
                 result["rows"].append(_row(spec, solver, n, mode, status=skipped[mode]))
@@ -261,15 +289,17 @@ def _sweep_one(cfg: SweepConfig, spec: ModelSpec, solver: str, tmp: Path, result
             if "error" in mem:
                 row["status"] = f"memory job failed: {mem['error']}"
             else:
-                row.update(peak_mib=mem["peak_mib"], memory_method=mem["method"], model_mib=mem["model_mib"],
-                           first_call_s=mem["seconds"])
-            if "error" in timing:
+                row.update(peak_mib=mem["peak_mib"], memory_method=mem["method"], model_mib=mem["model_mib"])
+            if cfg.memory_only:
+                pass
+            elif "error" in timing:
                 row["status"] = f"timing job failed: {timing['error']}"
             else:
                 # samples: the timing rounds, plus the memory process's measured call when it ran
                 samples = list(timing["times"][mode]) + ([mem["seconds"]] if "seconds" in mem else [])
-                row["times_s"] = samples
-                row["time_s"] = min(samples)
+                cpu_samples = list(timing["cpu_times"][mode]) + ([mem["cpu_seconds"]] if "cpu_seconds" in mem else [])
+                row["times_s"], row["cpu_times_s"] = samples, cpu_samples
+                row["time_s"], row["cpu_s"] = min(samples), min(cpu_samples)
                 optimiser = min(s - t for s, t in zip(timing["step_times"][mode], timing["times"][mode]))
                 row["step_s"] = row["time_s"] + optimiser
                 row["errors"] = timing["errors"].get(mode)
