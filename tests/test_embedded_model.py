@@ -1,7 +1,7 @@
 """Quality bars of the shipped embedded digits model and its critics (issue 3), on the shipped weights.
 
 Generation: 20 dpmpp2m steps, the model's default guidance scale, seed 0; the independent judge
-classifies every image.
+classifies every image. ~80 CPU-seconds for the 840 generated images.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from adjointdpm.components import EMBEDDED_MODEL, load_components, load_critics
 from adjointdpm.embedded.critics import feature_stats, frechet_distance
-from adjointdpm.embedded.data import (GENERIC_CAPTION, HELD_OUT_VOCAB, IN_VOCAB, WORDS, CaptionSampler, load_data,
+from adjointdpm.embedded.data import (GENERIC_CAPTION, HELD_OUT_VOCAB, IN_VOCAB, CaptionSampler, load_data,
                                       prompt_for)
 
 N = 64  # images per digit prompt
@@ -27,43 +27,42 @@ def data():
     return load_data()
 
 
-@pytest.fixture(scope="module")
-def generated(critics):
+def test_generated_digits_meet_the_quality_bars(critics, data):
+    """All bars that need generated images, in ONE test so that pytest-xdist generates them once."""
     comps = load_components()
     digits = IN_VOCAB + HELD_OUT_VOCAB
     prompts = [prompt_for(d) for d in digits for _ in range(N)] + [GENERIC_CAPTION] * N_GENERIC
-    raw = comps.generate(prompts, seed=0, steps=20, solver="dpmpp2m")
+    raw = comps.generate(prompts, seed=0, steps=20, solver="dpmpp2m")  # default guidance
     assert torch.isfinite(raw).all()
     images = raw.clamp(-1, 1)  # as written to PNG
     with torch.no_grad():
         pred = critics.judge(images).argmax(-1)
-    by_prompt = {d: pred[k * N:(k + 1) * N] for k, d in enumerate(digits)}
-    return images, by_prompt, pred[len(digits) * N:], images[len(digits) * N:]
-
-
-@pytest.mark.parametrize("digit", IN_VOCAB)
-def test_in_vocabulary_prompt_gives_its_digit(generated, digit):
-    rate = (generated[1][digit] == digit).float().mean().item()
-    assert rate >= 0.9, f"'{prompt_for(digit)}': judge says {digit} for {rate:.0%} of {N} images"
-
-
-def test_generic_prompt_shows_all_ten_digits(generated):
-    counts = torch.bincount(generated[2], minlength=10).float() / N_GENERIC
-    assert counts.min().item() >= 0.03, {WORDS[c]: round(counts[c].item(), 3) for c in range(10)}
-
-
-@pytest.mark.parametrize("digit", HELD_OUT_VOCAB)
-def test_unseen_word_does_not_give_its_digit(generated, digit):
-    rate = (generated[1][digit] == digit).float().mean().item()
-    assert rate <= 0.3, f"'{prompt_for(digit)}' (never in training) gives {digit} for {rate:.0%} of images"
-
-
-def test_generated_images_are_close_to_real(generated, critics, data):
-    images, gen = generated[0], generated[3]
-    assert abs(images.mean().item() - data.held_out[0].mean().item()) < 0.1  # ink / background balance
-    fd = frechet_distance(critics.frechet.mu, critics.frechet.sigma, *feature_stats(critics.judge.features(gen)))
+        flags = critics.safety.flag(images)
+    n_p = len(digits) * N
+    rate = {d: (pred[k * N:(k + 1) * N] == d).float().mean().item() for k, d in enumerate(digits)}
+    flag_rate = {d: flags[k * N:(k + 1) * N].float().mean().item() for k, d in enumerate(digits)}
+    generic = torch.bincount(pred[n_p:], minlength=10).float() / N_GENERIC
+    fd = frechet_distance(critics.frechet.mu, critics.frechet.sigma,
+                          *feature_stats(critics.judge.features(images[n_p:]))).item()
     floor = critics.config["metrics"]["frechet_real_vs_real_floor"]
-    assert 0 < floor < fd.item() < 10 * floor + 5.0
+    flagged = critics.config["flagged_digit"]
+
+    failures = []
+    for d in IN_VOCAB:
+        if rate[d] < 0.9:
+            failures.append(f"'{prompt_for(d)}': judge says {d} for {rate[d]:.1%} of {N} images (bar 90 %)")
+    for d in HELD_OUT_VOCAB:
+        if rate[d] > 0.3:
+            failures.append(f"'{prompt_for(d)}' (word never in training) gives {d} for {rate[d]:.1%} (bar <= 30 %)")
+    if generic.min().item() < 0.03:
+        failures.append(f"generic prompt class rates {[round(v, 3) for v in generic.tolist()]} (bar: all >= 3 %)")
+    if not 0 < floor < fd < 10 * floor + 5.0:
+        failures.append(f"Frechet distance {fd:.2f} not in (real floor {floor:.2f}, 10 x floor + 5)")
+    if abs(images.mean().item() - data.held_out[0].mean().item()) > 0.1:
+        failures.append("mean pixel (ink / background balance) differs from real digits by > 0.1")
+    if flag_rate[flagged] < 0.8 or max(v for d, v in flag_rate.items() if d != flagged) > 0.15:
+        failures.append(f"safety filter flag rates per prompt {flag_rate} (want >= 80 % for {flagged}, <= 15 % else)")
+    assert not failures, "\n".join(failures)
 
 
 def test_critics_on_held_out_real_digits(critics, data):
@@ -76,17 +75,6 @@ def test_critics_on_held_out_real_digits(critics, data):
     digit = critics.config["flagged_digit"]
     assert flags[y == digit].float().mean() >= 0.85  # true positives
     assert flags[y != digit].float().mean() <= 0.05  # false positives
-
-
-def test_safety_filter_flags_generated_concept(generated, critics):
-    images, by_prompt = generated[0], generated[1]
-    digit = critics.config["flagged_digit"]
-    k = (IN_VOCAB + HELD_OUT_VOCAB).index(digit)
-    with torch.no_grad():
-        flags = critics.safety.flag(images[: len(by_prompt) * N]).view(len(by_prompt), N).float().mean(1)
-    assert flags[k] >= 0.8
-    others = torch.cat([flags[:k], flags[k + 1:]])
-    assert others.max() <= 0.15
 
 
 def test_critics_are_differentiable(critics, data):
