@@ -105,6 +105,7 @@ def guide(
     optimize_cond: bool = typer.Option(False, "--optimize-cond", help="Also optimise the prompt embedding (shared by the batch)."),
     cond_lr: float = typer.Option(0.01, "--cond-lr", help="AdamW learning rate for the prompt embedding."),
     start_step: int = typer.Option(0, "--start-step", help="Optimise the sampler's state at this step instead of x_T (0 = x_T)."),
+    augment: int = typer.Option(4, "--augment", help="Random affine views per image in the guide loss (cutouts); 0: none."),
     iters: int = typer.Option(30, "--iters", help="Optimisation iterations."),
     model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
@@ -121,7 +122,7 @@ def guide(
         s = _session(model, grad, solver, steps, guidance_scale, device, critics)
         task = GuideTask(s, GuideOptions(target_class=target_class, prompt=prompt, n=n, lr=lr, weight_decay=weight_decay,
                                          renorm=renorm, optimize_cond=optimize_cond, cond_lr=cond_lr,
-                                         start_step=start_step), seed=seed)
+                                         start_step=start_step, augment=augment), seed=seed)
         _report(run(task, cfg), ["judge_accuracy", "frechet_to_class"], out)
 
     execute(debug, body)

@@ -4,10 +4,13 @@ Optimise the initial noise x_T (or, with ``start_step = S``, the sampler's inter
 the paper's guided sampling does), and optionally the prompt embedding too, so that the guide classifier
 labels the generated image as ``target_class``:
 
-    min_{x, c}  E_b CE(guide(decode(sample(x_b, c))), target)
+    min_{x, c}  E_b E_v CE(guide(v(decode(sample(x_b, c)))), target)
 
-with AdamW; after each step x is put back on its Gaussian shell (DOODL's renormalisation:
-|x_b| = √D for x_T, the starting norm for an intermediate state). Metrics (by the independent judge,
+over ``augment`` random affine views v per image (small rotations, scalings and shifts, the paper's
+cutouts: they keep the optimisation from settling on a perturbation that fools the guide alone), with AdamW (or normalised gradient steps); after each step x is put back on its Gaussian shell (DOODL's
+renormalisation: |x_b| = √D for x_T, the starting norm for an intermediate state). The result is, per
+sample, the iterate with the lowest guide loss seen (``keep_best``; the guide is the objective, the
+judge never takes part). Metrics (by the independent judge,
 never by the guide): accuracy for the target before/after, and the Fréchet distance of judge
 features to real digits of the target class (sklearn digits, the train split as reference; the
 held-out split at the same count gives the real-vs-real floor).
@@ -40,6 +43,11 @@ class GuideOptions:
     optimize_cond: bool = False
     cond_lr: float = 0.01
     start_step: int = 0
+    augment: int = 4  # random affine views per image in the guide loss (the paper's cutouts); 0: none
+    view_noise: float = 0.0  # std of Gaussian pixel noise added to each view
+    optimizer: str = "adamw"  # or "normalized": x ← x − lr·g/rms(g) per sample (keeps the gradient's spectrum)
+    keep_best: bool = True  # the result is each sample's iterate of lowest guide loss (not with optimize_cond)
+    stop_loss: float = 0.0  # a sample whose guide loss falls below this is done: no longer sampled or moved
 
 
 @lru_cache(maxsize=4)
@@ -87,6 +95,8 @@ class GuideTask(Task):
             raise UserInputError(f"--target-class must be a digit 0..9 (the guide classifier's classes), got {opts.target_class}")
         if opts.n < 1:
             raise UserInputError(f"--n must be >= 1, got {opts.n}")
+        if opts.optimizer not in ("adamw", "normalized"):
+            raise UserInputError(f"--optimizer must be adamw or normalized, got {opts.optimizer!r}")
         self.prompt = opts.prompt if opts.prompt is not None else prompt_for_class(session, opts.target_class)
         session.check_prompt(self.prompt)
         session.timesteps(opts.start_step)
@@ -106,6 +116,31 @@ class GuideTask(Task):
         self.cond = self.cond0.clone().requires_grad_(o.optimize_cond)
         self.target = torch.full((o.n,), o.target_class, dtype=torch.long, device=x.device)
         self.frechet = ClassFrechet(s.critics.judge, o.target_class, s.device)
+        self.best_x = self.x.detach().clone()
+        self.best_loss = torch.full((o.n,), float("inf"), device=x.device)
+        self.done = torch.zeros(o.n, dtype=torch.bool, device=x.device)
+
+    @property
+    def keeps_best(self) -> bool:
+        return self.o.keep_best and not self.o.optimize_cond
+
+    def result_x(self) -> torch.Tensor:
+        """The optimised state: per sample the best iterate seen (keep_best), else the last one."""
+        if not self.keeps_best:
+            return self.x.detach()
+        seen = torch.isfinite(self.best_loss).view(-1, *([1] * (self.x.dim() - 1)))
+        return torch.where(seen, self.best_x, self.x.detach())
+
+    def state_tensors(self):
+        return {"best_x": self.best_x, "best_loss": self.best_loss, "done": self.done.to(torch.uint8)}
+
+    def load_state_tensors(self, tensors):
+        self.best_x = tensors["best_x"].to(self.x.device).clone()
+        self.best_loss = tensors["best_loss"].to(self.x.device).clone()
+        self.done = tensors["done"].to(self.x.device).bool()
+
+    def finished(self) -> bool:
+        return self.keeps_best and bool(self.done.all())
 
     def param_groups(self) -> list[ParamGroup]:
         groups = [ParamGroup("x_T" if self.o.start_step == 0 else f"x_{self.o.start_step}", {"x": self.x},
@@ -114,27 +149,67 @@ class GuideTask(Task):
             groups.append(ParamGroup("cond", {"cond": self.cond}, {"lr": self.o.cond_lr, "weight_decay": 0.0}))
         return groups
 
+    def make_optimizer(self, groups):
+        if self.o.optimizer == "normalized":
+            from .audit import NormalizedSteps
+
+            opt = NormalizedSteps([groups[0].tensors["x"]], lr=self.o.lr)
+            for g in groups[1:]:
+                opt.add_param_group({"params": list(g.tensors.values()), "lr": g.options["lr"]})
+            return opt
+        return super().make_optimizer(groups)
+
     def counted_modules(self):
         return [self.s.unet]
 
     def objective(self, x0: torch.Tensor) -> torch.Tensor:
-        logits = self.s.critics.guide(self.s.decode(x0))
-        return F.cross_entropy(logits.float(), self.target[: logits.shape[0]], reduction="none")
+        images = self.s.decode(x0)
+        b = images.shape[0]
+        k = self.o.augment
+        if k > 0:
+            from ..embedded.data import augment
+
+            g = torch.Generator().manual_seed(self._view_seed)  # the same views at every call of one iteration
+            shift = max(1.0, images.shape[-1] / 16)
+            views = [augment(images, g, max_rot_deg=10.0, scale=(0.9, 1.1), max_shift_px=shift) for _ in range(k)]
+            images = torch.cat(views)
+            if self.o.view_noise > 0:  # noisy views: a perturbation that fools the guide alone does not survive
+                images = images + self.o.view_noise * torch.randn(images.shape, generator=g).to(images)
+        logits = self.s.critics.guide(images).float()
+        ce = F.cross_entropy(logits, self.target[:1].expand(logits.shape[0]), reduction="none")
+        return ce.view(max(k, 1), b).mean(0)
 
     def compute_loss(self, iteration, generator):
-        loss, per, x0 = self.s.sampled_loss(self.x, self.cond, self.objective, start=self.o.start_step)
+        self._view_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        # samples already below stop_loss are not sampled again (only with keep_best: their result is kept)
+        idx = (~self.done).nonzero().flatten() if self.keeps_best else torch.arange(self.o.n, device=self.x.device)
+        x = self.x if idx.numel() == self.o.n else self.x[idx]
+        loss, per, x0 = self.s.sampled_loss(x, self.cond, self.objective, start=self.o.start_step)
         with torch.no_grad():
-            acc = (self.s.critics.guide(self.s.decode(x0)).argmax(-1) == self.target).float().mean()
-        return loss, {"guide_accuracy": float(acc)}
+            per = per.to(self.best_loss.dtype)  # per-sample losses of the current x
+            better = per < self.best_loss[idx]
+            self.best_loss[idx[better]] = per[better]
+            self.best_x[idx[better]] = self.x.detach()[idx[better]]
+            if self.keeps_best and self.o.stop_loss > 0:
+                self.done |= self.best_loss < self.o.stop_loss
+            acc = (self.s.critics.guide(self.s.decode(x0)).argmax(-1) == self.target[idx]).float().mean()
+        return loss, {"guide_accuracy": float(acc), "active": float(idx.numel())}
+
+    def before_step(self, iteration):
+        if self.x.grad is not None and self.done.any():
+            self.x.grad[self.done] = 0.0
 
     def after_step(self, iteration):
         if self.o.renorm:
             norm = self.x.flatten(1).norm(dim=1).clamp_min(1e-12)
             self.x.mul_((self.radius / norm).view(-1, *([1] * (self.x.dim() - 1))))
+        if self.done.any():  # (AdamW's momentum would still move them)
+            self.x[self.done] = self.best_x[self.done]
 
     def evaluate(self, stage: str) -> Evaluation:
         s, c = self.s, self.s.critics
-        images = s.generate(self.x.detach(), self.cond.detach(), start=self.o.start_step)
+        x = self.result_x() if stage == "after" else self.x.detach()
+        images = s.generate(x, self.cond.detach(), start=self.o.start_step)
         judge = c.judge(images).argmax(-1)
         guide = c.guide(images)
         metrics = {
@@ -157,7 +232,7 @@ class GuideTask(Task):
     def write_artifacts(self, out):
         from safetensors.torch import save_file
 
-        tensors = {"x": self.x.detach().cpu().contiguous()}
+        tensors = {"x": self.result_x().cpu().contiguous()}
         if self.o.optimize_cond:
             tensors["cond"] = self.cond.detach().cpu().contiguous()
         save_file(tensors, str(out / "optimized.safetensors"))
