@@ -55,7 +55,8 @@ class Scale:
 SCALES = {
     "full": Scale(
         steps=20, solver="dpmpp2m",
-        guide=dict(n=8, lr=0.2, iters=12), guide_digits=(8, 9), baseline_digits=(8,),
+        guide=dict(n=16, lr=0.1, optimizer="normalized", augment=8, view_noise=0.3, stop_loss=0.1, iters=20),
+        guide_digits=(8, 9), baseline_digits=(8,),
         audit=dict(n=100, eps=0.2, step_size=0.05, iters=6),
         safety=dict(n=48, eps=0.2, step_size=0.05, iters=6),
         stylize=dict(reference="outline", lora_rank=4, lr=3e-3, content_weight=1.0, n_train=16, batch=8, n_eval=32, iters=10),
