@@ -1,9 +1,5 @@
 """Two processes (torchrun, gloo on loopback) give the single-process result on the same global batch:
 data-parallel weight gradients and trained weights, and sharded noise optimisation."""
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from _distributed_worker import fine_tune, optimise_noises
+from _helpers import torchrun
 from adjointdpm.distributed import DataParallel
 
 HERE = Path(__file__).parent
@@ -27,19 +24,10 @@ class _SingleProcess:
     gather = DataParallel.gather
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "rank0.safetensors"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(HERE / "_distributed_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(2, [str(HERE / "_distributed_worker.py"), str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(str(out))
 

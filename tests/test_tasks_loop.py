@@ -9,20 +9,9 @@ import signal
 import pytest
 import torch
 
+from _helpers import PoisonGradient
 from adjointdpm.tasks.errors import Interrupted, NonFiniteError, UserInputError
 from adjointdpm.tasks.loop import Evaluation, LoopConfig, ParamGroup, Task, run
-
-
-class _Poison(torch.autograd.Function):
-    """Identity forward, NaN backward: a finite loss whose gradient is NaN."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("nan")
 
 
 class Toy(Task):
@@ -62,10 +51,10 @@ class Toy(Task):
             os.kill(os.getpid(), signal.SIGINT)
         noise = 0.01 * torch.randn(3, 4, generator=generator)
         bad = self.nan_at == iteration
-        x = _Poison.apply(self.x) if bad and self.nan_where == "grad" else self.x
+        x = PoisonGradient.apply(self.x) if bad and self.nan_where == "grad" else self.x
         y = self.net(x)
         if bad and self.nan_where == "weights":
-            y = y + x @ _Poison.apply(self.net.weight).T * 0
+            y = y + x @ PoisonGradient.apply(self.net.weight).T * 0
         loss = (y - self.target + noise).pow(2).mean()
         if bad and self.nan_where == "loss":
             loss = loss * float("inf")

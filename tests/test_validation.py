@@ -5,6 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import adjointdpm as adpm
+from _helpers import PoisonGradient
 from conftest import SD_BETAS
 
 SCHEDULE = adpm.VPSchedule.from_scheduler(DDIMScheduler(**SD_BETAS))
@@ -83,18 +84,6 @@ def test_non_finite_incoming_gradient(unet, inputs, grad):
         (x0 * float("nan")).sum().backward()
 
 
-class _PoisonGradient(torch.autograd.Function):
-    """Identity forward; NaN backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("nan")
-
-
 @pytest.mark.parametrize("grad", ["exact", "adjoint"])
 def test_non_finite_gradient_is_reported_at_its_step(unet, inputs, grad):
     """A network whose backward at one time yields NaN: the error names that sampling step."""
@@ -102,7 +91,7 @@ def test_non_finite_gradient_is_reported_at_its_step(unet, inputs, grad):
 
     def network(x, t, c):
         out = unet(x, t, encoder_hidden_states=c).sample
-        return _PoisonGradient.apply(out) if float(t[0]) == 500.0 else out
+        return PoisonGradient.apply(out) if float(t[0]) == 500.0 else out
 
     x = x.clone().requires_grad_()
     x0 = adpm.sample(network, x, schedule=SCHEDULE, timesteps=[999, 750, 500, 250, 0], cond=cond, grad=grad)
