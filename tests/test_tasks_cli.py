@@ -150,6 +150,22 @@ def test_local_stable_diffusion_folder(tmp_path, capsys, latent, command, extra)
     assert img.mode == "RGB" and img.size == (16, 16)  # decoded by the VAE: 3 channels, 2x the latent size
 
 
+def _invalid_model_folders(root: Path) -> dict[str, Path]:
+    """Existing folders that are not diffusers pipelines, each with what its error names."""
+    folders = {"has no model_index.json": root / "empty", "has no unet/ folder": root / "no_unet",
+               "is not valid JSON": root / "bad_index",
+               "unet has no diffusion_pytorch_model.safetensors": root / "empty_unet"}
+    for folder in folders.values():
+        folder.mkdir()
+    index = {"_class_name": "StableDiffusionPipeline", **{c: ["diffusers", "X"] for c in
+                                                          ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}}
+    for name in ("no_unet", "empty_unet"):
+        (root / name / "model_index.json").write_text(json.dumps(index))
+    (root / "empty_unet" / "unet").mkdir()
+    (root / "bad_index" / "model_index.json").write_text("{not json")
+    return folders
+
+
 def test_bad_inputs_are_one_line(tmp_path, capsys, latent):
     from PIL import Image
 
@@ -157,10 +173,27 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, latent):
     blocker.write_text("x")
     Image.new("L", (20, 20)).save(tmp_path / "big.png")
     Image.new("CMYK", (16, 16)).save(tmp_path / "cmyk.jpg")
+    Image.new("I;16", (16, 16)).save(tmp_path / "deep.png")
+    (tmp_path / "text.png").write_text("not an image")
     targets = tmp_path / "targets"
     targets.mkdir()
     Image.new("L", (8, 8)).save(targets / "0.png")
-    cases = [
+    long_prompt = "a handwritten digit " * 6
+    invalid = _invalid_model_folders(tmp_path)
+    model_cases = [([command, "--model", folder, "--out", tmp_path / f"{command}{i}", *more], match)
+                   for i, (match, folder) in enumerate(invalid.items())
+                   for command, more in (("guide", []), ("sample", ["--prompt", "x"]))]
+    cases = model_cases + [
+        (["guide", "--model", blocker, "--out", tmp_path / "o10"], "is not a folder"),
+        (["guide", "--out", blocker], "cannot write to --out"),
+        (["guide", "--out", tmp_path / "o11", "--steps", "0"], "--steps must be in 1..1000"),
+        (["guide", "--out", tmp_path / "o12", "--critics", tmp_path / "empty"], "has no critics/"),
+        (["stylize", "--out", tmp_path / "o13", "--prompt", long_prompt], "tokens long"),
+        (["stylize", "--out", tmp_path / "o14", "--reference", tmp_path / "text.png"], "not a readable image"),
+        (["invert", "--out", tmp_path / "o15", "--targets", tmp_path / "deep.png"], "mode I;16"),
+        (["sample", "--out", tmp_path / "o16", "--prompt", long_prompt], "tokens long"),
+        (["sample", "--out", blocker / "sub", "--prompt", "x"], "cannot write to --out"),
+        (["sample", "--model", tmp_path / "missing", "--out", tmp_path / "o17", "--prompt", "x"], "does not exist"),
         (["guide", "--model", tmp_path / "missing", "--out", tmp_path / "o1"], "does not exist"),
         (["guide", "--out", blocker / "sub"], "cannot write to --out"),
         (["guide", "--out", tmp_path / "o2", "--prompt", "a handwritten digit " * 6], "tokens long"),
@@ -172,9 +205,13 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, latent):
         (["guide", "--model", latent, "--out", tmp_path / "o8", "--prompt", "a handwritten digit " * 4], "at most 12"),
     ]
     for args, match in cases:
-        code, _, err = cli([*args, "--quiet"], capsys)
+        code, _, err = cli([*args] + (["--quiet"] if args[0] != "sample" else []), capsys)
         lines = err.strip().splitlines()
         assert code == 2, (args, err)
+        assert len(lines) == 1, (args, err)
         assert "Traceback" not in err and match in lines[-1] and lines[-1].startswith("adjointdpm: error:"), (args, err)
+    assert not (tmp_path / "o16").exists() and not (tmp_path / "sample0").exists()  # sample: nothing written
     with pytest.raises(Exception):
         cli(["guide", "--model", tmp_path / "missing", "--out", tmp_path / "o9", "--debug"], capsys)
+    with pytest.raises(Exception):
+        cli(["sample", "--model", tmp_path / "empty", "--out", tmp_path / "o9", "--prompt", "x", "--debug"], capsys)

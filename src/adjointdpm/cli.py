@@ -3,9 +3,10 @@
 Commands live in their own modules, listed in ``COMMAND_MODULES``; each defines
 ``register(app: typer.Typer) -> None`` which adds its command(s). To add a command, write such a
 module and append its name here. Commands report bad input by raising :class:`CLIError` (or the
-loader's ``ComponentsError``, or a ``ValueError`` from the engine's input checks): ``main`` prints
-it as one line ``adjointdpm: error: ...`` on stderr and exits with status 2 (usage errors) or 1.
-Set ``ADJOINTDPM_DEBUG=1`` to get the full traceback instead.
+loader's ``ComponentsError``, a task's ``UserInputError``, a ``ValueError`` from the engine's input checks
+or an ``OSError`` from the file system): ``main`` prints it as one line ``adjointdpm: error: ...`` on
+stderr and exits with status 2 (bad input). Pass ``--debug`` (or set ``ADJOINTDPM_DEBUG=1``) to get the
+full traceback instead.
 """
 from __future__ import annotations
 
@@ -66,10 +67,12 @@ def _click_exceptions() -> tuple[tuple, tuple, tuple]:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default: sys.argv[1:]) and return the exit status."""
     from .components import ComponentsError
+    from .tasks.errors import TaskError
 
     register_commands()
     click_error, no_args, abort = _click_exceptions()
-    debug = os.environ.get("ADJOINTDPM_DEBUG") == "1"
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    debug = os.environ.get("ADJOINTDPM_DEBUG") == "1" or "--debug" in args
     try:
         rv = app(args=argv, prog_name="adjointdpm", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -82,11 +85,11 @@ def run(argv: list[str] | None = None) -> int:
         return _fail(e.format_message(), e.exit_code)
     except abort:
         return _fail("aborted", 130)
-    except (CLIError, ComponentsError, ValueError) as e:
+    except (CLIError, ComponentsError, TaskError, ValueError, OSError) as e:
         if debug:
             raise
         return _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
-                     2 if not isinstance(e, ComponentsError) else 1)
+                     e.exit_code if isinstance(e, TaskError) else 2)
 
 
 def main() -> None:

@@ -24,14 +24,18 @@ def sample(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per network batch."),
     device: str = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".'),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's choice; 1 is best on a busy machine)."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
     """Generate images from a text prompt."""
+    del debug  # (acted on by adjointdpm.cli.run, around every command)
     import torch
 
     import adjointdpm as adpm
     from adjointdpm.cli import CLIError
     from adjointdpm.components import load_components
     from adjointdpm.images import save_images
+    from adjointdpm.tasks.common import check_prompt_length
+    from adjointdpm.tasks.loop import check_writable
 
     if solver is not None and solver not in adpm.SOLVERS:
         raise CLIError(f"unknown solver {solver!r}; choose one of {', '.join(adpm.SOLVERS)}")
@@ -49,9 +53,10 @@ def sample(
     if threads:
         torch.set_num_threads(threads)
     comps = load_components(model, device=dev)
+    check_prompt_length(comps.tokenizer, prompt)  # (longer prompts would be cut silently)
+    out = check_writable(out)  # before the work, not after it
     images = comps.generate([prompt] * num_images, seed=seed, steps=steps, solver=solver,
                             guidance_scale=guidance_scale, batch_size=batch_size)
-    out.mkdir(parents=True, exist_ok=True)
     files, grid = save_images(images, out)
     settings = comps.settings
     meta = {

@@ -107,7 +107,7 @@ class Session:
         self.solver = engine.solver or settings.get("default_solver", "dpmpp2m")
         if self.solver not in adpm.SOLVERS:
             raise UserInputError(f"unknown --solver {self.solver!r}; use one of {', '.join(adpm.SOLVERS)}")
-        self.steps = int(engine.steps or settings.get("default_steps", 20))
+        self.steps = int(settings.get("default_steps", 20) if engine.steps is None else engine.steps)
         if not 1 <= self.steps <= 1000:
             raise UserInputError(f"--steps must be in 1..1000, got {self.steps}")
         w = settings.get("default_guidance_scale", 1.0) if engine.guidance_scale is None else engine.guidance_scale
@@ -143,12 +143,7 @@ class Session:
 
     # ------------------------------------------------------------------ text
     def check_prompt(self, prompt: str) -> None:
-        tok = self.comps.tokenizer
-        n = len(tok(prompt, truncation=False, add_special_tokens=True, verbose=False)["input_ids"])
-        if n > tok.model_max_length:
-            raise UserInputError(
-                f"prompt {prompt!r} is {n} tokens long; this model's tokenizer takes at most "
-                f"{tok.model_max_length} (start and end tokens included): shorten it")
+        check_prompt_length(self.comps.tokenizer, prompt)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -223,6 +218,15 @@ class Session:
         x0 = self.sample(x_start, cond, grad=self.grad, start=start)
         per = objective(x0)
         return (per * w.to(per.dtype)).sum(), per.detach(), x0.detach()
+
+
+def check_prompt_length(tokenizer, prompt: str) -> None:
+    """One clear error for a prompt longer than the tokenizer takes (it would be cut silently)."""
+    n = len(tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False)["input_ids"])
+    if n > tokenizer.model_max_length:
+        raise UserInputError(
+            f"prompt {prompt!r} is {n} tokens long; this model's tokenizer takes at most "
+            f"{tokenizer.model_max_length} (start and end tokens included): shorten it")
 
 
 def _device(name: str) -> torch.device:
