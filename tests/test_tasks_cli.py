@@ -132,18 +132,18 @@ def test_resume_equals_uninterrupted(tmp_path, capsys, command, extra):
 
 @pytest.mark.parametrize("command,extra", [
     ("guide", ["--n", "2"]),
-    ("audit", ["--n", "8"]),
+    ("audit", ["--n", "32"]),  # 6 of them attackable on this random model (the guide and the judge agree)
     ("stylize", ["--n-train", "2", "--batch", "2", "--n-eval", "2", "--lora-rank", "2", "--reference", "skimage:brick"]),
     ("invert", ["--n-train", "2", "--n-heldout", "1"]),
 ])
 def test_local_stable_diffusion_folder(tmp_path, capsys, latent, command, extra):
     out = tmp_path / command
     code, _, err = cli([command, "--model", latent, "--out", out, "--iters", "2", *extra, *TINY], capsys)
-    if command == "audit" and code == 2 and "none of the" in err:
-        pytest.skip("no attackable sample on a random model")  # (audit semantics are tested on the embedded model)
     assert code == 0, err
     s = _summary(out)
     assert s["settings"]["model"] == str(latent) and s["iterations"] >= 1
+    if command == "audit":  # the fixed random model and seed give samples to attack (audit needs at least one)
+        assert s["after"]["n_attacked"] >= 3, s["after"]
     from PIL import Image
 
     img = Image.open(out / "after" / "000.png")
