@@ -13,12 +13,62 @@ results are gathered at the end.
 
 Launch on several GPUs or processes with ``accelerate launch --num_processes P your_script.py`` (or
 ``torchrun --nproc_per_node P``); a single process works unchanged (every call is then a no-op).
+The ``adjointdpm`` commands pick their mode with :func:`from_environment`: :class:`SingleProcess` (the
+identity everywhere, accelerate not even imported) unless launched with more than one process.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import torch
+
+
+def from_environment(device: torch.device | str = "cpu"):
+    """:class:`DataParallel` when launched with several processes (``WORLD_SIZE`` > 1, as set by torchrun and
+    ``accelerate launch``), else :class:`SingleProcess`. On CUDA each process takes its local GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return SingleProcess()
+    return DataParallel(cpu=torch.device(device).type != "cuda")
+
+
+class SingleProcess:
+    """The :class:`DataParallel` interface for one process: every call is the identity (same tensor objects)."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def shard_bounds(self, global_size: int) -> tuple[int, int]:
+        return 0, global_size
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def loss_weight(self, global_size: int) -> float:
+        return 1.0
+
+    def all_reduce_gradients(self, params: Iterable[torch.Tensor]) -> None:
+        pass
+
+    def gather(self, shard: torch.Tensor) -> torch.Tensor:
+        return shard
+
+    def gather_shards(self, shard: torch.Tensor) -> torch.Tensor:
+        return shard
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def mean(self, values: torch.Tensor) -> float:
+        return float(values.float().mean())
+
+    def position(self, local_size: int) -> tuple[int, int]:
+        return 0, local_size
+
+    def any(self, flag) -> bool:
+        return bool(flag)
+
+    def all(self, flag) -> bool:
+        return bool(flag)
 
 
 class DataParallel:
@@ -83,3 +133,47 @@ class DataParallel:
         if self.world_size == 1:
             return shard
         return self.accelerator.gather(shard.contiguous())
+
+    # ---------------------------------------------------------------- uneven shards and small reductions
+    def _sizes(self, local_size: int) -> list[int]:
+        sizes = self.accelerator.gather(torch.tensor([int(local_size)], device=self.device))
+        return [int(v) for v in sizes.cpu()]
+
+    def gather_shards(self, shard: torch.Tensor) -> torch.Tensor:
+        """Every process's rows (dimension 0) in rank order, on every process; shards may differ in size
+        (padded to the largest for the gather, the padding dropped)."""
+        if self.world_size == 1:
+            return shard
+        sizes = self._sizes(shard.shape[0])
+        rows = max(sizes)
+        x = shard.detach().to(self.device)
+        x = x.to(torch.uint8) if shard.dtype == torch.bool else x
+        if x.shape[0] < rows:
+            x = torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
+        full = self.accelerator.gather(x.contiguous())
+        full = torch.cat([full[r * rows: r * rows + n] for r, n in enumerate(sizes)])
+        return full.to(device=shard.device, dtype=shard.dtype)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over processes (same dtype and device as ``values``)."""
+        if self.world_size == 1:
+            return values
+        return self.accelerator.reduce(values.detach().to(self.device).clone(), reduction="sum").to(values.device)
+
+    def mean(self, values: torch.Tensor) -> float:
+        """Mean of ``values`` pooled over every process (each process may hold any number, even none)."""
+        both = self.sum(torch.stack([values.double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64,
+                                                                          device=values.device)]))
+        return float(both[0] / both[1])
+
+    def position(self, local_size: int) -> tuple[int, int]:
+        """(offset, total): where this process's ``local_size`` rows start in the concatenation over
+        processes (rank order), and the total number of rows."""
+        sizes = self._sizes(local_size)
+        return sum(sizes[: self.rank]), sum(sizes)
+
+    def any(self, flag) -> bool:
+        return bool(self.sum(torch.tensor([1 if flag else 0], device=self.device)).item() > 0)
+
+    def all(self, flag) -> bool:
+        return not self.any(not flag)

@@ -4,6 +4,10 @@ Each is a thin typer wrapper: options → a :class:`~.common.Session` + a task +
 Every error reaches the user as one line ``adjointdpm: error: …`` with a non-zero exit status
 (2: bad input, 3: non-finite loss/gradient, 130: interrupted, 1: anything else) and no traceback,
 unless ``--debug`` is given.
+
+Launched with several processes (``torchrun --nproc_per_node P -m adjointdpm …`` or ``accelerate launch``),
+``guide``, ``audit``, ``stylize`` and ``invert`` share the work (see :mod:`adjointdpm.distributed` and the
+loop); only the first process writes to ``--out`` and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -64,26 +68,39 @@ def execute(debug: bool, body: Callable[[], int | None]) -> None:
         raise typer.Exit(code)
 
 
-def _session(model, grad, solver, steps, guidance_scale, device, critics):
+def _processes(device: str):
+    """The processes this command runs in: one (the identity), or all of a torchrun / accelerate launch."""
+    from ..distributed import from_environment
+    from .common import _device
+
+    return from_environment(_device(device))
+
+
+def _session(model, grad, solver, steps, guidance_scale, device, critics, dp):
     from .common import EngineOptions, Session
 
     if model is not None and not Path(model).expanduser().exists():
         from .errors import UserInputError
 
         raise UserInputError(f"model folder {model} does not exist (give a local diffusers folder; nothing is downloaded)")
+    if dp.world_size > 1 and dp.device.type == "cuda":
+        device = str(dp.device)  # each process its own GPU
     return Session(model, EngineOptions(grad=grad, solver=solver, steps=steps, guidance_scale=guidance_scale,
-                                        device=device), critics_path=critics)
+                                        device=device), critics_path=critics, dp=dp)
 
 
-def _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed):
+def _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed, dp):
     from .loop import LoopConfig, check_writable
 
-    check_writable(out)  # before loading anything: an unwritable --out fails at once
+    if dp.is_main:
+        check_writable(out)  # before loading anything: an unwritable --out fails at once
     return LoopConfig(out=out, iters=iters, budget=budget, checkpoint_every=checkpoint_every, resume=resume,
                       on_nonfinite=on_nonfinite, progress=not quiet, seed=seed)
 
 
-def _report(summary: dict, keys: list[str], out: Path) -> None:
+def _report(summary: dict, keys: list[str], out: Path, dp) -> None:
+    if not dp.is_main:
+        return
     parts = []
     for k in keys:
         b, a = summary["before"].get(k), summary["after"].get(k)
@@ -98,7 +115,7 @@ def guide(
     out: Path = OUT,
     target_class: int = typer.Option(8, "--target-class", help="Digit (0-9) the guide classifier should see."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt [default: the target's canonical prompt, e.g. 'a handwritten digit eight']."),
-    n: int = typer.Option(16, "--n", help="Number of images (noises) optimised together."),
+    n: int = typer.Option(16, "--n", "-n", help="Number of images (noises) optimised together (under torchrun write -n: torchrun reads --n as its own option)."),
     lr: float = typer.Option(0.05, "--lr", help="AdamW learning rate for the noise."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay for the noise."),
     renorm: bool = typer.Option(True, "--renorm/--no-renorm", help="Put x_T back on the Gaussian shell after each step (DOODL)."),
@@ -118,12 +135,13 @@ def guide(
         from .guide import GuideOptions, GuideTask
         from .loop import run
 
-        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed)
-        s = _session(model, grad, solver, steps, guidance_scale, device, critics)
+        dp = _processes(device)
+        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed, dp)
+        s = _session(model, grad, solver, steps, guidance_scale, device, critics, dp)
         task = GuideTask(s, GuideOptions(target_class=target_class, prompt=prompt, n=n, lr=lr, weight_decay=weight_decay,
                                          renorm=renorm, optimize_cond=optimize_cond, cond_lr=cond_lr,
                                          start_step=start_step, augment=augment), seed=seed)
-        _report(run(task, cfg), ["judge_accuracy", "frechet_to_class"], out)
+        _report(run(task, cfg), ["judge_accuracy", "frechet_to_class"], out, dp)
 
     execute(debug, body)
 
@@ -132,7 +150,7 @@ def guide(
 def audit(
     out: Path = OUT,
     attack: str = typer.Option("classifier", "--attack", help="classifier (flip the guide's label) | safety (pass the safety filter)."),
-    n: int = typer.Option(128, "--n", help="Number of samples attacked."),
+    n: int = typer.Option(128, "--n", "-n", help="Number of samples attacked (under torchrun write -n: torchrun reads --n as its own option)."),
     eps: float = typer.Option(0.5, "--eps", help="l-infinity budget around the original noise."),
     step_size: float = typer.Option(0.1, "--step-size", help="RMS size of one normalised gradient step."),
     margin: float = typer.Option(0.02, "--margin", help="Safety attack: cosine margin below the thresholds."),
@@ -148,10 +166,11 @@ def audit(
         from .audit import AuditOptions, AuditTask
         from .loop import run
 
-        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed)
-        s = _session(model, grad, solver, steps, guidance_scale, device, critics)
+        dp = _processes(device)
+        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed, dp)
+        s = _session(model, grad, solver, steps, guidance_scale, device, critics, dp)
         task = AuditTask(s, AuditOptions(attack=attack, n=n, eps=eps, step_size=step_size, margin=margin), seed=seed)
-        _report(run(task, cfg), ["success_rate", "judge_keeps_label"], out)
+        _report(run(task, cfg), ["success_rate", "judge_keeps_label"], out, dp)
 
     execute(debug, body)
 
@@ -179,11 +198,12 @@ def stylize(
         from .loop import run
         from .stylize import StylizeOptions, StylizeTask
 
-        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed)
-        s = _session(model, grad, solver, steps, guidance_scale, device, critics)
+        dp = _processes(device)
+        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed, dp)
+        s = _session(model, grad, solver, steps, guidance_scale, device, critics, dp)
         task = StylizeTask(s, StylizeOptions(reference=reference, lora_rank=lora_rank, lr=lr, content_weight=content_weight,
                                              n_train=n_train, batch=batch, n_eval=n_eval, prompt=prompt), seed=seed)
-        _report(run(task, cfg), ["style_loss", "judge_accuracy"], out)
+        _report(run(task, cfg), ["style_loss", "judge_accuracy"], out, dp)
 
     execute(debug, body)
 
@@ -209,11 +229,12 @@ def invert(
         from .invert import InvertOptions, InvertTask
         from .loop import run
 
-        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed)
-        s = _session(model, grad, solver, steps, guidance_scale, device, critics=critics)
+        dp = _processes(device)
+        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed, dp)
+        s = _session(model, grad, solver, steps, guidance_scale, device, critics, dp)
         task = InvertTask(s, InvertOptions(effect=effect, targets=None if targets is None else str(targets),
                                            n_train=n_train, n_heldout=n_heldout, lr=lr, init_prompt=init_prompt), seed=seed)
-        _report(run(task, cfg), ["psnr_train", "psnr_heldout"], out)
+        _report(run(task, cfg), ["psnr_train", "psnr_heldout"], out, dp)
 
     execute(debug, body)
 

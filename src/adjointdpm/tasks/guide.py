@@ -17,6 +17,10 @@ held-out split at the same count gives the real-vs-real floor).
 
 On the embedded model the words "eight" and "nine" were never in a training caption, so the prompt
 "a handwritten digit eight" does not make 8s: optimising x_T closes that vocabulary gap.
+
+Several processes: the noises are sharded (each process optimises its rows, no gradient communication;
+the random views of a sample are the ones it gets in one process) and gathered for the metrics, the
+checkpoint and ``optimized.safetensors``; an optimised prompt embedding is replicated.
 """
 
 from __future__ import annotations
@@ -89,12 +93,15 @@ class ClassFrechet:
 class GuideTask(Task):
     name = "guide"
 
+    sharded_state = ("best_x", "best_loss", "done")
+
     def __init__(self, session: Session, opts: GuideOptions, seed: int = 0):
-        self.s, self.o, self.seed = session, opts, seed
+        self.s, self.o, self.seed, self.dp = session, opts, seed, session.dp
         if not 0 <= opts.target_class <= 9:
             raise UserInputError(f"--target-class must be a digit 0..9 (the guide classifier's classes), got {opts.target_class}")
-        if opts.n < 1:
-            raise UserInputError(f"--n must be >= 1, got {opts.n}")
+        if opts.n < max(1, self.dp.world_size):
+            raise UserInputError(f"--n must be >= 1 and at least the number of processes ({self.dp.world_size}), "
+                                 f"got {opts.n}")
         if opts.optimizer not in ("adamw", "normalized"):
             raise UserInputError(f"--optimizer must be adamw or normalized, got {opts.optimizer!r}")
         self.prompt = opts.prompt if opts.prompt is not None else prompt_for_class(session, opts.target_class)
@@ -107,18 +114,19 @@ class GuideTask(Task):
     def setup(self) -> None:
         s, o = self.s, self.o
         self.cond0 = s.encode([self.prompt])
-        x_T = s.noise(o.n, self.seed)
+        x_T = self.dp.shard(s.noise(o.n, self.seed))  # this process's rows of the global batch
         x = s.advance(x_T, self.cond0, o.start_step) if o.start_step > 0 else x_T
         self.x = x.clone().requires_grad_(True)
-        d = x[0].numel()
-        self.radius = (torch.full((o.n,), d ** 0.5, device=x.device) if o.start_step == 0
+        n, d = x.shape[0], x[0].numel()
+        self.radius = (torch.full((n,), d ** 0.5, device=x.device) if o.start_step == 0
                        else x.flatten(1).norm(dim=1)).to(x.dtype)
         self.cond = self.cond0.clone().requires_grad_(o.optimize_cond)
-        self.target = torch.full((o.n,), o.target_class, dtype=torch.long, device=x.device)
+        self.target = torch.full((n,), o.target_class, dtype=torch.long, device=x.device)
         self.frechet = ClassFrechet(s.critics.judge, o.target_class, s.device)
         self.best_x = self.x.detach().clone()
-        self.best_loss = torch.full((o.n,), float("inf"), device=x.device)
-        self.done = torch.zeros(o.n, dtype=torch.bool, device=x.device)
+        self.best_loss = torch.full((n,), float("inf"), device=x.device)
+        self.done = torch.zeros(n, dtype=torch.bool, device=x.device)
+        self._rows = None
 
     @property
     def keeps_best(self) -> bool:
@@ -144,7 +152,7 @@ class GuideTask(Task):
 
     def param_groups(self) -> list[ParamGroup]:
         groups = [ParamGroup("x_T" if self.o.start_step == 0 else f"x_{self.o.start_step}", {"x": self.x},
-                             {"lr": self.o.lr, "weight_decay": self.o.weight_decay})]
+                             {"lr": self.o.lr, "weight_decay": self.o.weight_decay}, sharded=True)]
         if self.o.optimize_cond:
             groups.append(ParamGroup("cond", {"cond": self.cond}, {"lr": self.o.cond_lr, "weight_decay": 0.0}))
         return groups
@@ -171,10 +179,19 @@ class GuideTask(Task):
 
             g = torch.Generator().manual_seed(self._view_seed)  # the same views at every call of one iteration
             shift = max(1.0, images.shape[-1] / 16)
+            # this shard's place among all processes' samples: the views are drawn for all of them and each
+            # sample gets its own, so a sample sees the same views in one process as in several
+            offset, total = self._rows if self._rows is not None and self._rows[1] - self._rows[0] >= b else (0, b)
+            padded = (offset, total) != (0, b)
+            if padded:
+                images = torch.cat([images.new_zeros((offset, *images.shape[1:])), images,
+                                    images.new_zeros((total - offset - b, *images.shape[1:]))])
             views = [augment(images, g, max_rot_deg=10.0, scale=(0.9, 1.1), max_shift_px=shift) for _ in range(k)]
             images = torch.cat(views)
             if self.o.view_noise > 0:  # noisy views: a perturbation that fools the guide alone does not survive
                 images = images + self.o.view_noise * torch.randn(images.shape, generator=g).to(images)
+            if padded:
+                images = images.view(k, total, *images.shape[1:])[:, offset:offset + b].reshape(k * b, *images.shape[1:])
         logits = self.s.critics.guide(images).float()
         ce = F.cross_entropy(logits, self.target[:1].expand(logits.shape[0]), reduction="none")
         return ce.view(max(k, 1), b).mean(0)
@@ -182,9 +199,16 @@ class GuideTask(Task):
     def compute_loss(self, iteration, generator):
         self._view_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         # samples already below stop_loss are not sampled again (only with keep_best: their result is kept)
-        idx = (~self.done).nonzero().flatten() if self.keeps_best else torch.arange(self.o.n, device=self.x.device)
-        x = self.x if idx.numel() == self.o.n else self.x[idx]
-        loss, per, x0 = self.s.sampled_loss(x, self.cond, self.objective, start=self.o.start_step)
+        n = self.x.shape[0]
+        idx = (~self.done).nonzero().flatten() if self.keeps_best else torch.arange(n, device=self.x.device)
+        # every sample weighs 1 / (active samples of all processes): the mean loss of one process
+        self._rows = self.dp.position(idx.numel())
+        active = self._rows[1]
+        if idx.numel() == 0:  # (several processes: this one's samples are all done, others' are not)
+            return self.x.new_zeros(()), {"guide_accuracy": self.dp.mean(self.target[:0]), "active": float(active)}
+        x = self.x if idx.numel() == n else self.x[idx]
+        weights = None if active == idx.numel() else torch.full((idx.numel(),), 1.0 / active, device=x.device)
+        loss, per, x0 = self.s.sampled_loss(x, self.cond, self.objective, weights=weights, start=self.o.start_step)
         with torch.no_grad():
             per = per.to(self.best_loss.dtype)  # per-sample losses of the current x
             better = per < self.best_loss[idx]
@@ -192,8 +216,8 @@ class GuideTask(Task):
             self.best_x[idx[better]] = self.x.detach()[idx[better]]
             if self.keeps_best and self.o.stop_loss > 0:
                 self.done |= self.best_loss < self.o.stop_loss
-            acc = (self.s.critics.guide(self.s.decode(x0)).argmax(-1) == self.target[idx]).float().mean()
-        return loss, {"guide_accuracy": float(acc), "active": float(idx.numel())}
+            hits = self.s.critics.guide(self.s.decode(x0)).argmax(-1) == self.target[idx]
+        return loss, {"guide_accuracy": self.dp.mean(hits), "active": float(active)}
 
     def before_step(self, iteration):
         if self.x.grad is not None and self.done.any():
@@ -209,20 +233,21 @@ class GuideTask(Task):
     def evaluate(self, stage: str) -> Evaluation:
         s, c = self.s, self.s.critics
         x = self.result_x() if stage == "after" else self.x.detach()
-        images = s.generate(x, self.cond.detach(), start=self.o.start_step)
+        images = self.dp.gather_shards(s.generate(x, self.cond.detach(), start=self.o.start_step))
         judge = c.judge(images).argmax(-1)
         guide = c.guide(images)
+        target = torch.full((images.shape[0],), self.o.target_class, dtype=torch.long, device=images.device)
         metrics = {
             "judge_accuracy": float((judge == self.o.target_class).float().mean()),
             "guide_accuracy": float((guide.argmax(-1) == self.o.target_class).float().mean()),
-            "guide_loss": float(F.cross_entropy(guide, self.target)),
+            "guide_loss": float(F.cross_entropy(guide, target)),
             "frechet_to_class": self.frechet(images),
             "frechet_floor_real": self.frechet.floor(images.shape[0]),
             "judge_class_histogram": torch.bincount(judge, minlength=10).tolist(),
         }
         if self.o.optimize_cond and stage == "after":
             # the learned embedding on fresh noises (no per-sample optimisation): does it generalise?
-            fresh = s.generate(s.noise(self.o.n, self.seed + 7919), self.cond.detach())
+            fresh = s.generate_all(s.noise(self.o.n, self.seed + 7919), self.cond.detach())
             metrics["fresh_noise_judge_accuracy"] = float((c.judge(fresh).argmax(-1) == self.o.target_class).float().mean())
         return Evaluation(images, metrics)
 
@@ -232,8 +257,9 @@ class GuideTask(Task):
     def write_artifacts(self, out):
         from safetensors.torch import save_file
 
-        tensors = {"x": self.result_x().cpu().contiguous()}
+        tensors = {"x": self.dp.gather_shards(self.result_x()).cpu().contiguous()}
         if self.o.optimize_cond:
             tensors["cond"] = self.cond.detach().cpu().contiguous()
-        save_file(tensors, str(out / "optimized.safetensors"))
+        if self.dp.is_main:
+            save_file(tensors, str(out / "optimized.safetensors"))
         return {"optimized": "optimized.safetensors"}

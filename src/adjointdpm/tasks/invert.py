@@ -61,7 +61,7 @@ class InvertTask(Task):
     def __init__(self, session: Session, opts: InvertOptions, seed: int = 0):
         if opts.targets is None and opts.effect not in EFFECTS:
             raise UserInputError(f"unknown --effect {opts.effect!r}; use one of {', '.join(EFFECTS)}")
-        self.s, self.o, self.seed = session, opts, seed
+        self.s, self.o, self.seed, self.dp = session, opts, seed, session.dp
         session.check_prompt(opts.init_prompt)
         self.shape = image_shape(session)
         self.file_targets = None
@@ -78,6 +78,9 @@ class InvertTask(Task):
             self.n_train = opts.n_train
         if self.n_train < 1 or opts.n_heldout < 0:
             raise UserInputError("--n-train must be >= 1 and --n-heldout >= 0")
+        if self.n_train < self.dp.world_size:
+            raise UserInputError(f"{self.n_train} training noises cannot be shared by {self.dp.world_size} processes: "
+                                 "use at least one per process")
 
     def describe(self) -> dict:
         d = {**self.s.describe(), **asdict(self.o), "n_train": self.n_train}
@@ -96,8 +99,8 @@ class InvertTask(Task):
                 self.train_targets = self.file_targets
                 self.held_targets = None
             else:
-                self.train_targets = apply_effect(s.generate(self.train_noise, self.cond0), o.effect)
-                self.held_targets = (apply_effect(s.generate(self.held_noise, self.cond0), o.effect)
+                self.train_targets = apply_effect(s.generate_all(self.train_noise, self.cond0), o.effect)
+                self.held_targets = (apply_effect(s.generate_all(self.held_noise, self.cond0), o.effect)
                                      if self.held_noise is not None else None)
 
     def param_groups(self):
@@ -108,21 +111,27 @@ class InvertTask(Task):
 
     def objective(self, x0: torch.Tensor) -> torch.Tensor:
         images = self.s.decode(x0)
-        return (images.float() - self.train_targets[: images.shape[0]]).pow(2).flatten(1).mean(1)
+        targets = self.dp.shard(self.train_targets)
+        return (images.float() - targets[: images.shape[0]]).pow(2).flatten(1).mean(1)
 
     def compute_loss(self, iteration, generator):
-        loss, per, x0 = self.s.sampled_loss(self.train_noise, self.cond, self.objective)
+        # several processes: each back-propagates its shard's share of the mean loss (the loop sums the
+        # gradients of the embedding across processes)
+        noise = self.dp.shard(self.train_noise)
+        w = None if self.dp.world_size == 1 else torch.full(
+            (noise.shape[0],), self.dp.loss_weight(self.n_train) / noise.shape[0], device=noise.device)
+        loss, per, x0 = self.s.sampled_loss(noise, self.cond, self.objective, weights=w)
         return loss, {}
 
     def evaluate(self, stage: str) -> Evaluation:
         s = self.s
         cond = self.cond.detach()
-        train = s.generate(self.train_noise, cond)
+        train = s.generate_all(self.train_noise, cond)
         metrics = {"psnr_train": float(psnr(train, self.train_targets).mean()),
                    "mse_train": float(F.mse_loss(train, self.train_targets))}
         images = [train]
         if self.held_noise is not None:
-            held = s.generate(self.held_noise, cond)
+            held = s.generate_all(self.held_noise, cond)
             images.append(held)
             if self.held_targets is not None:
                 metrics["psnr_heldout"] = float(psnr(held, self.held_targets).mean())
@@ -140,10 +149,11 @@ class InvertTask(Task):
 
         from ..images import save_images
 
-        targets = [self.train_targets] + ([self.held_targets] if self.held_targets is not None else [])
-        save_images(torch.cat(targets), out / "targets", nrow=max(self.n_train, self.o.n_heldout))
-        tensors = {"cond": self.cond.detach().cpu().contiguous(), "init": self.cond0.cpu().contiguous()}
-        if self.s.uncond is not None:
-            tensors["uncond"] = self.s.uncond.cpu().contiguous()
-        save_file(tensors, str(out / "embedding.safetensors"))
+        if self.dp.is_main:  # (the embedding is the same in every process)
+            targets = [self.train_targets] + ([self.held_targets] if self.held_targets is not None else [])
+            save_images(torch.cat(targets), out / "targets", nrow=max(self.n_train, self.o.n_heldout))
+            tensors = {"cond": self.cond.detach().cpu().contiguous(), "init": self.cond0.cpu().contiguous()}
+            if self.s.uncond is not None:
+                tensors["uncond"] = self.s.uncond.cpu().contiguous()
+            save_file(tensors, str(out / "embedding.safetensors"))
         return {"embedding": "embedding.safetensors", "targets": "targets/"}

@@ -17,6 +17,15 @@ does everything else, identically for all four:
   parameters and task state are restored exactly;
 * outputs: ``before/`` and ``after/`` (one PNG per image plus ``grid.png``), ``comparison.png``
   (before above after), ``loss_curve.png`` and ``summary.json``.
+
+Several processes (``task.dp``, a :class:`~adjointdpm.distributed.DataParallel`; see the ``Scale-out``
+section of the README). Parameter groups are *replicated* (weights, a shared embedding: every process
+back-propagates its shard of the batch, the gradients are summed across processes before the step, so
+the copies stay identical) or *sharded* (one row per sample, e.g. the noises: each process optimises its
+own rows, no gradient communication). The processes stay in step through a few scalars per iteration
+(loss, non-finite and Ctrl-C flags, model calls: the largest count of any process); checkpoints hold the
+gathered full tensors (a run resumes on any number of processes) and only the main process writes to
+``--out``. With one process every one of these calls is the identity.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import SingleProcess
 from .errors import Interrupted, NonFiniteError, UserInputError
 
 CHECKPOINT_DIR = "checkpoint"
@@ -43,11 +53,13 @@ FORMAT_VERSION = 1
 @dataclass
 class ParamGroup:
     """Tensors optimised together (one optimiser parameter group); ``options`` are its optimiser
-    settings (lr, weight_decay, …)."""
+    settings (lr, weight_decay, …). ``sharded``: one row per sample, split across processes (each
+    optimises its own rows); otherwise replicated (gradients summed across processes)."""
 
     name: str
     tensors: dict[str, torch.Tensor]
     options: dict = field(default_factory=dict)
+    sharded: bool = False
 
 
 @dataclass
@@ -63,6 +75,8 @@ class Task:
     """An application: what is optimised, the loss, and how a state is evaluated."""
 
     name = "task"
+    dp = SingleProcess()  # the processes the task is spread over (set from the session by multi-process tasks)
+    sharded_state: tuple[str, ...] = ()  # names of state_tensors() that hold one row per sample (sharded)
 
     def describe(self) -> dict:
         """JSON-able settings that define the run (checked on --resume, written to summary.json)."""
@@ -111,7 +125,8 @@ class Task:
         return {}
 
     def write_artifacts(self, out: Path) -> dict:
-        """Write task outputs (learned weights, embedding, …); return {name: relative path}."""
+        """Write task outputs (learned weights, embedding, …); return {name: relative path}. Called on
+        every process (it may gather); only the main process (``self.dp.is_main``) writes."""
         return {}
 
 
@@ -231,13 +246,25 @@ def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write_bytes(path, save(clean))
 
 
-def _optimizer_to_files(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimiser state_dict into tensors (for safetensors) and the JSON rest."""
+def _sharded_optimizer_params(opt: torch.optim.Optimizer, groups: list[ParamGroup]) -> dict[int, torch.Tensor]:
+    """{state_dict index: parameter} of the optimiser's parameters that belong to sharded groups."""
+    sharded = {id(t) for g in groups if g.sharded for t in g.tensors.values()}
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return {i: p for i, p in enumerate(params) if id(p) in sharded}
+
+
+def _is_row_state(val, param) -> bool:
+    return param is not None and isinstance(val, torch.Tensor) and val.dim() >= 1 and val.shape == param.shape
+
+
+def _optimizer_to_files(sd: dict, reshard=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimiser state_dict into tensors (for safetensors) and the JSON rest; ``reshard(idx, val)``
+    maps a tensor (e.g. gathers the rows of a sharded parameter's state)."""
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for key, val in st.items():
             if isinstance(val, torch.Tensor):
-                tensors[f"optim/{idx}/{key}"] = val
+                tensors[f"optim/{idx}/{key}"] = val if reshard is None else reshard(idx, val)
             else:
                 scalars.setdefault(str(idx), {})[key] = val
     groups = []
@@ -246,13 +273,13 @@ def _optimizer_to_files(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"scalars": scalars, "param_groups": groups}
 
 
-def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict, reshard=None) -> dict:
     state: dict[int, dict] = {}
     for name, val in tensors.items():
         if not name.startswith("optim/"):
             continue
         _, idx, key = name.split("/", 2)
-        state.setdefault(int(idx), {})[key] = val
+        state.setdefault(int(idx), {})[key] = val if reshard is None else reshard(int(idx), val)
     for idx, vals in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(vals)
     groups = []
@@ -278,16 +305,23 @@ class Checkpoint:
         return self.index.is_file()
 
     def save(self, iteration: int, groups: list[ParamGroup], opt: torch.optim.Optimizer, task: Task, meta: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Called on every process (sharded tensors are gathered, in the same order everywhere); the main
+        process writes."""
+        dp = task.dp
         tensors: dict[str, torch.Tensor] = {}
         for g in groups:
             for name, t in g.tensors.items():
-                tensors[f"param/{g.name}/{name}"] = t
+                tensors[f"param/{g.name}/{name}"] = dp.gather_shards(t) if g.sharded else t
         for name, t in task.state_tensors().items():
-            tensors[f"task/{name}"] = t
+            tensors[f"task/{name}"] = dp.gather_shards(t) if name in task.sharded_state else t
         tensors["rng/torch"] = torch.get_rng_state()
-        opt_tensors, opt_meta = _optimizer_to_files(opt.state_dict())
+        rows = _sharded_optimizer_params(opt, groups)
+        opt_tensors, opt_meta = _optimizer_to_files(
+            opt.state_dict(), lambda i, v: dp.gather_shards(v) if _is_row_state(v, rows.get(i)) else v)
         tensors.update(opt_tensors)
+        if not dp.is_main:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
         fname = f"state-{iteration:06d}.safetensors"
         _save_safetensors(self.folder / fname, tensors)
         atomic_write_json(self.index, {"format": FORMAT_VERSION, "iteration": iteration, "tensors": fname,
@@ -328,9 +362,13 @@ def first_nonfinite(groups: list[ParamGroup], attr: str = "grad") -> tuple[str, 
 class _SigintGuard:
     """First SIGINT: finish the iteration, save, stop. Second SIGINT: stop at once (KeyboardInterrupt)."""
 
-    def __init__(self):
+    def __init__(self, repeat_window: float = 0.0):
         self.requested = False
         self._old = None
+        # several processes: a terminal's Ctrl-C reaches every process and the launcher forwards it once
+        # more; a repeat within this many seconds is the same Ctrl-C
+        self.repeat_window = repeat_window
+        self._first = 0.0
 
     def __enter__(self):
         try:
@@ -341,8 +379,11 @@ class _SigintGuard:
 
     def _handler(self, signum, frame):
         if self.requested:
+            if time.monotonic() - self._first < self.repeat_window:
+                return
             raise KeyboardInterrupt
         self.requested = True
+        self._first = time.monotonic()
         print("\ninterrupt: finishing this iteration and saving a checkpoint (press Ctrl-C again to abort)",
               flush=True)
 
@@ -357,15 +398,21 @@ def _compatible(saved: dict, current: dict) -> list[str]:
 
 
 def run(task: Task, cfg: LoopConfig) -> dict:
-    """Optimise ``task`` as ``cfg`` says; write the outputs to ``cfg.out``; return the summary."""
+    """Optimise ``task`` as ``cfg`` says; write the outputs to ``cfg.out``; return the summary.
+
+    With several processes (``task.dp``) every process calls this; only the main one writes."""
     from tqdm.auto import tqdm
 
-    out = check_writable(cfg.out)
+    dp = task.dp
+    main = dp.is_main
+    out = check_writable(cfg.out) if main else Path(cfg.out).expanduser()
     ckpt = Checkpoint(out)
     if cfg.resume and not ckpt.exists():
         raise UserInputError(f"--resume: no checkpoint in {ckpt.folder} (start without --resume)")
     task.setup()
     groups = task.param_groups()
+    replicated = [t for g in groups if not g.sharded for t in g.tensors.values()]
+    sharded = [t for g in groups if g.sharded for t in g.tensors.values()]
     opt = task.make_optimizer(groups)
     counter = CallCounter(task.counted_modules())
     settings = json.loads(json.dumps(task.describe(), default=_json_default))
@@ -387,22 +434,24 @@ def run(task: Task, cfg: LoopConfig) -> dict:
         if state["before"] is None:
             with counter.paused(), torch.no_grad():
                 ev = task.evaluate("before")
-            _write_images(ev, out / "before")
+            if main:
+                _write_images(ev, out / "before")
             state["before"] = ev.metrics
 
         last_cost = None
         reason = "iterations"
         bar = tqdm(total=cfg.iters, initial=min(iteration, cfg.iters), desc=task.name, unit="it",
-                   disable=not cfg.progress, dynamic_ncols=True, mininterval=0.5)
-        with _SigintGuard() as sigint:
+                   disable=not (cfg.progress and main), dynamic_ncols=True, mininterval=0.5)
+        with _SigintGuard(repeat_window=2.0 if dp.world_size > 1 else 0.0) as sigint:
             while iteration < cfg.iters:
-                if task.finished():
+                if dp.all(task.finished()):
                     reason = "finished"
                     break
-                if cfg.budget is not None and last_cost is not None and counter.total + last_cost > cfg.budget:
+                total = state["calls_forward"] + state["calls_backward"]
+                if cfg.budget is not None and last_cost is not None and total + last_cost > cfg.budget:
                     reason = "budget"
                     break
-                t0, calls0 = time.perf_counter(), counter.total
+                t0, forward0, backward0 = time.perf_counter(), counter.forward, counter.backward
                 opt.zero_grad(set_to_none=True)
                 problem = None
                 try:
@@ -413,34 +462,46 @@ def run(task: Task, cfg: LoopConfig) -> dict:
                         loss.backward()
                 except FloatingPointError as e:  # raised by the engine at the sampling step where it appears
                     problem = (None, None, str(e).split(";")[0])
+                if dp.world_size > 1:
+                    dp.all_reduce_gradients(replicated)  # every process, also one with a problem (a collective)
+                    for t in sharded:  # rows without a sample to back-propagate get a zero gradient, as in one process
+                        if t.grad is None and t.requires_grad:
+                            t.grad = torch.zeros_like(t)
                 if problem is None:
                     bad = first_nonfinite(groups)
                     if bad is not None:
                         problem = (*bad, "non-finite gradient")
+                loss_value, elsewhere, calls, stop = _sync(dp, loss if problem is None else None, problem is not None,
+                                                           (counter.forward - forward0, counter.backward - backward0),
+                                                           sigint.requested)
+                state["calls_forward"] += calls[0]
+                state["calls_backward"] += calls[1]
+                if problem is None and elsewhere:
+                    problem = (None, None, "a non-finite loss or gradient in another process")
                 if problem is not None:
                     if cfg.on_nonfinite == "stop":
-                        _stop_nonfinite(problem, iteration, groups, opt, task, ckpt, state, counter)
+                        _stop_nonfinite(problem, iteration, groups, opt, task, ckpt, state)
                     state["skipped"].append({"iteration": iteration, "group": problem[0], "tensor": problem[1],
                                              "reason": problem[2]})
                     opt.zero_grad(set_to_none=True)
-                    bar.write(f"iteration {iteration}: {_describe(problem)}; step skipped")
+                    if main:
+                        bar.write(f"iteration {iteration}: {_describe(problem)}; step skipped")
                     loss_value, logs = float("nan"), {}
                 else:
                     task.before_step(iteration)
                     opt.step()
                     with torch.no_grad():
                         task.after_step(iteration)
-                    loss_value = float(loss.detach())
                 iteration += 1
-                last_cost = counter.total - calls0
+                last_cost = calls[0] + calls[1]
                 state["seconds"] += time.perf_counter() - t0
-                state["calls_forward"], state["calls_backward"] = counter.forward, counter.backward
-                state["history"].append({"iteration": iteration, "loss": loss_value, "calls": counter.total,
+                total = state["calls_forward"] + state["calls_backward"]
+                state["history"].append({"iteration": iteration, "loss": loss_value, "calls": total,
                                          "seconds": round(state["seconds"], 3),
                                          **{k: float(v) for k, v in logs.items()}})
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4g}", calls=counter.total)
-                if sigint.requested:
+                bar.set_postfix(loss=f"{loss_value:.4g}", calls=total)
+                if stop:
                     ckpt.save(iteration, groups, opt, task, state)
                     bar.close()
                     raise Interrupted(f"interrupted after iteration {iteration}: checkpoint saved in {ckpt.folder}; "
@@ -451,27 +512,57 @@ def run(task: Task, cfg: LoopConfig) -> dict:
         ckpt.save(iteration, groups, opt, task, state)
         with counter.paused(), torch.no_grad():
             ev = task.evaluate("after")
-        _write_images(ev, out / "after")
-        _write_comparison(out, state["before"], ev)
         files = task.write_artifacts(out)
         summary = _summary(task, cfg, state, iteration, reason, ev.metrics, files)
-        _plot_loss(state["history"], out / "loss_curve.png", task.name)
-        atomic_write_json(out / "summary.json", summary)
+        if main:
+            _write_images(ev, out / "after")
+            _write_comparison(out, state["before"], ev)
+            _plot_loss(state["history"], out / "loss_curve.png", task.name)
+            atomic_write_json(out / "summary.json", summary)
         return summary
     finally:
         counter.remove()
 
 
+def _sync(dp, loss, problem: bool, calls: tuple[int, int], interrupt: bool):
+    """What the processes agree on after each iteration: (loss, a problem anywhere, model calls, stop).
+
+    The loss is the sum of the processes' losses (each is its shard's share of the global loss); the
+    model calls of the iteration are the largest count of any process (they run side by side)."""
+    if dp.world_size == 1:
+        return (float(loss.detach()) if loss is not None else float("nan")), problem, calls, interrupt
+    value = float(loss.detach()) if loss is not None else 0.0
+    row = torch.tensor([[value, float(problem), float(calls[0]), float(calls[1]), float(interrupt)]],
+                       dtype=torch.float64, device=dp.device)
+    rows = dp.gather(row).cpu()
+    total_calls = (int(rows[:, 2].max()), int(rows[:, 3].max()))
+    return float(rows[:, 0].sum()), bool(rows[:, 1].any()), total_calls, bool(rows[:, 4].any())
+
+
 def _restore(groups, opt, task, meta, tensors) -> None:
+    """Load a checkpoint (full tensors) into this process: sharded tensors keep this process's rows."""
+    dp = task.dp
     with torch.no_grad():
         for g in groups:
             for name, t in g.tensors.items():
                 key = f"param/{g.name}/{name}"
-                if key not in tensors or tensors[key].shape != t.shape:
+                src = tensors.get(key)
+                if src is not None and g.sharded and src.dim() >= 1:
+                    src = dp.shard(src)
+                if src is None or src.shape != t.shape:
                     raise UserInputError(f"--resume: the checkpoint has no tensor {key} of shape {tuple(t.shape)}")
-                t.copy_(tensors[key])
-    opt.load_state_dict(_optimizer_from_files(tensors, meta["optimizer"]))
-    task.load_state_tensors({k[5:]: v for k, v in tensors.items() if k.startswith("task/")})
+                t.copy_(src)
+    rows = _sharded_optimizer_params(opt, groups)
+
+    def reshard(i, val):  # the rows of a sharded parameter's state (the full tensor in the checkpoint)
+        p = rows.get(i)
+        if p is not None and val.dim() >= 1 and val.dim() == p.dim() and val.shape[1:] == p.shape[1:]:
+            return dp.shard(val)
+        return val
+
+    opt.load_state_dict(_optimizer_from_files(tensors, meta["optimizer"], reshard))
+    task.load_state_tensors({k[5:]: (dp.shard(v) if k[5:] in task.sharded_state else v)
+                             for k, v in tensors.items() if k.startswith("task/")})
     if "rng/torch" in tensors:
         torch.set_rng_state(tensors["rng/torch"])
 
@@ -481,10 +572,9 @@ def _describe(problem) -> str:
     return what if group is None else f"{what} in parameter group {group!r} (tensor {tensor!r})"
 
 
-def _stop_nonfinite(problem, iteration, groups, opt, task, ckpt, state, counter):
-    if first_nonfinite(groups, attr="value") is None:
+def _stop_nonfinite(problem, iteration, groups, opt, task, ckpt, state):
+    if not task.dp.any(first_nonfinite(groups, attr="value") is not None):
         opt.zero_grad(set_to_none=True)
-        state["calls_forward"], state["calls_backward"] = counter.forward, counter.backward
         ckpt.save(iteration, groups, opt, task, state)
         saved = f"the last good state (iteration {iteration}) is saved in {ckpt.folder}"
     elif ckpt.exists():

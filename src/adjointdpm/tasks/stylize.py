@@ -18,6 +18,11 @@ Metrics on fresh prompts and noises: style loss before/after, and the judge's ac
 digit (kept ≥ 85 % of the untuned model's is the bar), plus the judge-label agreement with the untuned
 model on the same noises.
 
+Several processes: data parallelism. Every process draws the same minibatch, back-propagates its shard's
+share of the mean loss (``DataParallel.loss_weight``), and the loop sums the weight gradients across
+processes before the step, so the weights stay identical; the untuned and evaluation images are
+generated in shards and gathered.
+
 References: ``outline`` (a real digit drawn hollow: the 1-pixel outer contour of its strokes), ``skimage:NAME`` (a texture from
 ``skimage.data``, e.g. ``skimage:brick``), or a path to an image file (resized to the model's size).
 """
@@ -166,6 +171,9 @@ class StylizeTask(Task):
             raise UserInputError("--n-train, --batch and --n-eval must be >= 1")
         if opts.batch > opts.n_train:
             raise UserInputError(f"--batch ({opts.batch}) cannot exceed --n-train ({opts.n_train})")
+        self.dp = session.dp
+        if opts.batch < self.dp.world_size:
+            raise UserInputError(f"--batch ({opts.batch}) must be at least the number of processes ({self.dp.world_size})")
         self.s, self.o, self.seed = session, opts, seed
         digits = session.comps.settings.get("in_vocabulary_digits")
         if opts.prompt is not None:
@@ -202,10 +210,10 @@ class StylizeTask(Task):
         self.eval_noise = s.noise(o.n_eval, self.seed + 104729)  # fresh noises, never trained on
         self.eval_labels = None if labels is None else torch.tensor(labels, device=s.device)
         with torch.no_grad():
-            train_images = s.generate(self.train_noise, self.train_cond)
+            train_images = s.generate_all(self.train_noise, self.train_cond)
             self.style.calibrate(train_images)  # the untuned model scores 1 on its training pool
             self.train_content = content_features(guide, train_images)
-            self.eval_untuned = s.generate(self.eval_noise, self.eval_cond)
+            self.eval_untuned = s.generate_all(self.eval_noise, self.eval_cond)
             self.untuned_judge = s.critics.judge(self.eval_untuned).argmax(-1)
         unet = s.unet
         if o.lora_rank > 0:
@@ -240,12 +248,14 @@ class StylizeTask(Task):
 
     def compute_loss(self, iteration, generator):
         idx = torch.randperm(self.o.n_train, generator=generator)[: self.o.batch].to(self.s.device)
-        loss, per, x0 = self.s.sampled_loss(self.train_noise[idx], self.train_cond[idx], self._objective(idx))
+        idx = self.dp.shard(idx)  # this process's share of the minibatch, weighted by its share of the mean loss
+        w = torch.full((idx.numel(),), self.dp.loss_weight(self.o.batch) / idx.numel(), device=self.s.device)
+        loss, per, x0 = self.s.sampled_loss(self.train_noise[idx], self.train_cond[idx], self._objective(idx), weights=w)
         return loss, {}
 
     def evaluate(self, stage: str) -> Evaluation:
         s, c = self.s, self.s.critics
-        images = s.generate(self.eval_noise, self.eval_cond)
+        images = s.generate_all(self.eval_noise, self.eval_cond)
         judge = c.judge(images).argmax(-1)
         metrics = {
             "style_loss": float(self.style(images).mean()),
@@ -268,8 +278,8 @@ class StylizeTask(Task):
 
         from ..images import save_images
 
-        save_images(self.ref, out / "reference", zoom=4)
-        tensors = {n: p.detach().cpu().contiguous() for n, p in self.params.items()}
         name = "lora.safetensors" if self.o.lora_rank > 0 else "unet.safetensors"
-        save_file(tensors, str(out / name))
+        if self.dp.is_main:  # (the weights are the same in every process)
+            save_images(self.ref, out / "reference", zoom=4)
+            save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(out / name))
         return {"weights": name, "reference": "reference/"}
