@@ -329,6 +329,10 @@ class Checkpoint:
         for old in self.folder.glob("state-*.safetensors"):
             if old.name != fname:
                 old.unlink(missing_ok=True)
+        # temporary files of a process killed mid-write (never read: checkpoint.json names complete files only)
+        for tmp in self.folder.glob(".*.tmp-*"):
+            if not tmp.name.endswith(f".tmp-{os.getpid()}"):
+                tmp.unlink(missing_ok=True)
 
     def load(self) -> tuple[dict, dict[str, torch.Tensor]]:
         from safetensors.torch import load_file
