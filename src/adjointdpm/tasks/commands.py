@@ -123,6 +123,9 @@ def guide(
     cond_lr: float = typer.Option(0.01, "--cond-lr", help="AdamW learning rate for the prompt embedding."),
     start_step: int = typer.Option(0, "--start-step", help="Optimise the sampler's state at this step instead of x_T (0 = x_T)."),
     augment: int = typer.Option(4, "--augment", help="Random affine views per image in the guide loss (cutouts); 0: none."),
+    view_noise: float = typer.Option(0.0, "--view-noise", help="Std of Gaussian pixel noise added to each view (0: none)."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | normalized (x -= lr * g / rms(g), per noise)."),
+    stop_loss: float = typer.Option(0.0, "--stop-loss", help="A noise whose guide loss falls below this is done (0: never)."),
     iters: int = typer.Option(30, "--iters", help="Optimisation iterations."),
     model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
@@ -140,7 +143,8 @@ def guide(
         s = _session(model, grad, solver, steps, guidance_scale, device, critics, dp)
         task = GuideTask(s, GuideOptions(target_class=target_class, prompt=prompt, n=n, lr=lr, weight_decay=weight_decay,
                                          renorm=renorm, optimize_cond=optimize_cond, cond_lr=cond_lr,
-                                         start_step=start_step, augment=augment), seed=seed)
+                                         start_step=start_step, augment=augment, view_noise=view_noise,
+                                         optimizer=optimizer, stop_loss=stop_loss), seed=seed)
         _report(run(task, cfg), ["judge_accuracy", "frechet_to_class"], out, dp)
 
     execute(debug, body)
