@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         from .report import plot_sweep, sweep_tables, targets_table
 
         result = json.loads(Path(args.json).read_text())
-        if "rows" in result:
+        if result.get("suite") != "gpu":
             print(sweep_tables(result, markdown=not args.text))
             print()
             print(targets_table(result, markdown=not args.text))
