@@ -59,14 +59,14 @@ def test_guide(tmp_path, capsys):
 
 
 def test_guide_default_mode_at_default_steps(tmp_path, capsys):
-    """AdjointDPM (the default --grad) with the embedded model's own sampler settings (dpmpp2m, 20 steps)."""
+    """The exact adjoint (the default --grad) with the embedded model's own sampler settings (dpmpp2m, 20 steps)."""
     out = tmp_path / "guide"
     code, _, err = cli(["guide", "--out", out, "--n", "2", "--iters", "2", "--lr", "0.2", "--quiet"], capsys)
     assert code == 0, err
     s = _summary(out)
-    assert (s["settings"]["grad"], s["settings"]["steps"], s["settings"]["solver"]) == ("adjoint", 20, "dpmpp2m")
+    assert (s["settings"]["grad"], s["settings"]["steps"], s["settings"]["solver"]) == ("exact", 20, "dpmpp2m")
     assert s["loss"]["last"] < s["loss"]["first"]
-    assert s["model_calls"] == {"forward": 80, "backward": 40, "total": 120}  # 2 x (20 record + 20 VJP, 20 backward)
+    assert s["model_calls"] == {"forward": 80, "backward": 40, "total": 120}  # 2 x (20 record + 20 recompute, 20 backward)
 
 
 def test_audit_classifier_and_safety(tmp_path, capsys):

@@ -102,6 +102,7 @@ def test_outputs_and_summary(tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_resume_equals_uninterrupted(tmp_path, optimizer):
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest itself runs in the background
     full = Toy(optimizer=optimizer)
     ref = run(full, _cfg(tmp_path, "full"))
     # an interrupted run: SIGINT during iteration 3 → finishes it, saves, raises Interrupted
@@ -110,7 +111,7 @@ def test_resume_equals_uninterrupted(tmp_path, optimizer):
         run(part, _cfg(tmp_path, "part"))
     meta = json.loads((tmp_path / "part" / "checkpoint" / "checkpoint.json").read_text())
     assert meta["iteration"] == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the caller's handler is restored
     resumed = Toy(optimizer=optimizer)
     res = run(resumed, _cfg(tmp_path, "part", resume=True))
     for a, b in zip(_params(full), _params(resumed)):

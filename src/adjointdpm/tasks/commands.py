@@ -23,7 +23,7 @@ from .common import GRAD_HELP
 # ------------------------------------------------------------------------------ shared options
 MODEL = typer.Option(None, "--model", "-m", help="Local diffusers folder (SD 1.x/2.x layout) [default: the embedded digits model].")
 OUT = typer.Option(..., "--out", "-o", help="Output folder (created): before/, after/, grids, loss_curve.png, summary.json, checkpoint/.")
-GRAD = typer.Option("adjoint", "--grad", help=GRAD_HELP)
+GRAD = typer.Option("exact", "--grad", help=GRAD_HELP)
 SOLVER = typer.Option(None, "--solver", help="ODE solver: ddim | dpmpp2m | heun [default: the model's].")
 STEPS = typer.Option(None, "--steps", help="Sampling steps [default: the model's].")
 GUIDANCE = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale [default: the model's].")
