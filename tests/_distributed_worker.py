@@ -69,3 +69,4 @@ if __name__ == "__main__":
     if dp.is_main:
         tensors = {f"grad.{k}": v for k, v in grads.items()} | {f"weight.{k}": v for k, v in weights.items()}
         save_file(tensors | {"noises": noises}, sys.argv[1])
+    dp.close()

@@ -55,6 +55,9 @@ class SingleProcess:
     def gather_shards(self, shard: torch.Tensor) -> torch.Tensor:
         return shard
 
+    def close(self) -> None:
+        pass
+
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
@@ -177,3 +180,15 @@ class DataParallel:
 
     def all(self, flag) -> bool:
         return not self.any(not flag)
+
+    def close(self) -> None:
+        """Wait for every process, then tear the process group down. Without this a process that finishes
+        first can exit while gloo's threads still serve the others, which aborts it ("terminate called
+        without an active exception")."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        self.accelerator.wait_for_everyone()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -99,6 +99,7 @@ def _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, see
 
 
 def _report(summary: dict, keys: list[str], out: Path, dp) -> None:
+    dp.close()  # every process has finished its run: leave the process group together
     if not dp.is_main:
         return
     parts = []
