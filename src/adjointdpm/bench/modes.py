@@ -32,6 +32,7 @@ ENGINE_MODES = {
     "exact": lambda: "exact",
     "adjoint": lambda: adpm.Adjoint(),
     "adjoint_stored": lambda: adpm.Adjoint(state="stored"),
+    "adjoint_heun": lambda: adpm.Adjoint(state="stored", solver="heun"),  # 2 VJPs a step, not in the defaults
     "truncated": lambda: adpm.Truncated(k=1),
     "reversible": lambda: adpm.Reversible(),
 }
