@@ -85,7 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps (default 50; 4 with --reduced)")
     p.add_argument("--dpm-steps", type=int, default=None, help="DPM-Solver++(2M) steps (default 20; 3 with --reduced)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                   help="weight dtype for x_T / text / LoRA (default fp16 on CUDA, fp32 on CPU)")
+                   help="weight dtype for x_T / text / LoRA (default bf16 on CUDA, fp32 on CPU; fp16 overflows "
+                        "in the random-weight SD UNet)")
     p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
                    help="autocast for x_T / text / LoRA (use with --dtype fp32)")
     p.add_argument("--full-autocast", choices=("bf16", "fp16"), default="bf16",
@@ -257,7 +258,7 @@ def main(args) -> int:
     if device.type == "cpu" and not args.reduced:
         raise SystemExit("no CUDA device: the full-size GPU suite needs one; run with --reduced to test the command on CPU")
     if args.dtype is None:
-        args.dtype = "fp16" if device.type == "cuda" else "fp32"
+        args.dtype = "bf16" if device.type == "cuda" else "fp32"
     ddim_steps = args.ddim_steps or (4 if args.reduced else 50)
     dpm_steps = args.dpm_steps or (3 if args.reduced else 20)
     targets = [t for t in args.targets.split(",") if t]
@@ -280,6 +281,7 @@ def main(args) -> int:
                 row = run_config(args, device, target, solver, steps, mode)
                 result["rows"].append(row)
                 print(_row_line(row), flush=True)
+                write_json(args.out, result)  # a run stopped by a time limit keeps what it measured
     result["wall_s"] = time.time() - started
     write_json(args.out, result)
     print()
