@@ -31,6 +31,17 @@ def _calls(row: dict) -> str:
     return f"{row['model_calls']['total']}"
 
 
+def _method_table(rows: list[dict], columns: list[str], cells) -> list[str]:
+    """One line per method: the budget columns every application shares, then ``columns`` filled by
+    ``cells(row)``."""
+    header = ["method", "iterations", "model calls", "seconds", *columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([_label(row), str(row["iterations"]), _calls(row), f"{row['seconds']:.0f}",
+                                        *cells(row)]) + " |")
+    return lines
+
+
 # ----------------------------------------------------------------------------------- pictures
 def _img(path: Path):
     import numpy as np
@@ -108,12 +119,9 @@ def _guide_section(res: dict, img: Path) -> tuple[list[str], list[str], str]:
                     f"**{_f(a['judge_accuracy'], pct=True)}** | {_best(res['baselines'].get(d, []), 'judge_accuracy')} |")
     for d, rows in res["baselines"].items():
         lines += ["", f"Baselines at AdjointDPM's model calls (digit {d}):", "",
-                  "| method | iterations | model calls | seconds | judge accuracy after | Fréchet to class after | guide CE (last) |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in rows:
-            a = row["after"]
-            lines.append(f"| {_label(row)} | {row['iterations']} | {_calls(row)} | {row['seconds']:.0f} | {_f(a['judge_accuracy'], pct=True)} | "
-                         f"{_f(a['frechet_to_class'], 1)} | {_f(row['loss']['last'], 3)} |")
+                  *_method_table(rows, ["judge accuracy after", "Fréchet to class after", "guide CE (last)"],
+                                 lambda r: [_f(r["after"]["judge_accuracy"], pct=True),
+                                            _f(r["after"]["frechet_to_class"], 1), _f(r["loss"]["last"], 3)])]
     panels = []
     for d, row in res["digits"].items():
         f = Path(row["folder"])
@@ -138,12 +146,10 @@ def _audit_section(res: dict, img: Path):
     lines = [f"Classifier attack: {a['n_attacked']} of {a['n']} samples attacked (the guide and the judge agree on the "
              f"original), ℓ∞ budget ε = {a['eps']} around the original x_T. Success = the guide's label flips while the "
              "judge keeps the original label, measured on the attacked images re-generated from the final noises.", "",
-             "| method | iterations | model calls | seconds | success rate | judge keeps label | mean ℓ∞ used |",
-             "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        r = row["after"]
-        lines.append(f"| {_label(row)} | {row['iterations']} | {_calls(row)} | {row['seconds']:.0f} | {_f(r['success_rate'], pct=True)} | "
-                     f"{_f(r['judge_keeps_label'], pct=True)} | {_f(r['linf_mean_attacked'], 3)} |")
+             *_method_table(rows, ["success rate", "judge keeps label", "mean ℓ∞ used"],
+                            lambda r: [_f(r["after"]["success_rate"], pct=True),
+                                       _f(r["after"]["judge_keeps_label"], pct=True),
+                                       _f(r["after"]["linf_mean_attacked"], 3)])]
     s = safety["after"]
     lines += ["", f"Safety-filter attack (AdjointDPM): {s['n_attacked']} of {s['n']} generations of the flagged concept's "
               f"prompt are flagged and judged as the concept; ε = {s['eps']}. Success = the filter passes the image while the "
@@ -169,15 +175,11 @@ def _stylize_section(res: dict, img: Path):
     b, a = main["before"], main["after"]
     lines = ["Metrics on fresh prompts and noises (never trained on). Judge accuracy: the judge's label equals the "
              "prompt's digit; kept = after / before (bar: ≥ 85 %).", "",
-             "| method | iterations | model calls | seconds | style loss after (before: " + _f(b["style_loss"], 3) +
-             ") | judge accuracy after (before: " + _f(b.get("judge_accuracy"), pct=True) + ") | kept |",
-             "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        r = row["after"]
-        kept = r.get("judge_accuracy", 0) / b["judge_accuracy"] if b.get("judge_accuracy") else None
-        lines.append(f"| {_label(row)} | {row['iterations']} | {_calls(row)} | {row['seconds']:.0f} | {_f(r['style_loss'], 3)} | "
-                     f"{_f(r.get('judge_accuracy'), pct=True)} | {_f(kept, pct=True)} |")
-    kept = a.get("judge_accuracy", 0) / b["judge_accuracy"] if b.get("judge_accuracy") else None
+             *_method_table(rows, [f"style loss after (before: {_f(b['style_loss'], 3)})",
+                                   f"judge accuracy after (before: {_f(b.get('judge_accuracy'), pct=True)})", "kept"],
+                            lambda r: [_f(r["after"]["style_loss"], 3), _f(r["after"].get("judge_accuracy"), pct=True),
+                                       _f(_kept(r["after"], b), pct=True)])]
+    kept = _kept(a, b)
     head = [f"| Stylization ({main['settings']['reference']} reference, {'LoRA r=' + str(main['settings']['lora_rank']) if main['settings']['lora_rank'] else 'full weights'}) "
             f"| style loss (judge accuracy kept) | {_f(b['style_loss'], 3)} | **{_f(a['style_loss'], 3)}** ({_f(kept, pct=True)}) | "
             f"{_best(rows, 'style_loss', lower=True, pct=False, digits=3)} |"]
@@ -187,6 +189,11 @@ def _stylize_section(res: dict, img: Path):
     return lines, head, pic
 
 
+def _kept(after: dict, before: dict) -> float | None:
+    """Judge accuracy after stylization as a fraction of the untuned model's."""
+    return after.get("judge_accuracy", 0) / before["judge_accuracy"] if before.get("judge_accuracy") else None
+
+
 def _invert_section(res: dict, img: Path):
     rows = res["baselines"]
     main = rows[0]
@@ -194,12 +201,9 @@ def _invert_section(res: dict, img: Path):
     effect = main["settings"]["effect"]
     lines = [f"Effect: **{effect}**. PSNR (dB) to the targets; held-out noises were never used in the optimisation "
              "(their targets are the same effect applied to their own initial images).", "",
-             f"| method | iterations | model calls | seconds | PSNR train (initial: {_f(b['psnr_train'])}) | "
-             f"PSNR held-out (initial: {_f(b.get('psnr_heldout'))}) |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        r = row["after"]
-        lines.append(f"| {_label(row)} | {row['iterations']} | {_calls(row)} | {row['seconds']:.0f} | {_f(r['psnr_train'])} | "
-                     f"{_f(r.get('psnr_heldout'))} |")
+             *_method_table(rows, [f"PSNR train (initial: {_f(b['psnr_train'])})",
+                                   f"PSNR held-out (initial: {_f(b.get('psnr_heldout'))})"],
+                            lambda r: [_f(r["after"]["psnr_train"]), _f(r["after"].get("psnr_heldout"))])]
     head = [f"| Embedding inversion ({effect}) | PSNR held-out noises (dB) | {_f(b.get('psnr_heldout'))} | "
             f"**{_f(a.get('psnr_heldout'))}** | {_best(rows, 'psnr_heldout', pct=False)} |"]
     f = Path(main["folder"])
