@@ -98,10 +98,27 @@ def _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, see
                       on_nonfinite=on_nonfinite, progress=not quiet, seed=seed)
 
 
-def _report(summary: dict, keys: list[str], out: Path, dp) -> None:
-    dp.close()  # every process has finished its run: leave the process group together
-    if not dp.is_main:
-        return
+def _run_application(make_task, keys, out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
+                     model, grad, solver, steps, guidance_scale, device, critics, debug) -> None:
+    """The path every application takes: its processes, the loop settings (``--out`` is checked before anything
+    loads), the session, ``make_task(session)``, the run; then all processes leave the process group together
+    and the first reports. The arguments after ``keys`` are the shared options, in the commands' order."""
+
+    def body():
+        from .loop import run
+
+        dp = _processes(device)
+        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed, dp)
+        s = _session(model, grad, solver, steps, guidance_scale, device, critics, dp)
+        summary = run(make_task(s), cfg)
+        dp.close()
+        if dp.is_main:
+            _report(summary, keys, out)
+
+    execute(debug, body)
+
+
+def _report(summary: dict, keys: list[str], out: Path) -> None:
     parts = []
     for k in keys:
         b, a = summary["before"].get(k), summary["after"].get(k)
@@ -135,20 +152,16 @@ def guide(
 ) -> None:
     """Guided sampling / vocabulary expansion: optimise x_T so the guide classifier sees --target-class."""
 
-    def body():
+    def make_task(s):
         from .guide import GuideOptions, GuideTask
-        from .loop import run
 
-        dp = _processes(device)
-        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed, dp)
-        s = _session(model, grad, solver, steps, guidance_scale, device, critics, dp)
-        task = GuideTask(s, GuideOptions(target_class=target_class, prompt=prompt, n=n, lr=lr, weight_decay=weight_decay,
+        return GuideTask(s, GuideOptions(target_class=target_class, prompt=prompt, n=n, lr=lr, weight_decay=weight_decay,
                                          renorm=renorm, optimize_cond=optimize_cond, cond_lr=cond_lr,
                                          start_step=start_step, augment=augment, view_noise=view_noise,
                                          optimizer=optimizer, stop_loss=stop_loss), seed=seed)
-        _report(run(task, cfg), ["judge_accuracy", "frechet_to_class"], out, dp)
 
-    execute(debug, body)
+    _run_application(make_task, ["judge_accuracy", "frechet_to_class"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
+                     model, grad, solver, steps, guidance_scale, device, critics, debug)
 
 
 # ------------------------------------------------------------------------------------- audit
@@ -167,17 +180,13 @@ def audit(
 ) -> None:
     """Security auditing: bounded attacks on x_T against the guide classifier or the safety filter."""
 
-    def body():
+    def make_task(s):
         from .audit import AuditOptions, AuditTask
-        from .loop import run
 
-        dp = _processes(device)
-        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed, dp)
-        s = _session(model, grad, solver, steps, guidance_scale, device, critics, dp)
-        task = AuditTask(s, AuditOptions(attack=attack, n=n, eps=eps, step_size=step_size, margin=margin), seed=seed)
-        _report(run(task, cfg), ["success_rate", "judge_keeps_label"], out, dp)
+        return AuditTask(s, AuditOptions(attack=attack, n=n, eps=eps, step_size=step_size, margin=margin), seed=seed)
 
-    execute(debug, body)
+    _run_application(make_task, ["success_rate", "judge_keeps_label"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
+                     model, grad, solver, steps, guidance_scale, device, critics, debug)
 
 
 # ----------------------------------------------------------------------------------- stylize
@@ -199,18 +208,14 @@ def stylize(
 ) -> None:
     """Stylization: fine-tune the weights (or LoRA) towards one reference image's style."""
 
-    def body():
-        from .loop import run
+    def make_task(s):
         from .stylize import StylizeOptions, StylizeTask
 
-        dp = _processes(device)
-        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed, dp)
-        s = _session(model, grad, solver, steps, guidance_scale, device, critics, dp)
-        task = StylizeTask(s, StylizeOptions(reference=reference, lora_rank=lora_rank, lr=lr, content_weight=content_weight,
+        return StylizeTask(s, StylizeOptions(reference=reference, lora_rank=lora_rank, lr=lr, content_weight=content_weight,
                                              n_train=n_train, batch=batch, n_eval=n_eval, prompt=prompt), seed=seed)
-        _report(run(task, cfg), ["style_loss", "judge_accuracy"], out, dp)
 
-    execute(debug, body)
+    _run_application(make_task, ["style_loss", "judge_accuracy"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
+                     model, grad, solver, steps, guidance_scale, device, critics, debug)
 
 
 # ------------------------------------------------------------------------------------ invert
@@ -230,18 +235,14 @@ def invert(
 ) -> None:
     """Text-embedding inversion: learn a conditioning embedding that produces a visual effect."""
 
-    def body():
+    def make_task(s):
         from .invert import InvertOptions, InvertTask
-        from .loop import run
 
-        dp = _processes(device)
-        cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed, dp)
-        s = _session(model, grad, solver, steps, guidance_scale, device, critics, dp)
-        task = InvertTask(s, InvertOptions(effect=effect, targets=None if targets is None else str(targets),
+        return InvertTask(s, InvertOptions(effect=effect, targets=None if targets is None else str(targets),
                                            n_train=n_train, n_heldout=n_heldout, lr=lr, init_prompt=init_prompt), seed=seed)
-        _report(run(task, cfg), ["psnr_train", "psnr_heldout"], out, dp)
 
-    execute(debug, body)
+    _run_application(make_task, ["psnr_train", "psnr_heldout"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
+                     model, grad, solver, steps, guidance_scale, device, critics, debug)
 
 
 # --------------------------------------------------------------------------------- reproduce
