@@ -157,6 +157,7 @@ def run_gradcheck(r: Runner) -> dict:
     """Cosine of each mode's ∂L/∂x_T to the exact gradient (guide loss, digit 8), per step count."""
     from .common import grad_label
     from .guide import GuideOptions, GuideTask
+    from .loop import CallCounter
 
     modes = ("exact", "backprop", "checkpoint", "adjoint", "adjoint-stored", "truncated", "onestep")
     table = []
@@ -166,8 +167,6 @@ def run_gradcheck(r: Runner) -> dict:
             s = r.session(grad, steps=steps)
             task = GuideTask(s, GuideOptions(n=r.sc.gradcheck_n, target_class=8), seed=0)
             task.setup()
-            from .loop import CallCounter
-
             counter = CallCounter([s.unet])
             t0 = time.perf_counter()
             loss, _ = task.compute_loss(0, torch.Generator())
