@@ -1,12 +1,13 @@
-"""Benchmarks of the gradient engine (``python -m adjointdpm.bench --help``).
+"""Benchmarks of the gradient engine (``python -m adjointdpm.bench --help``; results in docs/benchmarks.md).
 
-Subcommands (see docs/benchmarks.md for what each measures and the measured results):
-
-    python -m adjointdpm.bench            issue 2: every grad mode × N ∈ {10, 25, 50, 100} on a 64×64 UNet:
-                                          error vs float64 backprop, peak memory (fresh process), time
-    python -m adjointdpm.bench cpu        issue 5's CPU suite: + torchdiffeq.odeint_adjoint, ddim and dpmpp2m,
-                                          gradients for x_T, embeddings and weights, plots (``--quick``)
-    python -m adjointdpm.bench gpu        issue 5's GPU suite: SD-1.5-sized models, 512², peak GPU memory and
-                                          s/step for x_T, embeddings, LoRA, full weights (``--reduced`` on CPU)
-    python -m adjointdpm.bench report F   tables (and ``--img DIR`` plots) from a results JSON
+    grad    every gradient mode × N on a 64×64 UNet: error against float64 back-propagation, peak memory
+            (fresh process), time (the default subcommand)
+    cpu     the same sweep on several models and solvers, with weight gradients and torchdiffeq's
+            odeint_adjoint as an outside reference, plotted
+    budget  Exact(memory=B): time and peak memory for budgets of 0–100 % of back-propagation's peak and
+            for an unlimited budget, against back-propagation
+    vae     differentiable VAE decoding: peak memory and time of decode + backward, plain, checkpointed, tiled
+    gpu     model families at their native sizes on a CUDA device (peak GPU memory, seconds per step for
+            sampling, x_T, text, LoRA and full fine-tuning); ``--reduced`` runs tiny configs on a CPU
+    report  re-print the tables (and draw the plots) of a results JSON
 """

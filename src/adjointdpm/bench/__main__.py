@@ -1,4 +1,4 @@
-"""``python -m adjointdpm.bench [grad|cpu|gpu|report] …`` (no subcommand = ``grad``, issue 2's benchmark)."""
+"""``python -m adjointdpm.bench [grad|cpu|budget|vae|gpu|report] …`` (no subcommand = ``grad``)."""
 
 from __future__ import annotations
 
@@ -33,17 +33,45 @@ def _common_sweep_args(p: argparse.ArgumentParser, out: str, modes: str, wrt: st
     p.add_argument("--out", default=out, help=f"results JSON (default {out})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m adjointdpm.bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
+DESCRIPTION = ("Benchmarks of adjointdpm's gradient modes: accuracy against float64 back-propagation, peak memory "
+               "(fresh processes) and time, on CPU or on a CUDA device. Without a subcommand: grad.")
+GRAD_HELP = ("every gradient mode × N on a 64×64 UNet (the default subcommand): relative error and cosine "
+             "against a float64 back-propagation reference, peak RSS of one gradient in a fresh process, wall and "
+             "CPU time, and the ratios time(exact)/time(backprop), time(grad)/time(forward), peak(N_max)/peak(N_min)")
+CPU_HELP = ("the same sweep on several models (random 64×64 UNet, the embedded digits model) and solvers, with "
+            "gradients for x_T, the text embeddings and all weights, and torchdiffeq's odeint_adjoint as an outside "
+            "reference; writes a JSON and memory/time/error plots")
+BUDGET_HELP = ("Exact(memory=B) against back-propagation at one N: peak RSS (fresh process) and time of one gradient "
+               "for budgets of 0, 25, 50, 100 % of back-propagation's peak and an unlimited one, the backward "
+               "pass's network calls (what was recomputed), the gradients' agreement, and "
+               "time(Exact(memory=inf))/time(backprop); writes a JSON and a time-vs-memory plot")
+VAE_HELP = ("differentiable VAE decoding (adjointdpm.vae.decode) with Stable Diffusion's VAE config and random "
+            "weights: peak memory and time of decode + backward for plain, checkpointed and tiled decoding at the "
+            "given resolutions, and the gradients' agreement with the plain decode")
+GPU_HELP = ("model families (SD-1.5, SDXL UNets; SD3, Flux transformers) at their native sizes, random weights, on a "
+            "CUDA device: peak GPU memory and seconds per step of plain sampling and of an optimisation step "
+            "through the sampler for x_T, the text embeddings, LoRA adapters and the full weights, with and "
+            "without torch.compile, plus a high-resolution VAE decode; --reduced runs tiny configs on a CPU")
+REPORT_HELP = "re-print the tables of a results JSON of any suite (and draw its plots with --img)"
 
-    g = sub.add_parser("grad", help="issue 2: every grad mode × N on a 64×64 UNet (the default command)")
+
+def _escaped(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help strings with %
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m adjointdpm.bench", description=DESCRIPTION,
+                                     epilog="Each subcommand's --help says what it measures; docs/benchmarks.md has "
+                                            "the measured results.")
+    sub = parser.add_subparsers(dest="command", metavar="{grad,cpu,budget,vae,gpu,report}")
+
+    g = sub.add_parser("grad", help=_escaped(GRAD_HELP), description=GRAD_HELP)
     _common_sweep_args(g, "outputs/bench/grad.json",
                        "backprop,checkpoint,exact,adjoint,adjoint_stored,truncated,reversible", "x_T,text")
     g.add_argument("--model", default="unet64", help="model preset (unet64, unet64-large, tiny, embedded)")
     g.add_argument("--solver", default="ddim", help="ddim, dpmpp2m or heun (default ddim)")
 
-    c = sub.add_parser("cpu", help="issue 5: CPU suite vs backprop, checkpoint, truncated, EDICT, torchdiffeq")
+    c = sub.add_parser("cpu", help=_escaped(CPU_HELP), description=CPU_HELP)
     _common_sweep_args(c, "outputs/bench/cpu.json",
                        "backprop,checkpoint,exact,adjoint,adjoint_stored,truncated,reversible,odeint_adjoint",
                        "x_T,text,weights")
@@ -53,15 +81,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quick", action="store_true", help="N ∈ {10, 25} and the random UNet only (~5 min)")
     c.add_argument("--img", default="outputs/bench/img", help="where the PNG plots go")
 
-    gp = sub.add_parser("gpu", help="issue 5: SD-1.5-sized GPU suite (peak GPU memory, s/step)")
+    b = sub.add_parser("budget", help=_escaped(BUDGET_HELP), description=BUDGET_HELP)
+    b.add_argument("--models", default="unet64,embedded", help="model presets (default unet64,embedded)")
+    b.add_argument("--steps", type=int, default=25, help="sampling steps N (default 25)")
+    b.add_argument("--solver", default="ddim", help="ddim, dpmpp2m or heun (default ddim)")
+    b.add_argument("--wrt", default="x_T,text", help="what is differentiated: x_T,text,weights (default x_T,text)")
+    b.add_argument("--fractions", default="0,25,50,100", help="budgets in %% of backprop's peak (default 0,25,50,100)")
+    b.add_argument("--repeats", type=int, default=2, help="interleaved timing rounds (default 2); the fastest is reported")
+    b.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
+    b.add_argument("--out", default="outputs/bench/budget.json", help="results JSON")
+    b.add_argument("--img", default="outputs/bench/img/bench_budget.png", help="the time-vs-memory plot")
+
+    v = sub.add_parser("vae", help=_escaped(VAE_HELP), description=VAE_HELP)
+    from .vae import add_arguments as add_vae_arguments
+
+    add_vae_arguments(v)
+
+    gp = sub.add_parser("gpu", help=_escaped(GPU_HELP), description=GPU_HELP)
     from .gpu import add_arguments
 
     add_arguments(gp)
 
-    r = sub.add_parser("report", help="print the tables of a results JSON (and plot with --img)")
+    r = sub.add_parser("report", help=_escaped(REPORT_HELP), description=REPORT_HELP)
     r.add_argument("json")
-    r.add_argument("--img", default=None)
-    r.add_argument("--prefix", default="bench")
+    r.add_argument("--img", default=None, help="folder for the plots")
+    r.add_argument("--prefix", default="bench", help="file-name prefix of the plots")
     r.add_argument("--text", action="store_true", help="aligned text instead of markdown")
 
     return parser
@@ -76,7 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         from .report import plot_sweep, sweep_tables, targets_table
 
         result = json.loads(Path(args.json).read_text())
-        if result.get("suite") != "gpu":
+        if result.get("suite") == "budget":
+            from .budget import budget_table, plot_budget
+
+            print(budget_table(result))
+            if args.img:
+                print("wrote", plot_budget(result, Path(args.img) / f"{args.prefix}_budget.png"))
+        elif result.get("suite") == "vae":
+            from .vae import vae_table
+
+            print(vae_table(result))
+        elif result.get("suite") != "gpu":
             print(sweep_tables(result, markdown=not args.text))
             print()
             print(targets_table(result, markdown=not args.text))
@@ -92,7 +146,41 @@ def main(argv: list[str] | None = None) -> int:
         from .gpu import main as gpu_main
 
         return gpu_main(args)
+    if args.command == "budget":
+        return _budget_command(args)
+    if args.command == "vae":
+        from .vae import main as vae_main
+
+        return vae_main(args)
     return _sweep_command(args)
+
+
+def _budget_command(args) -> int:
+    from .budget import BudgetConfig, budget_table, plot_budget, run_budget
+    from .common import PRESETS, embedded_available, write_json
+
+    specs, notes = [], []
+    for name in _csv(args.models):
+        if name not in PRESETS:
+            raise SystemExit(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+        if PRESETS[name].kind == "embedded":
+            ok, why = embedded_available()
+            if not ok:
+                notes.append(f"embedded digits model skipped: {why}")
+                print("note:", notes[-1])
+                continue
+        specs.append(PRESETS[name])
+    fractions = tuple(float(f) / 100 for f in _csv(args.fractions))
+    cfg = BudgetConfig(models=specs, steps=args.steps, solver=args.solver, wrt=_csv(args.wrt), fractions=fractions,
+                       repeats=args.repeats, threads=args.threads, notes=notes)
+    result = run_budget(cfg, log=lambda msg: print(msg, flush=True))
+    write_json(args.out, result)
+    print()
+    print(budget_table(result))
+    print(f"\nwrote {args.out} ({result['wall_s'] / 60:.1f} min)")
+    if args.img:
+        print("wrote", plot_budget(result, args.img))
+    return 0
 
 
 def _sweep_command(args) -> int:

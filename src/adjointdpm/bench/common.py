@@ -189,13 +189,13 @@ def _unet_config(channels, attention_levels, size, cross_dim, heads_dim, layers=
 
 
 PRESETS: dict[str, ModelSpec] = {
-    # issue 2's default: 64×64 latents, cheap convolutions at full resolution, attention only at 16²:
+    # the gradient sweep's default: 64×64 latents, cheap convolutions at full resolution, attention only at 16²:
     # per step the activations (~60 MB with CFG) dwarf the weights (4.4 MB), as in Stable Diffusion
     "unet64": ModelSpec(
         "unet64", unet=_unet_config((32, 32, 64), (False, False, True), 64, 32, 2, groups=8),
         note="UNet2DConditionModel 64×64×4, channels (32, 32, 64), cross-attention at 16² only, random weights",
     ),
-    # issue 5's CPU suite: a larger UNet (3.9 M parameters, wider at every level)
+    # a larger UNet for the CPU suite (3.9 M parameters, wider at every level)
     "unet64-large": ModelSpec(
         "unet64-large", unet=_unet_config((32, 64, 128), (False, False, True), 64, 64, 4, groups=8),
         note="UNet2DConditionModel 64×64×4, channels (32, 64, 128), cross-attention at 16² only, random weights",

@@ -1,4 +1,4 @@
-"""The GPU suite (issue 5): Stable-Diffusion-1.5-sized models, random weights, one optimisation step.
+"""The GPU suite: Stable-Diffusion-1.5-sized models, random weights, one optimisation step.
 
     python -m adjointdpm.bench gpu                 # on a CUDA machine: SD-1.5 sizes, 512², CFG 7.5
     python -m adjointdpm.bench gpu --reduced       # anywhere (CPU): tiny configs, 64², few steps, float32

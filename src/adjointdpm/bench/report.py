@@ -118,7 +118,7 @@ def sweep_tables(result: dict, markdown: bool = True) -> str:
 
 
 def targets_table(result: dict, markdown: bool = True) -> str:
-    """The issue's targets against the measured figures (met / missed)."""
+    """The targets against the measured figures (met / missed)."""
     rat = result.get("ratios") or ratios(result)
     rows = []
     for e in rat["per_n"]:

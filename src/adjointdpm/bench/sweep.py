@@ -1,5 +1,5 @@
-"""The CPU sweep behind ``python -m adjointdpm.bench`` (issue 2) and ``python -m adjointdpm.bench cpu``
-(issue 5): every gradient method × solver × number of steps N, on one or more models.
+"""The CPU sweep behind ``python -m adjointdpm.bench grad`` and ``python -m adjointdpm.bench cpu``: every
+gradient method × solver × number of steps N, on one or more models.
 
 For each (model, solver, N) the orchestrator starts, each in a fresh process (forked from a helper that has
 only imported the libraries, see ``zygote.py``):
@@ -227,7 +227,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         "rows": [],
         "references": [],
     }
-    with tempfile.TemporaryDirectory(prefix="adjointdpm-bench-") as tmp, Zygote() as zygote:
+    with tempfile.TemporaryDirectory(prefix="adjointdpm-bench-") as tmp, Zygote(jobs=__name__) as zygote:
         for spec in cfg.models:
             for solver in cfg.solvers:
                 _sweep_one(cfg, spec, solver, Path(tmp), result, log, zygote.run)

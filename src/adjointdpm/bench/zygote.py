@@ -1,7 +1,9 @@
 """Fresh processes for the benchmark's measurements, without paying torch's import for each.
 
-``Zygote`` starts one helper interpreter (``python -m adjointdpm.bench.zygote``) that imports torch,
-diffusers and the engine once and then, for every job, ``fork()``s a child that runs the job and exits.
+``Zygote(jobs="package.module")`` starts one helper interpreter (``python -m adjointdpm.bench.zygote``)
+that imports torch, diffusers, the engine and the module holding the job table (``JOBS``: name → function
+of a job dict) once and then, for every job, ``fork()``s a child that runs ``JOBS[job["job"]](job)`` and
+exits. The job module is named, never imported here, so the suites import this module and not the reverse.
 Each child is a new process whose only history is those imports: no tensor was ever allocated, no
 autograd graph built, no thread pool started (the helper never computes), so its peak RSS belongs to the
 job alone. The job's result comes back as JSON through a file; a child killed by the kernel (out of
@@ -20,18 +22,20 @@ import time
 import traceback
 from pathlib import Path
 
-PRELOAD = ("torch", "diffusers", "diffusers.models.unets.unet_2d_condition", "adjointdpm",
-           "adjointdpm.bench.sweep", "adjointdpm.bench.modes")
+PRELOAD = ("torch", "diffusers", "diffusers.models.unets.unet_2d_condition", "adjointdpm")
 
 
 class Zygote:
-    """Context manager: ``run(job, timeout)`` runs ``adjointdpm.bench.sweep.JOBS[job["job"]](job)`` in a
+    """Context manager: ``run(job, timeout)`` runs ``JOBS[job["job"]](job)`` of the module ``jobs`` in a
     freshly forked child and returns its result dict (or ``{"error": …}``)."""
+
+    def __init__(self, jobs: str):
+        self.jobs = jobs
 
     def __enter__(self) -> "Zygote":
         self._dir = tempfile.TemporaryDirectory(prefix="adjointdpm-zygote-")
-        self._proc = subprocess.Popen([sys.executable, "-m", "adjointdpm.bench.zygote"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._proc = subprocess.Popen([sys.executable, "-m", "adjointdpm.bench.zygote", self.jobs],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self._count = 0
         return self
 
@@ -63,7 +67,7 @@ class Zygote:
         self._dir.cleanup()
 
 
-def _child(request: dict) -> None:
+def _child(request: dict, jobs: dict) -> None:
     """In the forked child: run the job, write the result, exit without running any atexit handler."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # stdout is the helper's channel to the orchestrator: keep it clean
@@ -73,13 +77,11 @@ def _child(request: dict) -> None:
 
         import torch
 
-        from adjointdpm.bench.sweep import JOBS
-
         warnings.filterwarnings("ignore")
         job = request["job"]
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
-        result = JOBS[job["job"]](job)
+        result = jobs[job["job"]](job)
     except BaseException as exc:  # reported to the orchestrator, which goes on with the next job
         result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
         code = 1
@@ -92,16 +94,17 @@ def _child(request: dict) -> None:
         os._exit(code)
 
 
-def serve() -> None:
+def serve(jobs_module: str) -> None:
     import importlib
 
     for name in PRELOAD:
         importlib.import_module(name)
+    jobs = importlib.import_module(jobs_module).JOBS
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()
         if pid == 0:
-            _child(request)
+            _child(request, jobs)
         deadline = time.monotonic() + float(request["timeout"])
         timed_out = False
         while True:
@@ -119,4 +122,4 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
-    serve()
+    serve(sys.argv[1])
