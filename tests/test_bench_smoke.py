@@ -1,5 +1,5 @@
-"""A fast run of every benchmark code path (python -m adjointdpm.bench grad / cpu / gpu --reduced / report)
-on the test suite's tiny model: the numbers are meaningless, the plumbing and the checks are not."""
+"""A fast run of every benchmark code path (python -m adjointdpm.bench grad / cpu / budget / vae / gpu --reduced /
+report) on tiny models: the numbers are meaningless, the plumbing and the checks are not."""
 
 import json
 
@@ -68,13 +68,60 @@ def test_report_reprints(sweep, capsys):
 
 
 def test_gpu_command_reduced_on_cpu(tmp_path, capsys):
-    main(["gpu", "--reduced", "--targets", "x_T,lora", "--modes", "exact,reversible", "--solvers", "ddim",
-          "--ddim-steps", "2", "--out", str(tmp_path / "gpu.json")])
+    """Two UNet families, sampling and two targets, the default and an unlimited budget, a VAE row."""
+    main(["gpu", "--reduced", "--family", "sd15,sdxl", "--targets", "forward,x_T,lora", "--modes", "exact,exact:inf",
+          "--solvers", "ddim", "--ddim-steps", "2", "--vae-sizes", "64", "--out", str(tmp_path / "gpu.json")])
     rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
     ok = [r for r in rows if r["status"] == "ok"]
-    assert len(ok) == 4 and all(r["s_per_step"] > 0 and np.isfinite(r["loss"]) for r in ok)
-    assert next(r for r in ok if r["target"] == "lora")["trainable_parameters"] > 0
-    assert "| x_T | ddim, 2 |" in capsys.readouterr().out
+    assert len(ok) == len(rows) == 2 * (3 + 1 + 2 * 2), [r["status"] for r in rows]
+    steps = [r for r in ok if r["target"] in ("x_T", "lora")]
+    assert all(r["s_per_step"] > 0 and np.isfinite(r["loss"]) for r in steps)
+    assert all(r["trainable_parameters"] > 0 for r in steps)
+    assert {r["family"] for r in ok} == {"sd15", "sdxl"} and {r["mode"] for r in steps} == {"exact", "exact:inf"}
+    assert "| sdxl | x_T | ddim, 2 | no |" in capsys.readouterr().out
+
+
+def test_budget_command(tmp_path):
+    out = tmp_path / "budget.json"
+    main(["budget", "--models", "tiny", "--steps", "3", "--fractions", "0,100", "--repeats", "1", "--threads", "1",
+          "--out", str(out), "--img", str(tmp_path / "bench_budget.png")])
+    result = json.loads(out.read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"forward", "backprop", "exact, 0% of backprop's peak", "exact, 100% of backprop's peak",
+                         "exact, memory=inf"}
+    assert all(r["status"] == "ok" and r["time_s"] > 0 and r["peak_mib"] >= 0 for r in rows.values())
+    # no budget: the backward pass recomputes the 3 steps; an unlimited one: none
+    assert rows["exact, 0% of backprop's peak"]["backward_calls"] == 3
+    assert rows["exact, 100% of backprop's peak"]["backward_calls"] <= 3
+    assert rows["exact, memory=inf"]["backward_calls"] == 0
+    for label in ("exact, 0% of backprop's peak", "exact, memory=inf"):
+        assert all(e["rel"] < 1e-5 for e in rows[label]["errors_vs_backprop"].values())
+    assert result["ratios"]["per_model"][0]["inf_over_backprop"] > 0
+    assert (tmp_path / "bench_budget.png").stat().st_size > 0
+
+
+def test_vae_command(tmp_path, capsys):
+    out = tmp_path / "vae.json"
+    main(["vae", "--config", "reduced", "--sizes", "64", "--threads", "1", "--out", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"plain", "diffusers", "checkpoint", "tiled"} and all(r["status"] == "ok" for r in rows.values())
+    assert rows["checkpoint"]["grad_vs_plain"]["rel"] < 1e-6  # the same function
+    assert rows["tiled"]["grad_vs_plain"]["rel"] > 0  # a tiled decode is a different function (tiny tiles here)
+    assert "| 64² | tiled (tile 4) |" in capsys.readouterr().out
+
+
+def test_help_texts_say_what_each_suite_measures(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for name in ("grad", "cpu", "budget", "vae", "gpu", "report"):
+        assert name in text
+    assert "issue" not in text.lower()
+    for name, words in (("budget", "of back-propagation's peak"), ("vae", "peak memory"), ("gpu", "torch.compile")):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        assert words in " ".join(text.split()) and "issue" not in text.lower()
 
 
 def test_odeint_adjoint_with_heun_for_dpmpp2m():

@@ -1,26 +1,28 @@
-"""The GPU suite: Stable-Diffusion-1.5-sized models, random weights, one optimisation step.
+"""The GPU suite: model families at their native sizes, random weights, one optimisation step each.
 
-    python -m adjointdpm.bench gpu                 # on a CUDA machine: SD-1.5 sizes, 512², CFG 7.5
-    python -m adjointdpm.bench gpu --reduced       # anywhere (CPU): tiny configs, 64², few steps, float32
+    python -m adjointdpm.bench gpu --family sd15,sdxl          # on a CUDA machine, bf16 weights
+    python -m adjointdpm.bench gpu --family sd15 --compile off,on --modes exact,exact:inf,backprop
+    python -m adjointdpm.bench gpu --reduced                    # anywhere (CPU): tiny configs, 64², few steps
 
-The UNet2DConditionModel, AutoencoderKL and CLIPTextModel are built from Stable Diffusion 1.5's configs
-(written below) with random weights, so nothing is downloaded. One optimisation step is
+For each family (see ``families.py``: SD-1.5 and SDXL UNets; SD3 and Flux transformers, which need the
+engine's flow-matching support) and each target it measures, after one warm-up step, the peak memory and
+the seconds of:
 
-    x_0 = adjointdpm.sample(unet, x_T, cond=c, uncond=u, guidance_scale=7.5, solver=…, grad=mode)
-    loss = mean((vae.decode(x_0 / 0.18215) − target)²);  loss.backward();  AdamW.step()
+    forward  plain sampling (no graph) + VAE decode: what a step must be compared with
+    x_T      x_0 = adjointdpm.sample(net, x_T, …, grad=mode); loss = mean((decode(x_0) − target)²);
+             loss.backward(); AdamW step on x_T
+    text     the same, AdamW on the text embeddings (cond and uncond)
+    lora     the same, AdamW on peft LoRA adapters (rank --lora-rank on the attention projections)
+    full     the same, AdamW on every network weight (float32 master weights under --full-autocast)
 
-for each target — x_T, the text embeddings (cond and uncond, CLIP's output), LoRA adapters (peft, rank 4 on
-the attention projections) and the full UNet weights — each solver setting (50 DDIM steps, 20
-DPM-Solver++(2M) steps) and each method (adjoint, exact, checkpoint, reversible, backprop). It reports
-peak GPU memory (``torch.cuda.max_memory_allocated`` over the measured step, which includes the weights
-and the optimiser state) and seconds per step (after one warm-up step); out-of-memory is caught and
-reported. Options: SDPA or classic attention, half-precision weights or bf16/fp16 autocast over float32
-weights, batched or sequential classifier-free guidance, gradient checkpointing inside the VAE decoder and
-inside the UNet. Full-weight fine-tuning always keeps float32 master weights (AdamW on half-precision
-weights is not a real fine-tune) under the chosen autocast (bf16 by default).
-
-On a machine without CUDA (``--reduced``) the same code runs on CPU and peak memory is the process's peak
-RSS above the RSS before the step (see ``common.PeakRSS``).
+for each solver setting (50 DDIM steps, 20 DPM-Solver++(2M) steps; Euler on the flow-matching families) and
+each gradient mode (``exact``, ``exact:inf`` / ``exact:8GiB`` = ``Exact(memory=…)``, ``adjoint``,
+``checkpoint``, ``reversible``, ``backprop``), with and without ``torch.compile`` of the network
+(``--compile off,on``). The decode is ``adjointdpm.vae.decode`` (checkpointed; ``--vae-tile`` tiles it).
+``--vae-sizes 1024`` adds decode + backward rows at that resolution: plain, checkpointed and tiled.
+Peak memory is ``torch.cuda.max_memory_allocated`` over the measured step (weights, gradients and optimiser
+state included); on CPU (``--reduced``) the process's peak RSS above the RSS before the step. An
+out-of-memory step is caught and reported; every row is written to the JSON as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -32,72 +34,42 @@ from contextlib import nullcontext
 
 import torch
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, center_input_sample=False,
-)
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512), act_fn="silu", norm_num_groups=32, scaling_factor=0.18215,
-)
-SD15_CLIP = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
-    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-)
-SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                steps_offset=1)
+from .families import FAMILIES, SD_BETAS, build_network, build_vae
 
-# --reduced: the same architecture families, tiny, 64×64 images (8×8 latents)
-REDUCED_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-)
-REDUCED_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(16, 16, 32, 32), act_fn="silu", norm_num_groups=8, scaling_factor=0.18215,
-)
-REDUCED_CLIP = dict(
-    vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, bos_token_id=0, eos_token_id=2,
-    pad_token_id=1,
-)
-
-TARGETS = ("x_T", "text", "lora", "full")
+TARGETS = ("forward", "x_T", "text", "lora", "full")
 MODES = ("adjoint", "exact", "checkpoint", "reversible", "backprop")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+GUIDANCE = {"sd15": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 1.0}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", default="sd15", help=f"comma-separated, of {','.join(FAMILIES)} (default sd15)")
     p.add_argument("--reduced", action="store_true",
                    help="tiny configs, 64×64, float32, few steps: proves the command on a CPU in a minute")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--targets", default=",".join(TARGETS), help=f"default {','.join(TARGETS)}")
-    p.add_argument("--modes", default=",".join(MODES), help=f"default {','.join(MODES)}")
+    p.add_argument("--modes", default="exact,adjoint,checkpoint,backprop",
+                   help="gradient modes (default exact,adjoint,checkpoint,backprop; also reversible, and exact:SIZE "
+                        "for Exact(memory=SIZE), e.g. exact:inf or exact:16GiB)")
     p.add_argument("--solvers", default="ddim,dpmpp2m", help="ddim (--ddim-steps) and/or dpmpp2m (--dpm-steps)")
-    p.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps (default 50; 4 with --reduced)")
-    p.add_argument("--dpm-steps", type=int, default=None, help="DPM-Solver++(2M) steps (default 20; 3 with --reduced)")
+    p.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps (default 50; 2 with --reduced)")
+    p.add_argument("--dpm-steps", type=int, default=None, help="DPM-Solver++(2M) steps (default 20; 2 with --reduced)")
+    p.add_argument("--compile", default="off", help="off, on or off,on: torch.compile of the network (default off)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                   help="weight dtype for x_T / text / LoRA (default bf16 on CUDA, fp32 on CPU; fp16 overflows "
-                        "in the random-weight SD UNet)")
+                   help="weight dtype for forward / x_T / text / LoRA (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
-                   help="autocast for x_T / text / LoRA (use with --dtype fp32)")
+                   help="autocast for forward / x_T / text / LoRA (use with --dtype fp32)")
     p.add_argument("--full-autocast", choices=("bf16", "fp16"), default="bf16",
                    help="autocast of the full-weight fine-tune (float32 master weights)")
     p.add_argument("--attention", choices=("sdpa", "classic"), default="sdpa")
     p.add_argument("--cfg", choices=("batched", "sequential"), default="batched",
-                   help="classifier-free guidance in one batched call or two calls")
+                   help="classifier-free guidance in one batched call or two calls (UNet families)")
     p.add_argument("--vae-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="gradient checkpointing in the VAE decoder (default on)")
+                   help="checkpointed VAE decoding, adjointdpm.vae.decode(checkpoint=True) (default on)")
+    p.add_argument("--vae-tile", type=int, default=None, help="decode in tiles of this many latent pixels")
+    p.add_argument("--vae-sizes", default="", help="image sizes for decode + backward rows, e.g. 1024 (default none)")
     p.add_argument("--unet-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="gradient checkpointing inside the UNet blocks (default off)")
+                   help="diffusers' gradient checkpointing inside the network's blocks (default off)")
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1, help="measured steps after the warm-up (default 1)")
     p.add_argument("--out", default="outputs/bench/gpu.json")
@@ -111,41 +83,63 @@ class SequentialCFG(torch.nn.Module):
         self.unet = unet
         self.config = unet.config
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=False, **kwargs):
-        outs = [self.unet(s, t, encoder_hidden_states=e, return_dict=False, **kwargs)[0]
-                for s, t, e in zip(sample.chunk(2), timestep.chunk(2), encoder_hidden_states.chunk(2))]
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=False, added_cond_kwargs=None, **kw):
+        halves = [{k: v.chunk(2)[i] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+                  for i in range(2)]
+        outs = [self.unet(s, t, encoder_hidden_states=e, added_cond_kwargs=a, return_dict=False, **kw)[0]
+                for s, t, e, a in zip(sample.chunk(2), timestep.chunk(2), encoder_hidden_states.chunk(2), halves)]
         return (torch.cat(outs),)
 
 
-def build_models(args, device, dtype, seed=0):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor
-    from transformers import CLIPTextConfig, CLIPTextModel
+def grad_mode(name: str):
+    """A gradient mode from a name of --modes (``exact:SIZE`` = Exact(memory=SIZE))."""
+    import adjointdpm as adpm
 
-    unet_cfg, vae_cfg, clip_cfg = (REDUCED_UNET, REDUCED_VAE, REDUCED_CLIP) if args.reduced else \
-        (SD15_UNET, SD15_VAE, SD15_CLIP)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**unet_cfg)
-        vae = AutoencoderKL(**vae_cfg)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**clip_cfg))
-    unet, vae, text_encoder = (m.to(device, dtype).eval().requires_grad_(False) for m in (unet, vae, text_encoder))
-    if args.attention == "classic":
-        unet.set_attn_processor(AttnProcessor())
-        vae.set_attn_processor(AttnProcessor())
-    if args.vae_checkpointing:
-        vae.enable_gradient_checkpointing()
-    if args.unet_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return unet, vae, text_encoder, clip_cfg
+    if name.startswith("exact:"):
+        return adpm.Exact(memory=name.split(":", 1)[1])
+    return {"adjoint": adpm.Adjoint(), "reversible": adpm.Reversible()}.get(name, name)
 
 
-def _peak_context(device):
-    if device.type == "cuda":
-        return _CudaPeak()
-    from .common import PeakRSS
+def _mode_ok(name: str) -> bool:
+    if name.startswith("exact:"):
+        grad_mode(name)  # a bad size fails here
+        return True
+    return name in MODES
 
-    return PeakRSS()
+
+class Inputs:
+    """Seeded random inputs of one family: latents, text embeddings, pooled embeddings, an image target."""
+
+    def __init__(self, family, reduced, device, dtype, latent_channels):
+        _, _, size, text_len, text_dim, pooled_dim = family.config(reduced)
+        g = torch.Generator().manual_seed(1)
+        self.size = size
+        self.x_T = torch.randn(1, latent_channels, size // 8, size // 8, generator=g).to(device, dtype)
+        self.cond = torch.randn(1, text_len, text_dim, generator=g).to(device, dtype)
+        self.uncond = torch.randn(1, text_len, text_dim, generator=g).to(device, dtype)
+        self.pooled = None if pooled_dim is None else torch.randn(2, pooled_dim, generator=g).to(device, dtype)
+        self.target = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(device)
+
+
+def sample_kwargs(family, inputs, solver, steps, cond, uncond):
+    """Keyword arguments of adjointdpm.sample for a family: schedule, times, conditioning."""
+    import adjointdpm as adpm
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if family.kind != "unet":
+        raise NotImplementedError(
+            f"{family.name}: the flow-matching transformer families need the engine's dict conditioning and "
+            "flow-matching schedules, which this checkout of adjointdpm does not have")
+    scheduler = (DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False) if solver == "ddim"
+                 else DPMSolverMultistepScheduler(**SD_BETAS))
+    scheduler.set_timesteps(steps)
+    kwargs = dict(schedule=adpm.VPSchedule.from_scheduler(scheduler), timesteps=scheduler.timesteps, cond=cond,
+                  uncond=uncond, guidance_scale=GUIDANCE[family.name], solver=solver)
+    if family.name == "sdxl":  # pooled text and (size, crop, target size) ids, pre-batched as [uncond; cond]
+        size = float(inputs.size)
+        ids = torch.tensor([[size, size, 0.0, 0.0, size, size]] * 2, device=inputs.x_T.device, dtype=inputs.x_T.dtype)
+        kwargs["model_kwargs"] = {"added_cond_kwargs": {"text_embeds": inputs.pooled, "time_ids": ids}}
+    return kwargs
 
 
 class _CudaPeak:
@@ -161,94 +155,140 @@ class _CudaPeak:
         self.peak_mib = torch.cuda.max_memory_allocated() / 2**20
 
 
+def _peak_context(device):
+    if device.type == "cuda":
+        return _CudaPeak()
+    from .common import PeakRSS
+
+    return PeakRSS()
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def run_config(args, device, target, solver, steps, mode) -> dict:
-    """One (target, solver, method): warm-up step, then ``repeats`` measured steps."""
+def _prepare_network(args, family, device, dtype, target, compiled):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    net = build_network(family, args.reduced, device, dtype)
+    if args.attention == "classic" and family.kind == "unet":
+        net.set_attn_processor(AttnProcessor())
+    if args.unet_checkpointing:
+        net.enable_gradient_checkpointing()
+    if target == "lora":
+        from peft import LoraConfig
+
+        net.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                   target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        for n, p in net.named_parameters():
+            p.requires_grad_("lora_" in n)
+    elif target == "full":
+        net.requires_grad_(True)
+    if compiled:
+        net.compile()
+    model = SequentialCFG(net) if args.cfg == "sequential" and family.kind == "unet" else net
+    return net, model
+
+
+def run_target(args, family, device, target, compiled, settings, modes, result, write) -> None:
+    """Every (solver, mode) of one target on one network build."""
     import adjointdpm as adpm
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from adjointdpm.vae import decode
 
     full = target == "full"
     dtype = torch.float32 if full else DTYPES[args.dtype]
     autocast = args.full_autocast if full else args.autocast
-    unet, vae, text_encoder, clip_cfg = build_models(args, device, dtype)
-    if target == "lora":
-        from peft import LoraConfig
-
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    model = SequentialCFG(unet) if args.cfg == "sequential" else unet
-    scheduler = (DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False) if solver == "ddim"
-                 else DPMSolverMultistepScheduler(**SD_BETAS))
-    scheduler.set_timesteps(steps)
-    schedule = adpm.VPSchedule.from_scheduler(scheduler)
-
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, clip_cfg["vocab_size"], (1, clip_cfg["max_position_embeddings"]), generator=g)
-    empty = torch.full_like(ids, clip_cfg["pad_token_id"])
-    empty[:, 0] = clip_cfg["bos_token_id"]
-    with torch.no_grad():
-        cond = text_encoder(ids.to(device))[0].to(dtype)
-        uncond = text_encoder(empty.to(device))[0].to(dtype)
-    latent = (1, 4, unet.config.sample_size, unet.config.sample_size)
-    x_T = torch.randn(latent, generator=g).to(device, dtype)
-    size = unet.config.sample_size * 8
-    image_target = torch.rand(1, 3, size, size, generator=g).to(device) * 2 - 1
-
-    x_T.requires_grad_(target == "x_T")
-    cond.requires_grad_(target == "text")
-    uncond.requires_grad_(target == "text")
-    if target == "lora":
-        leaves = [p for n, p in unet.named_parameters() if "lora_" in n]
-        for p in leaves:
-            p.requires_grad_(True)
-    elif full:
-        leaves = list(unet.parameters())
-        unet.requires_grad_(True)
-    else:
-        leaves = [x_T] if target == "x_T" else [cond, uncond]
-    optimizer = torch.optim.AdamW(leaves, lr=1e-3)
-    grad = {"adjoint": adpm.Adjoint(), "reversible": adpm.Reversible()}.get(mode, mode)
     amp = torch.autocast(device.type, DTYPES[autocast]) if autocast != "none" else nullcontext()
-
-    def one_step():
-        with amp:
-            x0 = adpm.sample(model, x_T, schedule=schedule, timesteps=scheduler.timesteps, cond=cond, uncond=uncond,
-                             guidance_scale=7.5, solver=solver, grad=grad)
-            image = vae.decode(x0 / vae.config.scaling_factor).sample
-            loss = (image.float() - image_target).square().mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    row = {"target": target, "solver": solver, "steps": steps, "mode": mode, "weights_dtype": str(dtype),
-           "autocast": autocast, "trainable_parameters": sum(p.numel() for p in leaves)}
     try:
-        one_step()  # warm-up: kernels, allocator, optimiser state
-        times = []
-        with _peak_context(device) as peak:
-            for _ in range(args.repeats):
-                _sync(device)
-                start = time.perf_counter()
-                row["loss"] = one_step()
-                _sync(device)
-                times.append(time.perf_counter() - start)
-        row.update(status="ok", s_per_step=min(times), times_s=times, peak_mib=peak.peak_mib,
-                   resident_before_mib=peak.baseline_mib, memory_method=peak.method)
-    except torch.cuda.OutOfMemoryError as exc:
-        row.update(status="OOM", error=str(exc).splitlines()[0][:200])
-    except MemoryError as exc:
-        row.update(status="OOM", error=str(exc)[:200])
-    finally:
-        del model, unet, vae, text_encoder, optimizer, leaves
+        net, model = _prepare_network(args, family, device, dtype, target, compiled)
+        vae = build_vae(family, args.reduced, device, dtype)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        for solver, steps in settings:
+            for mode in (["none"] if target == "forward" else modes):
+                write({"family": family.name, "target": target, "solver": solver, "steps": steps, "mode": mode,
+                       "compile": compiled, "status": "OOM building the models", "error": str(exc)[:200]})
+        return
+    inputs = Inputs(family, args.reduced, device, dtype, vae.config.latent_channels)
+    for solver, steps in settings:
+        for mode in (["none"] if target == "forward" else modes):
+            row = {"family": family.name, "target": target, "solver": solver, "steps": steps, "mode": mode,
+                   "compile": compiled, "weights_dtype": str(dtype), "autocast": autocast}
+            if mode == "reversible" and solver != "ddim":
+                write({**row, "status": "n/a (EDICT is DDIM-only)"})
+                continue
+            x_T, cond, uncond = (t.clone() for t in (inputs.x_T, inputs.cond, inputs.uncond))
+            x_T.requires_grad_(target == "x_T")
+            cond.requires_grad_(target == "text")
+            uncond.requires_grad_(target == "text")
+            leaves = {"x_T": [x_T], "text": [cond, uncond], "forward": []}.get(
+                target, [p for p in net.parameters() if p.requires_grad])
+            row["trainable_parameters"] = sum(p.numel() for p in leaves)
+            optimizer = torch.optim.AdamW(leaves, lr=1e-4) if leaves else None
+
+            def one_step():
+                kwargs = sample_kwargs(family, inputs, solver, steps, cond, uncond)
+                if target == "forward":
+                    with torch.no_grad(), amp:
+                        x0 = adpm.sample(model, x_T, grad=None, **kwargs)
+                        decode(vae, x0, checkpoint=False, tile=args.vae_tile)
+                    return float("nan")
+                with amp:
+                    x0 = adpm.sample(model, x_T, grad=grad_mode(mode), **kwargs)
+                    image = decode(vae, x0, checkpoint=args.vae_checkpointing, tile=args.vae_tile)
+                    loss = (image.float() - inputs.target).square().mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                return loss.item()
+
+            try:
+                one_step()  # warm-up: kernels, allocator, optimiser state, compilation
+                times = []
+                with _peak_context(device) as peak:
+                    for _ in range(args.repeats):
+                        _sync(device)
+                        start = time.perf_counter()
+                        row["loss"] = one_step()
+                        _sync(device)
+                        times.append(time.perf_counter() - start)
+                row.update(status="ok", s_per_step=min(times), times_s=times, peak_mib=peak.peak_mib,
+                           resident_before_mib=peak.baseline_mib, memory_method=peak.method)
+            except NotImplementedError as exc:
+                row.update(status=f"n/a: {exc}")
+            except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+                row.update(status="OOM", error=str(exc).splitlines()[0][:200] if str(exc) else "")
+            finally:
+                del optimizer, leaves
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            write(row)
+    del net, model, vae
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def vae_rows(args, family, device, size, write) -> None:
+    """Decode + backward at ``size``²: plain, checkpointed, tiled (in this process, one after the other)."""
+    from .vae import measure_decode
+
+    dtype = DTYPES[args.dtype]
+    vae = build_vae(family, args.reduced, device, dtype)
+    for variant in ("plain", "checkpoint", "tiled"):
+        row = {"family": family.name, "target": "vae_decode", "solver": f"{size}²", "steps": 0, "mode": variant,
+               "compile": False}
+        try:
+            out = measure_decode(vae, size, variant, args.vae_tile, device)
+            row.update(status="ok", s_per_step=out["seconds"], peak_mib=out["peak_mib"], tile=out["tile"],
+                       memory_method=out["memory_method"] + " above the memory before the decode")
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            row.update(status="OOM", error=str(exc).splitlines()[0][:200] if str(exc) else "")
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return row
+        write(row)
 
 
 def main(args) -> int:
@@ -259,29 +299,34 @@ def main(args) -> int:
         raise SystemExit("no CUDA device: the full-size GPU suite needs one; run with --reduced to test the command on CPU")
     if args.dtype is None:
         args.dtype = "bf16" if device.type == "cuda" else "fp32"
-    ddim_steps = args.ddim_steps or (4 if args.reduced else 50)
-    dpm_steps = args.dpm_steps or (3 if args.reduced else 20)
+    families = [f for f in args.family.split(",") if f]
     targets = [t for t in args.targets.split(",") if t]
     modes = [m for m in args.modes.split(",") if m]
-    bad = [t for t in targets if t not in TARGETS] + [m for m in modes if m not in MODES]
-    if bad:
-        raise SystemExit(f"unknown target(s)/method(s) {bad}; targets {TARGETS}, methods {MODES}")
+    compiles = {"off": [False], "on": [True], "off,on": [False, True], "on,off": [True, False]}.get(args.compile)
+    bad = ([f for f in families if f not in FAMILIES] + [t for t in targets if t not in TARGETS]
+           + [m for m in modes if not _mode_ok(m)])
+    if bad or compiles is None:
+        raise SystemExit(f"unknown family/target/mode/--compile {bad or args.compile}; families {tuple(FAMILIES)}, "
+                         f"targets {TARGETS}, modes {MODES} or exact:SIZE, --compile off|on|off,on")
+    ddim_steps = args.ddim_steps or (2 if args.reduced else 50)
+    dpm_steps = args.dpm_steps or (2 if args.reduced else 20)
+    settings = [(s, n) for s, n in (("ddim", ddim_steps), ("dpmpp2m", dpm_steps)) if s in args.solvers.split(",")]
     result = {"suite": "gpu", "machine": machine_info(), "device": str(device),
               "options": {k: v for k, v in vars(args).items() if k != "command"}, "rows": []}
     started = time.time()
-    for target in targets:
-        for solver, steps in (("ddim", ddim_steps), ("dpmpp2m", dpm_steps)):
-            if solver not in args.solvers.split(","):
-                continue
-            for mode in modes:
-                if mode == "reversible" and solver != "ddim":
-                    result["rows"].append({"target": target, "solver": solver, "steps": steps, "mode": mode,
-                                           "status": "n/a (EDICT is DDIM-only)"})
-                    continue
-                row = run_config(args, device, target, solver, steps, mode)
-                result["rows"].append(row)
-                print(_row_line(row), flush=True)
-                write_json(args.out, result)  # a run stopped by a time limit keeps what it measured
+
+    def write(row):
+        result["rows"].append(row)
+        print(_row_line(row), flush=True)
+        write_json(args.out, result)  # a run stopped by a time limit keeps what it measured
+
+    for name in families:
+        family = FAMILIES[name]
+        for size in (int(s) for s in args.vae_sizes.split(",") if s):
+            vae_rows(args, family, device, size, write)
+        for compiled in compiles:
+            for target in targets:
+                run_target(args, family, device, target, compiled, settings, modes, result, write)
     result["wall_s"] = time.time() - started
     write_json(args.out, result)
     print()
@@ -291,37 +336,33 @@ def main(args) -> int:
 
 
 def _row_line(row) -> str:
+    head = (f"{row['family']:>5} {row['target']:>10} {row['solver']:>8} {row['steps']:3d} {row['mode']:>12} "
+            f"{'compiled' if row.get('compile') else '':>8}")
     if row["status"] != "ok":
-        return f"{row['target']:>5} {row['solver']:>8} {row['steps']:3d} {row['mode']:>10}: {row['status']}"
-    return (f"{row['target']:>5} {row['solver']:>8} {row['steps']:3d} {row['mode']:>10}: "
-            f"{row['peak_mib'] / 1024:7.3f} GiB  {row['s_per_step']:7.2f} s/step")
+        return f"{head}: {row['status']}"
+    return f"{head}: {row['peak_mib'] / 1024:7.3f} GiB  {row['s_per_step']:7.2f} s/step"
 
 
 def gpu_table(result) -> str:
-    """Markdown: one row per (target, solver), one column per method: 'peak GiB / s per step'."""
-    modes = []
-    for r in result["rows"]:
-        if r["mode"] not in modes:
-            modes.append(r["mode"])
+    """Markdown: one row per (family, target, solver, compile), one column per mode: 'peak GiB / s per step'."""
+    modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
     unit = "GiB" if result.get("device", "").startswith("cuda") else "GiB (CPU RSS)"
-    lines = ["| target | solver, steps | " + " | ".join(f"{m}: peak {unit} / s per step" for m in modes) + " |",
-             "|---|---|" + "---|" * len(modes)]
-    keys = []
-    for r in result["rows"]:
-        if (r["target"], r["solver"], r["steps"]) not in keys:
-            keys.append((r["target"], r["solver"], r["steps"]))
-    for target, solver, steps in keys:
+    lines = ["| family | target | solver, steps | compiled | " + " | ".join(f"{m}: peak {unit} / s" for m in modes) + " |",
+             "|---|---|---|---|" + "---|" * len(modes)]
+    keys = list(dict.fromkeys((r["family"], r["target"], r["solver"], r["steps"], bool(r.get("compile")))
+                              for r in result["rows"]))
+    for family, target, solver, steps, compiled in keys:
         cells = []
         for m in modes:
-            row = next((r for r in result["rows"] if (r["target"], r["solver"], r["steps"], r["mode"]) ==
-                        (target, solver, steps, m)), None)
+            row = next((r for r in result["rows"] if (r["family"], r["target"], r["solver"], r["steps"],
+                                                      bool(r.get("compile")), r["mode"]) ==
+                        (family, target, solver, steps, compiled, m)), None)
             if row is None:
                 cells.append("–")
             elif row["status"] != "ok":
-                cells.append(row["status"])
+                cells.append(row["status"][:60])
             else:
                 peak = row["peak_mib"] / 1024
-                cells.append(f"{peak:.3f} / {row['s_per_step']:.2f}" if peak < 1 else
-                             f"{peak:.2f} / {row['s_per_step']:.2f}")
-        lines.append(f"| {target} | {solver}, {steps} | " + " | ".join(cells) + " |")
+                cells.append(f"{peak:.3f} / {row['s_per_step']:.2f}" if peak < 1 else f"{peak:.2f} / {row['s_per_step']:.2f}")
+        lines.append(f"| {family} | {target} | {solver}, {steps} | {'yes' if compiled else 'no'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
