@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(gp)
 
+    f = sub.add_parser("families", help="x_T and LoRA gradient cost (time, peak RSS) per model family on reduced "
+                                          "configs: SD 1.5, SDXL, SD3, Flux, PixArt, beside the forward sample")
+    from .families import add_arguments as add_family_arguments
+
+    add_family_arguments(f)
+
     r = sub.add_parser("report", help="print the tables of a results JSON (and plot with --img)")
     r.add_argument("json")
     r.add_argument("--img", default=None)
@@ -88,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(gpu_table(result))
         return 0
+    if args.command == "families":
+        from .families import main as families_main
+
+        return families_main(args)
     if args.command == "gpu":
         from .gpu import main as gpu_main
 
