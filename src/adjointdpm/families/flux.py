@@ -87,6 +87,9 @@ class Flux(Family):
             settings["default_guidance_scale"] = 1.0  # no guidance embedding: plain sampling unless asked
         return settings
 
+    def prompt_tokenizer(self, c):
+        return c.tokenizer_2  # T5 reads the whole prompt; CLIP's pooled view of it is cut at its length
+
     def has_guidance_embeds(self, c) -> bool:
         return bool(getattr(c.network.config, "guidance_embeds", False))
 
@@ -94,7 +97,7 @@ class Flux(Family):
         te1, te2 = c.text_encoder, c.text_encoder_2
         ids = pad_ids(c.tokenizer, prompts, c.tokenizer.model_max_length, te1.device)
         pooled = te1(ids, output_hidden_states=False).pooler_output.to(te1.dtype)
-        length = int(c.settings.get("max_sequence_length") or self.settings["max_sequence_length"])
+        length = int(c.settings["max_sequence_length"])
         t5 = te2(pad_ids(c.tokenizer_2, prompts, length, te2.device), output_hidden_states=False)[0].to(te2.dtype)
         cond = {"encoder_hidden_states": t5, "pooled_projections": pooled,
                 "txt_ids": torch.zeros(t5.shape[1], 3, device=c.device, dtype=te1.dtype),

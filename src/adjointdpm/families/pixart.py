@@ -13,7 +13,9 @@ How the pipeline conditions its ``PixArtTransformer2DModel``:
 
 The network predicts the noise and, with ``out_channels = 2 x in_channels``, a learned variance;
 the pipeline guides both halves and keeps the first (the engine splits it). x_T is unit noise (the
-pipeline scales it by ``init_noise_sigma``); the VAE decodes ``x0 / scaling_factor``.
+pipeline scales it by ``init_noise_sigma``); the VAE decodes ``x0 / scaling_factor``. The pipelines'
+resolution binning (sampling at the nearest trained aspect ratio, then resizing) is not applied:
+images are made at the folder's size (``sample_size x`` the VAE factor, or ``adjointdpm.json``'s).
 """
 from __future__ import annotations
 

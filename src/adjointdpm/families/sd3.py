@@ -32,13 +32,16 @@ class StableDiffusion3(Family):
     settings = {"default_guidance_scale": 7.0, "default_steps": 28, "default_solver": "ddim",
                 "max_sequence_length": 256}
 
+    def prompt_tokenizer(self, c):
+        return c.tokenizer_3 if c.tokenizer_3 is not None else c.tokenizer
+
     def _clip(self, c, prompts, i: int):
         tok, enc = (c.tokenizer, c.text_encoder) if i == 1 else (c.tokenizer_2, c.text_encoder_2)
         out = enc(pad_ids(tok, prompts, c.tokenizer.model_max_length, enc.device), output_hidden_states=True)
         return out.hidden_states[-2].to(c.text_encoder.dtype), out[0]
 
     def _t5(self, c, prompts) -> torch.Tensor:
-        length = int(c.settings.get("max_sequence_length") or self.settings["max_sequence_length"])
+        length = int(c.settings["max_sequence_length"])
         if c.text_encoder_3 is None:
             return torch.zeros((len(prompts), length, c.network.config.joint_attention_dim),
                                dtype=c.text_encoder.dtype, device=c.device)
