@@ -5,7 +5,7 @@ One reverse pass per step does it: the step is recomputed with a graph from deta
 its inputs, and ``torch.autograd.backward(outputs, v, inputs=…)`` accumulates
 
     x-leaf.grad  = vᵀ ∂Φ/∂x        (returned, it is the next cotangent)
-    cond-leaf.grad += vᵀ ∂Φ/∂c     (one buffer for the whole backward pass)
+    cond-leaf.grad += vᵀ ∂Φ/∂c     (one buffer per conditioning tensor, at any depth of the cond tree)
     p.grad       += vᵀ ∂Φ/∂θ       (in place, layer by layer: never a parameter-sized temporary)
 
 While the pass runs, each parameter's user-visible ``.grad`` is set aside so that the accumulated sum is
@@ -23,14 +23,16 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..conditioning import Tree, floating_leaves, replace_floating
+
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None:
-        return None
-    return t.detach().requires_grad_(t.requires_grad)
+def _leaf_tree(tree: Tree) -> tuple[Tree, list[torch.Tensor]]:
+    """A copy of a conditioning tree whose floating tensors are fresh leaves (requires_grad kept)."""
+    leaves = [t.detach().requires_grad_(t.requires_grad) for t in floating_leaves(tree)]
+    return replace_floating(tree, leaves), leaves
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,11 +43,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 class VJPAccumulator:
     """Context manager holding the conditioning leaves and the parameters' private gradient buffers."""
 
-    def __init__(self, cond: torch.Tensor | None, uncond: torch.Tensor | None, params: Sequence[torch.Tensor]):
-        self.cond, self.uncond = _leaf(cond), _leaf(uncond)
+    def __init__(self, cond: Tree, uncond: Tree, params: Sequence[torch.Tensor]):
+        self.cond, self.cond_leaves = _leaf_tree(cond)
+        self.uncond, self.uncond_leaves = _leaf_tree(uncond)
         self.params = list(params)
         self.param_grads: list[torch.Tensor | None] = [None] * len(self.params)
-        self._targets = [t for t in (self.cond, self.uncond) if t is not None and t.requires_grad] + self.params
+        embeddings = self.cond_leaves + self.uncond_leaves
+        self._targets = [t for t in embeddings if t.requires_grad] + self.params
         # float32 buffers of the half-precision targets, by position in _targets
         self._wide = {i: None for i, t in enumerate(self._targets) if t.dtype in LOW_PRECISION}
 
@@ -72,19 +76,19 @@ class VJPAccumulator:
     def _collected(self) -> list[torch.Tensor | None]:
         return [self._wide[i] if i in self._wide else t.grad for i, t in enumerate(self._targets)]
 
-    def _grad_of(self, leaf: torch.Tensor | None) -> torch.Tensor | None:
-        if leaf is None or not leaf.requires_grad:
-            return None
-        index = next(i for i, t in enumerate(self._targets) if t is leaf)
-        return self._collected()[index]
+    def _grads_of(self, leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        collected = self._collected()
+        index = {id(t): i for i, t in enumerate(self._targets)}
+        return [collected[index[id(leaf)]] if leaf.requires_grad else None for leaf in leaves]
 
     @property
-    def cond_grad(self) -> torch.Tensor | None:
-        return self._grad_of(self.cond)
+    def cond_grads(self) -> list[torch.Tensor | None]:
+        """Gradients of the floating tensors of ``cond``, in ``floating_leaves`` order (None: not required)."""
+        return self._grads_of(self.cond_leaves)
 
     @property
-    def uncond_grad(self) -> torch.Tensor | None:
-        return self._grad_of(self.uncond)
+    def uncond_grads(self) -> list[torch.Tensor | None]:
+        return self._grads_of(self.uncond_leaves)
 
     def vjp(
         self,

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..conditioning import floating_leaves, map_floating, replace_floating
 from ..solvers import Solver
 from ._vjp import VJPAccumulator
 
@@ -40,39 +41,57 @@ class CustomBackwardMode(GradMode):
         raise NotImplementedError
 
     def run(self, solver, x_T, cond, uncond, params):
-        return SamplerFunction.apply(self, solver, x_T, cond, uncond, *params)
+        # autograd.Function sees tensors only at the top level: the conditioning trees travel as their
+        # floating leaves and are rebuilt inside.
+        cond_leaves, uncond_leaves = floating_leaves(cond), floating_leaves(uncond)
+        layout = (cond, uncond, len(cond_leaves), len(uncond_leaves))
+        return SamplerFunction.apply(self, solver, layout, x_T, *cond_leaves, *uncond_leaves, *params)
+
+
+#: positions of SamplerFunction.apply's inputs before the tensors: mode, solver, layout
+_LEADING = 3
 
 
 class SamplerFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mode: CustomBackwardMode, solver: Solver, x_T, cond, uncond, *params):
+    def forward(ctx, mode: CustomBackwardMode, solver: Solver, layout, x_T, *tensors):
+        cond_tree, uncond_tree, n_cond, n_uncond = layout
+        cond = replace_floating(cond_tree, tensors[:n_cond])
+        uncond = replace_floating(uncond_tree, tensors[n_cond:n_cond + n_uncond])
         with torch.no_grad():
-            x0, record = mode.record(solver, x_T.detach(), _detach(cond), _detach(uncond))
+            x0, record = mode.record(solver, x_T.detach(), map_floating(torch.Tensor.detach, cond),
+                                     map_floating(torch.Tensor.detach, uncond))
         # The backward pass recomputes steps: it must see the autocast state the forward pass saw.
         device_type = x_T.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.mode, ctx.solver, ctx.record = mode, solver, record
-        ctx.cond, ctx.uncond, ctx.params = cond, uncond, params
+        ctx.cond, ctx.uncond, ctx.sizes = cond, uncond, (n_cond, n_uncond)
+        ctx.params = tensors[n_cond + n_uncond:]
         return x0
 
     @staticmethod
     def backward(ctx, grad_x0):
         _check_incoming(grad_x0)
-        needs = ctx.needs_input_grad
-        params = [p for p, need in zip(ctx.params, needs[5:]) if need]
-        cond = ctx.cond.detach().requires_grad_(needs[3]) if ctx.cond is not None else None
-        uncond = ctx.uncond.detach().requires_grad_(needs[4]) if ctx.uncond is not None else None
+        n_cond, n_uncond = ctx.sizes
+        needs = ctx.needs_input_grad[_LEADING + 1:]  # after x_T: cond leaves, uncond leaves, params
+        need_cond, need_uncond, need_params = needs[:n_cond], needs[n_cond:n_cond + n_uncond], needs[n_cond + n_uncond:]
+        params = [p for p, need in zip(ctx.params, need_params) if need]
+        cond = _with_requirements(ctx.cond, need_cond)
+        uncond = _with_requirements(ctx.uncond, need_uncond)
         device_type, enabled, dtype = ctx.autocast
         with VJPAccumulator(cond, uncond, params) as acc, torch.autocast(device_type, dtype, enabled=enabled):
             grad_xT = ctx.mode.pull_back(ctx.solver, ctx.record, grad_x0, acc)
         grads = iter(acc.param_grads)
-        param_grads = [next(grads) if need else None for need in needs[5:]]
+        param_grads = [next(grads) if need else None for need in need_params]
         ctx.record = None  # free the stored states as soon as possible
-        return (None, None, grad_xT if needs[2] else None, acc.cond_grad, acc.uncond_grad, *param_grads)
+        x_need = ctx.needs_input_grad[_LEADING]
+        return (None,) * _LEADING + (grad_xT if x_need else None, *acc.cond_grads, *acc.uncond_grads, *param_grads)
 
 
-def _detach(t):
-    return None if t is None else t.detach()
+def _with_requirements(tree, needs):
+    """The tree's floating tensors detached, each requiring grad exactly where autograd asks for it."""
+    leaves = [t.detach().requires_grad_(need) for t, need in zip(floating_leaves(tree), needs)]
+    return replace_floating(tree, leaves)
 
 
 def check_step_cotangent(cotangent: torch.Tensor, step: int, t: float) -> None:
