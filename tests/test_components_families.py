@@ -83,7 +83,7 @@ def test_folder_opens_as_its_family(folders, kind):
     assert set(comps.settings) >= {"default_guidance_scale", "default_steps", "default_solver"}
     if comps.family in ("sd3", "flux"):
         assert comps.settings["default_solver"] == "ddim"  # FlowMatchEuler's Euler step
-        assert comps.prediction_type == "flow"
+        assert comps.prediction_type == "flow_prediction"
 
 
 # ---------------------------------------------------------------------- text
@@ -288,10 +288,16 @@ def test_generate_equals_the_pipeline(folders, kind, mine, theirs):
     comps = load_components(folders[kind], dtype=torch.float64)
     pipe = _pipeline(folders[kind], dtype=torch.float64)
     x_T = comps.noise(2, 11)
+    kw = dict(latents=x_T, num_inference_steps=3, **theirs, **_pipe_kwargs(kind))
+    ref_x0 = pipe(PROMPTS, output_type="latent", **kw).images
+    ref = pipe(PROMPTS, output_type="pt", **kw).images
+    x0 = comps.generate(PROMPTS, x_T=x_T, steps=3, decode=False, **mine)
     images = comps.generate(PROMPTS, x_T=x_T, steps=3, **mine)
-    ref = pipe(PROMPTS, latents=x_T, num_inference_steps=3, output_type="pt", **theirs, **_pipe_kwargs(kind)).images
-    assert images.shape == ref.shape == (2, 3, 16, 16)
+    assert x0.shape == ref_x0.shape == x_T.shape and images.shape == ref.shape == (2, 3, 16, 16)
+    assert (x0 - x_T).abs().max() > 0.1  # sampling moved the latents
+    torch.testing.assert_close(x0, ref_x0, **FORWARD)
     torch.testing.assert_close((images.double() / 2 + 0.5).clamp(0, 1), ref.double(), **FORWARD)
+    assert ((ref > 0) & (ref < 1)).float().mean() > 0.5  # most pixels are not clamped: the comparison bites
 
 
 @pytest.mark.parametrize("kind", ["sdxl", "sd3", "flux", "pixart-sigma"])

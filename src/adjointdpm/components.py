@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .families import BY_NAME, BY_PIPELINE, Family, family_of
+from .grid import prediction_type_of
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -148,12 +149,14 @@ class DiffusionComponents:
     @torch.no_grad()
     def generate(self, prompts: list[str], *, seed: int = 0, steps: int | None = None, solver: str | None = None,
                  guidance_scale: float | None = None, batch_size: int = 256,
-                 x_T: torch.Tensor | None = None, true_cfg_scale: float | None = None) -> torch.Tensor:
+                 x_T: torch.Tensor | None = None, true_cfg_scale: float | None = None,
+                 decode: bool = True) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] for ``prompts`` (one image each), plain sampling, no graph.
 
         Image i depends only on (seed, i, prompt i): x_T is drawn for the whole list at once.
         For guidance-distilled Flux, ``guidance_scale`` is the network's ``guidance`` input and
-        ``true_cfg_scale`` (default 1: off) the classifier-free guidance scale.
+        ``true_cfg_scale`` (default 1: off) the classifier-free guidance scale. ``decode=False``
+        returns x_0 itself, what the pipeline hands to its VAE step (its ``output_type="latent"``).
         """
         import adjointdpm as adpm
 
@@ -167,7 +170,7 @@ class DiffusionComponents:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         x_T = self.noise(len(prompts), seed) if x_T is None else x_T
         if self.family == "sd":
-            return self._generate_sd(prompts, x_T, steps, solver, w, batch_size)
+            return self._generate_sd(prompts, x_T, steps, solver, w, batch_size, decode)
         w_cfg, encode_kwargs = self.spec.guidance(self, w, true_cfg_scale)
         timesteps = self.scheduler_timesteps(steps)
         out = []
@@ -177,10 +180,10 @@ class DiffusionComponents:
             uncond = self.negative_cond(len(chunk), **encode_kwargs) if w_cfg != 1.0 else None
             x0 = adpm.sample(self.network, x_T[i:i + batch_size], schedule=self.scheduler, timesteps=timesteps,
                              cond=cond, uncond=uncond, guidance_scale=w_cfg, solver=solver, grad=None)
-            out.append(self.decode(x0).float())
+            out.append(self.decode(x0).float() if decode else x0)
         return torch.cat(out)
 
-    def _generate_sd(self, prompts, x_T, steps, solver, w, batch_size) -> torch.Tensor:
+    def _generate_sd(self, prompts, x_T, steps, solver, w, batch_size, decode=True) -> torch.Tensor:
         import adjointdpm as adpm
 
         schedule = adpm.VPSchedule.from_alphas_cumprod(self.alphas_cumprod)
@@ -191,7 +194,7 @@ class DiffusionComponents:
             x0 = adpm.sample(self.unet, x_T[i:i + batch_size], schedule=schedule, steps=steps, cond=cond,
                              uncond=uncond, guidance_scale=w, solver=solver, grad=None,
                              prediction_type=self.prediction_type)
-            out.append(self.decode(x0).float())
+            out.append(self.decode(x0).float() if decode else x0)
         return torch.cat(out)
 
 
@@ -336,8 +339,7 @@ def load_components(path: str | os.PathLike | None = None, device="cpu", dtype=t
         if isinstance(m, torch.nn.Module):
             m.to(device).eval().requires_grad_(False)
     scheduler = parts["scheduler"]
-    prediction_type = getattr(scheduler.config, "prediction_type", None) or (
-        "flow" if "FlowMatch" in type(scheduler).__name__ else "epsilon")
+    prediction_type = prediction_type_of(scheduler) or "epsilon"  # flow-matching: "flow_prediction"
     comps = DiffusionComponents(
         unet=parts.get("unet"), scheduler=scheduler, text_encoder=parts["text_encoder"],
         tokenizer=parts["tokenizer"], vae=parts.get("vae"), prediction_type=prediction_type, path=root,
