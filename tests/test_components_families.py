@@ -316,3 +316,18 @@ def test_cli_sample_writes_images_for_each_family(folders, kind, tmp_path):
     assert all(np.asarray(Image.open(f)).shape == (16, 16, 3) for f in files)
     meta = json.loads((out / "sample.json").read_text())
     assert meta["steps"] == 2 and meta["model"] == str(folders[kind])
+
+
+def test_python_m_adjointdpm_sample_on_a_flux_folder(folders, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "flux_out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-m", "adjointdpm", "sample", "-p", "a small digit", "-n", "1", "-o", str(out),
+                           "--model", str(folders["flux"]), "--steps", "2", "--threads", "1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "000.png").is_file() and (out / "grid.png").is_file()
+    assert json.loads((out / "sample.json").read_text())["guidance_scale"] == 3.5  # the guidance-distilled default
