@@ -53,7 +53,7 @@ def _pipeline(folder, dtype=torch.float32):
     extra = {"add_watermarker": False} if "XL" in name else {}
     if index.get("text_encoder_3") == [None, None]:
         extra.update(text_encoder_3=None, tokenizer_3=None)  # SD3 without T5, as diffusers documents it
-    pipe = getattr(diffusers, name).from_pretrained(folder, local_files_only=True, torch_dtype=dtype, **extra)
+    pipe = getattr(diffusers, name).from_pretrained(folder, local_files_only=True, dtype=dtype, **extra)
     pipe.set_progress_bar_config(disable=True)
     for m in pipe.components.values():  # frozen, as load_components returns them (autograd picks other kernels)
         if isinstance(m, torch.nn.Module):

@@ -309,9 +309,7 @@ def _load_parts(root: Path, index: dict, fam: Family, dtype) -> dict:
                 cls = transformers.CLIPTokenizer  # (what SD folders always loaded)
             else:
                 cls = _component_class(root, index, p.name, _fallback(p.name) if fam.name == "sd" else None)
-            if p.name.startswith("tokenizer"):
-                parts[p.name] = cls.from_pretrained(root, subfolder=p.name, local_files_only=True)
-            elif p.name == "scheduler":
+            if p.weights is None:  # tokenizers and the scheduler: configs only
                 parts[p.name] = cls.from_pretrained(root, subfolder=p.name, local_files_only=True)
             elif p.name.startswith("text_encoder"):
                 parts[p.name] = cls.from_pretrained(root, subfolder=p.name, dtype=dtype, variant=variants[p.name],
