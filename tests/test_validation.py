@@ -44,7 +44,7 @@ def run(unet, x, cond, **kw):
         (lambda x, c, u: dict(steps=2.5), ValueError, "steps must be an integer ≥ 1"),
         (lambda x, c, u: dict(solver="euler_a"), ValueError, "unknown solver 'euler_a'; use one of ddim, dpmpp2m, heun"),
         (lambda x, c, u: dict(grad="magic"), ValueError, "unknown grad mode 'magic'"),
-        (lambda x, c, u: dict(prediction_type="flow"), ValueError, "unknown prediction_type 'flow'"),
+        (lambda x, c, u: dict(prediction_type="flux"), ValueError, "unknown prediction_type 'flux'"),
     ],
 )
 def test_bad_input(unet, inputs, change, error, message):

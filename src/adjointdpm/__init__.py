@@ -2,22 +2,32 @@
 conditioning and the network weights, in memory that does not grow with the number of sampling steps.
 
     import adjointdpm as adpm
-    x0 = adpm.sample(unet, x_T, schedule=adpm.VPSchedule.from_scheduler(scheduler),
-                     timesteps=scheduler.timesteps, cond=emb, uncond=null_emb, guidance_scale=7.5,
-                     solver="dpmpp2m", grad="adjoint")
+    scheduler.set_timesteps(25)
+    x0 = adpm.sample(unet, x_T, schedule=scheduler, timesteps=scheduler.timesteps,
+                     cond=emb, uncond=null_emb, guidance_scale=7.5, solver="dpmpp2m", grad="exact")
     loss_fn(x0).backward()
+
+x_T is the pipeline's ``latents=``; cond/uncond a tensor or a dict of the network's keyword arguments
+(SDXL, SD3, Flux, PixArt, DiT); x_0 is what the pipeline decodes.
 """
 
 from .gradients import Adjoint, Backprop, Checkpoint, Exact, GradMode, Reversible, Truncated
+from .flow_schedule import FlowMatchingSchedule
+from .grid import TimeGrid, grid_from_scheduler, schedule_from_scheduler
 from .model import Denoiser
 from .sampling import sample
-from .schedule import CosineVPSchedule, DiscreteVPSchedule, LinearVPSchedule, VPSchedule
+from .schedule import CosineVPSchedule, DiscreteVPSchedule, LinearVPSchedule, NoiseSchedule, VPSchedule
 from .solvers import SOLVERS
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sample",
+    "NoiseSchedule",
+    "FlowMatchingSchedule",
+    "schedule_from_scheduler",
+    "grid_from_scheduler",
+    "TimeGrid",
     "VPSchedule",
     "DiscreteVPSchedule",
     "LinearVPSchedule",

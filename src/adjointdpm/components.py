@@ -1,21 +1,28 @@
-"""One loader for the embedded digits model and for a user's local Stable Diffusion folder.
+"""One loader for the embedded digits model and a user's local diffusers folder of any supported family.
 
-Both are diffusers pipeline folders: ``model_index.json`` plus one subfolder per component
-(``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and, for latent models, ``vae/``).
-``load_components(path)`` opens either (default: the embedded model shipped in
-``adjointdpm/assets/digits``) strictly offline - local folders only, safetensors weights only - and
-returns a :class:`DiffusionComponents`, the same object whatever the model:
+Every model is a diffusers pipeline folder: ``model_index.json`` plus one subfolder per component.
+``load_components(path)`` opens one (default: the embedded model shipped in ``adjointdpm/assets/digits``)
+strictly offline - local folders only, safetensors weights only - and returns a
+:class:`DiffusionComponents`, the same object whatever the model. The family is chosen by
+``model_index.json``'s ``_class_name`` (see :mod:`adjointdpm.families`, one module per pipeline, each
+stating how that pipeline conditions its network): SD 1.x/2.x, SDXL, SD3/3.5, Flux, PixArt-alpha/Sigma.
 
-* ``encode_prompt(prompts)`` - tokenizer (padded to ``model_max_length``) then the text encoder's
-  last hidden state (B, L, D), as Stable Diffusion feeds the UNet's cross-attention;
-  differentiable w.r.t. the text encoder's weights (and its token embeddings).
-* ``decode(latents)`` - images in [-1, 1]: ``vae.decode(z / scaling_factor)`` for latent models,
-  the identity in pixel space (``vae is None``). Differentiable; no clamping.
-* ``latent_shape`` (C, H, W) of x_T and ``alphas_cumprod`` (abar_t, t = 0..N-1) of the schedule.
+* ``network`` - the UNet or transformer (``unet`` / ``transformer`` name it too); ``family`` - its name.
+* ``encode_prompt(prompts)`` - what the engine takes as ``cond``: the text encoder's (B, L, D) hidden
+  states for SD 1.x/2.x; for the other families a dict of the network's keyword arguments, exactly
+  as the family's pipeline passes them (nested ``added_cond_kwargs`` included). Differentiable
+  w.r.t. the text encoders' weights. ``negative_cond(n)`` is the empty-prompt ``uncond`` for
+  classifier-free guidance, as the pipeline builds it (SDXL: zeros under ``force_zeros_for_empty_prompt``).
+* ``noise(n, seed)`` - x_T, exactly the tensor the pipeline takes as ``latents=`` (packed for Flux);
+  ``latent_shape`` is one x_T's shape.
+* ``decode(x0)`` - images in [-1, 1] from what the pipeline hands to its VAE step (Flux: unpacked
+  first; then ``/ scaling_factor (+ shift_factor)``); the identity in pixel space. Differentiable; no clamping.
+* ``scheduler_timesteps(steps)`` - sets the scheduler's grid for N steps as the pipeline does (dynamic
+  shift ``mu`` where the scheduler asks for it) and returns ``scheduler.timesteps``.
 * ``generate(prompts, ...)`` - plain text-to-image sampling with ``adjointdpm.sample``.
 
-Errors about the folder (missing, not a diffusers folder, a missing component, pickle-only
-weights) raise :class:`ComponentsError` with one line naming what is missing.
+Errors about the folder (missing, not a diffusers folder, an unknown pipeline class, a missing
+component, pickle-only weights) raise :class:`ComponentsError` with one line naming what is wrong.
 """
 from __future__ import annotations
 
@@ -26,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+from .families import BY_NAME, BY_PIPELINE, Family, family_of
+from .grid import prediction_type_of
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
@@ -33,7 +43,7 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "digits"
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
 # Defaults for folders without an adjointdpm.json (a Stable Diffusion folder).
-SD_SETTINGS = {"default_guidance_scale": 7.5, "default_steps": 25, "default_solver": "dpmpp2m"}
+SD_SETTINGS = dict(BY_NAME["sd"].settings)
 
 
 class ComponentsError(RuntimeError):
@@ -42,7 +52,7 @@ class ComponentsError(RuntimeError):
 
 @dataclass
 class DiffusionComponents:
-    unet: torch.nn.Module
+    unet: torch.nn.Module | None
     scheduler: object
     text_encoder: torch.nn.Module
     tokenizer: object
@@ -50,29 +60,58 @@ class DiffusionComponents:
     prediction_type: str
     path: Path | None = None
     settings: dict = field(default_factory=dict)
+    family: str = "sd"
+    transformer: torch.nn.Module | None = None
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
+    text_encoder_3: torch.nn.Module | None = None
+    tokenizer_3: object = None
+    pipeline_config: dict = field(default_factory=dict)  # model_index.json
 
     # ------------------------------------------------------------------ properties
     @property
+    def spec(self) -> Family:
+        """The family's behaviour (:mod:`adjointdpm.families`)."""
+        return BY_NAME[self.family]
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The denoising network: the UNet, or the transformer."""
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.network.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.network.parameters()).dtype
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        s = self.unet.config.sample_size
-        h, w = (s, s) if isinstance(s, int) else tuple(s)
-        return (int(self.unet.config.in_channels), int(h), int(w))
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one x_T: (C, H, W), or (tokens, 4C) for Flux's packed latents."""
+        return self.spec.latent_shape(self)
+
+    @property
+    def image_latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the latent the VAE decodes (the same as ``latent_shape`` except for Flux)."""
+        return self.spec.image_latent_shape(self)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
+        if not hasattr(self.scheduler, "alphas_cumprod"):
+            raise ValueError(f"{type(self.scheduler).__name__} has no alphas_cumprod (a flow-matching schedule): "
+                             "pass the scheduler itself as schedule=")
         return self.scheduler.alphas_cumprod
 
     @property
     def is_embedded(self) -> bool:
         return self.path is not None and self.path.resolve() == EMBEDDED_MODEL
+
+    @property
+    def prompt_tokenizer(self):
+        """The tokenizer whose length limit prompts must respect (the first CLIP tokenizer, or T5's)."""
+        return self.spec.prompt_tokenizer(self)
 
     # ------------------------------------------------------------------ text and images
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
@@ -83,32 +122,41 @@ class DiffusionComponents:
                   return_tensors="pt").input_ids
         return ids.to(self.text_encoder.device)
 
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L, D) last hidden states of the text encoder for ``prompts``."""
-        return self.text_encoder(self.token_ids(prompts))[0]
+    def encode_prompt(self, prompts: list[str], **kwargs):
+        """``cond`` for ``prompts``: a (B, L, D) tensor (SD 1.x/2.x) or the network's keyword arguments.
+
+        Flux takes ``guidance_scale=`` (the value of its ``guidance`` input; default: the model's).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.spec.encode_prompt(self, prompts, **kwargs)
+
+    def negative_cond(self, n: int = 1, **kwargs):
+        """``uncond`` for classifier-free guidance with ``n`` images: the empty prompt as the pipeline encodes it."""
+        return self.spec.negative_cond(self, int(n), **kwargs)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1] (identity in pixel space)."""
-        if self.vae is None:
-            return latents
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor
-        if getattr(cfg, "shift_factor", None):
-            z = z + cfg.shift_factor
-        return self.vae.decode(z.to(self.vae.dtype)).sample
+        """Latents (what the pipeline hands to its VAE step) -> images in [-1, 1] (identity in pixel space)."""
+        return self.spec.decode(self, latents)
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
-        """x_T for ``n`` images: standard normal from a CPU generator seeded with ``seed``."""
-        g = torch.Generator().manual_seed(int(seed))
-        return torch.randn((n, *self.latent_shape), generator=g).to(self.device, self.dtype)
+        """x_T for ``n`` images: standard normal from a CPU generator seeded with ``seed`` (packed for Flux)."""
+        return self.spec.noise(self, n, seed)
+
+    def scheduler_timesteps(self, steps: int) -> torch.Tensor:
+        """Set the scheduler's grid for ``steps`` steps as the family's pipeline does; its timesteps."""
+        return self.spec.set_timesteps(self, steps)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, seed: int = 0, steps: int | None = None, solver: str | None = None,
                  guidance_scale: float | None = None, batch_size: int = 256,
-                 x_T: torch.Tensor | None = None) -> torch.Tensor:
+                 x_T: torch.Tensor | None = None, true_cfg_scale: float | None = None,
+                 decode: bool = True) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] for ``prompts`` (one image each), plain sampling, no graph.
 
         Image i depends only on (seed, i, prompt i): x_T is drawn for the whole list at once.
+        For guidance-distilled Flux, ``guidance_scale`` is the network's ``guidance`` input and
+        ``true_cfg_scale`` (default 1: off) the classifier-free guidance scale. ``decode=False``
+        returns x_0 itself, what the pipeline hands to its VAE step (its ``output_type="latent"``).
         """
         import adjointdpm as adpm
 
@@ -121,6 +169,23 @@ class DiffusionComponents:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         x_T = self.noise(len(prompts), seed) if x_T is None else x_T
+        if self.family == "sd":
+            return self._generate_sd(prompts, x_T, steps, solver, w, batch_size, decode)
+        w_cfg, encode_kwargs = self.spec.guidance(self, w, true_cfg_scale)
+        timesteps = self.scheduler_timesteps(steps)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            cond = self.encode_prompt(chunk, **encode_kwargs)
+            uncond = self.negative_cond(len(chunk), **encode_kwargs) if w_cfg != 1.0 else None
+            x0 = adpm.sample(self.network, x_T[i:i + batch_size], schedule=self.scheduler, timesteps=timesteps,
+                             cond=cond, uncond=uncond, guidance_scale=w_cfg, solver=solver, grad=None)
+            out.append(self.decode(x0).float() if decode else x0)
+        return torch.cat(out)
+
+    def _generate_sd(self, prompts, x_T, steps, solver, w, batch_size, decode=True) -> torch.Tensor:
+        import adjointdpm as adpm
+
         schedule = adpm.VPSchedule.from_alphas_cumprod(self.alphas_cumprod)
         uncond = self.encode_prompt([""]) if w != 1.0 else None
         out = []
@@ -129,7 +194,7 @@ class DiffusionComponents:
             x0 = adpm.sample(self.unet, x_T[i:i + batch_size], schedule=schedule, steps=steps, cond=cond,
                              uncond=uncond, guidance_scale=w, solver=solver, grad=None,
                              prediction_type=self.prediction_type)
-            out.append(self.decode(x0).float())
+            out.append(self.decode(x0).float() if decode else x0)
         return torch.cat(out)
 
 
@@ -154,10 +219,10 @@ def _weights(folder: Path, stem: str) -> str | None:
     return None
 
 
-def _check_component(root: Path, name: str, stem: str | None) -> str | None:
+def _check_component(root: Path, name: str, stem: str | None, needed: tuple[str, ...] = REQUIRED) -> str | None:
     sub = root / name
     if not sub.is_dir():
-        raise ComponentsError(f"{root} has no {name}/ folder (a diffusers folder needs {', '.join(REQUIRED)})")
+        raise ComponentsError(f"{root} has no {name}/ folder (a diffusers folder needs {', '.join(needed)})")
     if stem is None:
         return None
     variant = _weights(sub, stem)
@@ -170,12 +235,7 @@ def _check_component(root: Path, name: str, stem: str | None) -> str | None:
     return variant or None
 
 
-def load_components(path: str | os.PathLike | None = None, device="cpu", dtype=torch.float32) -> DiffusionComponents:
-    """Open a diffusers folder (default: the embedded digits model) offline, in eval mode, no grads."""
-    root = _resolve(path)
-    import diffusers
-    import transformers
-
+def _read_index(root: Path) -> dict:
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise ComponentsError(f"{root} has no model_index.json: not a diffusers pipeline folder")
@@ -183,35 +243,80 @@ def load_components(path: str | os.PathLike | None = None, device="cpu", dtype=t
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError as e:
         raise ComponentsError(f"{index_file} is not valid JSON ({e})") from None
-    missing = [k for k in REQUIRED if not (isinstance(index.get(k), list) and index[k][1])]
-    if missing:
-        raise ComponentsError(f"{index_file} lists no {', '.join(missing)}")
-    if isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][1]:
-        raise ComponentsError(f"{root} has two text encoders (SDXL-style); only single-encoder pipelines (SD 1.x/2.x) are supported")
-    has_vae = isinstance(index.get("vae"), list) and bool(index["vae"][1])
+    if not isinstance(index, dict):
+        raise ComponentsError(f"{index_file} is not a JSON object")
+    return index
 
-    unet_variant = _check_component(root, "unet", "diffusion_pytorch_model")
-    te_variant = _check_component(root, "text_encoder", "model")
-    _check_component(root, "tokenizer", None)
-    _check_component(root, "scheduler", None)
-    vae_variant = _check_component(root, "vae", "diffusion_pytorch_model") if has_vae else None
+
+def _family(root: Path, index: dict) -> Family:
+    name = index.get("_class_name")
+    fam = family_of(name)
+    if fam is None:
+        raise ComponentsError(f"{root} holds a {name}, which is not supported; supported pipelines: "
+                              f"{', '.join(sorted(BY_PIPELINE))}")
+    return fam
+
+
+def _listed(index: dict, name: str) -> bool:
+    return isinstance(index.get(name), list) and len(index[name]) == 2 and bool(index[name][1])
+
+
+def _component_class(root: Path, index: dict, name: str, fallback):
+    import diffusers
+    import transformers
+
+    lib, cls_name = index[name]
+    cls = getattr(transformers if lib == "transformers" else diffusers, cls_name, None)
+    if cls is None and fallback is not None:
+        cls = fallback
+    if cls is None:
+        raise ComponentsError(f"{root}/model_index.json names {lib}.{cls_name} for {name}, which the installed "
+                              f"{lib} does not have")
+    return cls
+
+
+def _fallback(name: str):
+    """The class to use when model_index.json names one the installed libraries lack (as before: SD's)."""
+    import diffusers
+    import transformers
+
+    return {"unet": diffusers.UNet2DConditionModel, "text_encoder": transformers.CLIPTextModel,
+            "scheduler": diffusers.DDPMScheduler, "vae": diffusers.AutoencoderKL}.get(name)
+
+
+def _load_parts(root: Path, index: dict, fam: Family, dtype) -> dict:
+    import diffusers
+    import transformers
+
+    needed = tuple(p.name for p in fam.parts if p.required)
+    missing = [p.name for p in fam.parts if p.required and not _listed(index, p.name)]
+    if missing:
+        raise ComponentsError(f"{root / 'model_index.json'} lists no {', '.join(missing)}")
+    if fam.name == "sd" and _listed(index, "text_encoder_2"):
+        raise ComponentsError(f"{root} has two text encoders but model_index.json names no SDXL pipeline "
+                              "(set _class_name to StableDiffusionXLPipeline)")
+    present = [p for p in fam.parts if _listed(index, p.name)]
+    variants = {p.name: _check_component(root, p.name, p.weights, needed) for p in present}
 
     common = dict(local_files_only=True, use_safetensors=True)
     bars = [(lib.utils.logging, lib.utils.logging.is_progress_bar_enabled()) for lib in (diffusers, transformers)]
     for log, _ in bars:
         log.disable_progress_bar()  # loading a local folder takes well under a second
+    parts = {}
     try:
-        unet_cls = getattr(diffusers, index["unet"][1], diffusers.UNet2DConditionModel)
-        unet = unet_cls.from_pretrained(root, subfolder="unet", torch_dtype=dtype, variant=unet_variant, **common)
-        te_cls = getattr(transformers, index["text_encoder"][1], transformers.CLIPTextModel)
-        text_encoder = te_cls.from_pretrained(root, subfolder="text_encoder", dtype=dtype, variant=te_variant, **common)
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
-        sched_cls = getattr(diffusers, index["scheduler"][1], None) or diffusers.DDPMScheduler
-        scheduler = sched_cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
-        vae = None
-        if has_vae:
-            vae = diffusers.AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype,
-                                                          variant=vae_variant, **common)
+        for p in present:
+            if fam.name == "sd" and p.name == "tokenizer":
+                cls = transformers.CLIPTokenizer  # (what SD folders always loaded)
+            else:
+                cls = _component_class(root, index, p.name, _fallback(p.name) if fam.name == "sd" else None)
+            if p.weights is None:  # tokenizers and the scheduler: configs only
+                parts[p.name] = cls.from_pretrained(root, subfolder=p.name, local_files_only=True)
+            elif p.name.startswith("text_encoder"):
+                parts[p.name] = cls.from_pretrained(root, subfolder=p.name, dtype=dtype, variant=variants[p.name],
+                                                    **common)
+            else:
+                parts[p.name] = cls.from_pretrained(root, subfolder=p.name, torch_dtype=dtype,
+                                                    variant=variants[p.name], **common)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ComponentsError(f"cannot load {root}: {first}") from e
@@ -219,17 +324,31 @@ def load_components(path: str | os.PathLike | None = None, device="cpu", dtype=t
         for log, enabled in bars:
             if enabled:
                 log.enable_progress_bar()
+    return parts
 
-    modules = [m for m in (unet, text_encoder, vae) if m is not None]
-    for m in modules:
-        m.to(device).eval().requires_grad_(False)
-    settings = dict(SD_SETTINGS)
+
+def load_components(path: str | os.PathLike | None = None, device="cpu", dtype=torch.float32) -> DiffusionComponents:
+    """Open a diffusers folder (default: the embedded digits model) offline, in eval mode, no grads."""
+    root = _resolve(path)
+    index = _read_index(root)
+    fam = _family(root, index)
+    parts = _load_parts(root, index, fam, dtype)
+    for m in parts.values():
+        if isinstance(m, torch.nn.Module):
+            m.to(device).eval().requires_grad_(False)
+    scheduler = parts["scheduler"]
+    prediction_type = prediction_type_of(scheduler) or "epsilon"  # flow-matching: "flow_prediction"
+    comps = DiffusionComponents(
+        unet=parts.get("unet"), scheduler=scheduler, text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"], vae=parts.get("vae"), prediction_type=prediction_type, path=root,
+        family=fam.name, transformer=parts.get("transformer"), text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer_2=parts.get("tokenizer_2"), text_encoder_3=parts.get("text_encoder_3"),
+        tokenizer_3=parts.get("tokenizer_3"), pipeline_config=index)
+    comps.settings = fam.default_settings(comps)
     extra = root / "adjointdpm.json"
     if extra.is_file():
-        settings.update(json.loads(extra.read_text()))
-    prediction_type = getattr(scheduler.config, "prediction_type", None) or "epsilon"
-    return DiffusionComponents(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
-                               vae=vae, prediction_type=prediction_type, path=root, settings=settings)
+        comps.settings.update(json.loads(extra.read_text()))
+    return comps
 
 
 def load_critics(path: str | os.PathLike | None = None, device="cpu"):

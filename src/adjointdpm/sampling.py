@@ -1,10 +1,12 @@
 """The public entry point: ``sample`` — solve the probability-flow ODE, differentiably.
 
-    x_0 = sample(model, x_T, schedule=…, timesteps=… | steps=N, cond=…, uncond=…, guidance_scale=w,
-                 solver="ddim" | "dpmpp2m" | "heun", grad="exact" | "adjoint" | … | None)
+    x_0 = sample(model, x_T, schedule=scheduler, timesteps=scheduler.timesteps, cond=…, uncond=…,
+                 guidance_scale=w, solver="ddim" | "dpmpp2m" | "heun", grad="exact" | "adjoint" | … | None)
 
-x_0 is connected to x_T, cond, uncond and every parameter of the model with requires_grad, through the
-chosen gradient mode, so ``loss(x_0).backward()`` fills their ``.grad``.
+x_T is what the model's diffusers pipeline takes as ``latents=`` and x_0 what it hands to its VAE. x_0 is
+connected to x_T, every floating tensor of cond and uncond (tensors or dicts of the network's keyword
+arguments) and every parameter of the model with requires_grad, through the chosen gradient mode, so
+``loss(x_0).backward()`` fills their ``.grad``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from .conditioning import Tree
 from .gradients import GradMode, resolve_grad_mode
+from .grid import TimeGrid, grid_from_scheduler, prediction_type_of, schedule_from_scheduler
 from .model import Denoiser, trainable_parameters
-from .schedule import VPSchedule
-from .solvers import SOLVERS, TimeGrid, make_solver
+from .schedule import NoiseSchedule
+from .solvers import make_solver, solver_name
 from .validation import check_sample_inputs, resolve_timesteps
 
 
@@ -27,49 +31,73 @@ def sample(
     schedule,
     timesteps=None,
     steps: int | None = None,
-    cond: torch.Tensor | None = None,
-    uncond: torch.Tensor | None = None,
+    cond: Tree = None,
+    uncond: Tree = None,
     guidance_scale: float = 1.0,
     solver: str = "ddim",
     grad: str | GradMode | None = "exact",
     prediction_type: str | None = None,
     params: Sequence[torch.Tensor] | None = None,
     model_kwargs: dict | None = None,
+    classifier: Callable | None = None,
+    classifier_scale: float = 1.0,
 ) -> torch.Tensor:
     """Sample x_0 from x_T by solving the probability-flow ODE, differentiably.
 
     Args:
-        model: a diffusers ``UNet2DConditionModel`` / ``UNet2DModel`` as it is, or a callable
-            ``(x, t, cond) -> tensor``. Put it in eval mode (dropout breaks recomputation).
-        x_T: the initial noise (B, C, H, W) at the first timestep.
-        schedule: a :class:`VPSchedule`, or a diffusers scheduler (its ``alphas_cumprod`` and
-            ``config.prediction_type`` are used).
+        model: a diffusers ``UNet2DConditionModel`` / ``UNet2DModel`` / transformer (SD3, Flux, PixArt,
+            DiT, …) as it is, or a callable ``(x, t, cond) -> tensor``. Put it in eval mode (dropout breaks
+            recomputation).
+        x_T: the initial noise, exactly the pipeline's ``latents=``: (B, C, H, W) unit noise, or packed
+            (B, L, C·4) tokens for Flux.
+        schedule: the configured diffusers scheduler (its grid, sigmas and ``prediction_type`` are
+            used: DDIM, Euler, DPM-Solver++, FlowMatchEuler, …), or a :class:`NoiseSchedule`
+            (:class:`VPSchedule`, :class:`FlowMatchingSchedule`).
         timesteps: model times in decreasing order (diffusers' ``scheduler.timesteps``; floats allowed).
-        steps: instead of ``timesteps``, N times uniform from the schedule's t_max to t_min.
-        cond, uncond: conditioning embeddings (B or 1, L, D) and the empty-prompt embedding for
-            classifier-free guidance with scale ``guidance_scale`` (one batched network call).
-        solver: "ddim" (Euler in ρ), "dpmpp2m" (DPM-Solver++(2M)) or "heun".
+        steps: instead of ``timesteps``, N steps: the scheduler's own ``set_timesteps(N)`` grid (on a
+            copy), or N times uniform from t_max to t_min of a :class:`NoiseSchedule`.
+        cond, uncond: the conditioning and the negative (empty-prompt) conditioning for classifier-free
+            guidance with scale ``guidance_scale`` (one batched network call): a tensor
+            (``encoder_hidden_states``, (B or 1, L, D)) or a dict of the network's keyword arguments,
+            nested dicts allowed (SDXL ``added_cond_kwargs``, SD3/Flux ``pooled_projections``, Flux
+            ``txt_ids``/``img_ids``/``guidance``, PixArt ``encoder_attention_mask``, DiT ``class_labels``).
+            Under guidance a key in both is batched [uncond; cond], a key in cond alone is shared.
+        solver: "ddim" (alias "euler": Euler in the grid's coordinates), "dpmpp2m" (DPM-Solver++(2M))
+            or "heun".
         grad: how x_0 is differentiated: "exact" (exact discrete adjoint; default), "adjoint"
             (AdjointDPM's continuous adjoint; see :class:`Adjoint` for options), "backprop",
-            "checkpoint", "truncated" (see :class:`Truncated`), or None for plain sampling.
-        prediction_type: "epsilon", "sample" or "v_prediction" (default: the scheduler's, else epsilon).
+            "checkpoint", "truncated" (see :class:`Truncated`), "reversible", or None for plain sampling.
+        prediction_type: "epsilon", "sample", "v_prediction" or "flow_prediction" (default: the
+            scheduler's; flow-matching schedulers predict the velocity; else epsilon).
         params: extra tensors the model uses that should receive gradients (the model's own
             parameters with requires_grad are found automatically).
-        model_kwargs: extra keyword arguments for every network call (e.g. ``added_cond_kwargs``).
+        model_kwargs: extra keyword arguments for every network call (e.g. ``joint_attention_kwargs``).
+        classifier, classifier_scale: classifier guidance, ``classifier(x_t, t) -> log p(y | x_t, t)``
+            per sample; ε̂ ← ε̂ − s σ ∇ₓ log p, differentiated exactly (double backward) by every mode.
     """
-    if not isinstance(schedule, VPSchedule):
+    if isinstance(schedule, NoiseSchedule):
+        path, scheduler = schedule, None
+    else:
+        scheduler, path = schedule, schedule_from_scheduler(schedule)
         if prediction_type is None:
-            prediction_type = getattr(getattr(schedule, "config", None), "prediction_type", None)
-        schedule = VPSchedule.from_scheduler(schedule)
-    denoiser = Denoiser(model, schedule, prediction_type or "epsilon", float(guidance_scale), dict(model_kwargs or {}))
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
+            prediction_type = prediction_type_of(scheduler)
+    denoiser = Denoiser(model, path, prediction_type or "epsilon", float(guidance_scale), dict(model_kwargs or {}),
+                        classifier, float(classifier_scale))
+    solver = solver_name(solver)
     mode = resolve_grad_mode(grad)
     check_sample_inputs(model, x_T, cond, uncond, float(guidance_scale), denoiser.style)
-    grid = TimeGrid.from_timesteps(schedule, resolve_timesteps(schedule, timesteps, steps))
+    if scheduler is None:
+        grid = TimeGrid.from_timesteps(path, resolve_timesteps(path, timesteps, steps))
+    else:
+        if timesteps is None and steps is not None:
+            scheduler, timesteps = _scheduler_timesteps(scheduler, steps)
+            steps = None
+        grid = grid_from_scheduler(scheduler, path, resolve_timesteps(path, timesteps, steps))
     ode_solver = make_solver(solver, denoiser, grid)
     if not denoiser.uses_guidance:
         uncond = None
+    if grid.input_scale != 1.0:
+        x_T = grid.input_scale * x_T
     if mode is None:
         with torch.no_grad():
             x, hist = x_T, ()
@@ -80,6 +108,22 @@ def sample(
     if x0.requires_grad:
         x0.register_hook(_check_incoming_gradient)
     return x0
+
+
+def _scheduler_timesteps(scheduler, steps):
+    """The scheduler's own grid for ``steps`` steps, set on a copy (the caller's scheduler is untouched)."""
+    import copy
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer ≥ 1, got {steps!r}")
+    if getattr(scheduler.config, "use_dynamic_shifting", False):
+        raise ValueError(
+            f"{type(scheduler).__name__} uses dynamic shifting, so its grid depends on the image size: call "
+            "scheduler.set_timesteps(N, mu=…) as the pipeline does and pass timesteps=scheduler.timesteps"
+        )
+    own = copy.deepcopy(scheduler)
+    own.set_timesteps(steps)
+    return own, own.timesteps
 
 
 def _check_incoming_gradient(grad: torch.Tensor) -> None:

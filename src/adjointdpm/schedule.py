@@ -1,4 +1,8 @@
-"""Variance-preserving noise schedules in continuous time.
+"""Noise schedules in continuous time: Gaussian paths x_t = α_t x_0 + σ_t ε.
+
+:class:`NoiseSchedule` is the interface the engine uses (α, σ, λ = log(α/σ), ρ = σ/α at any model time,
+the inverse t(λ), and the coordinates the solvers integrate in). Variance-preserving schedules are here;
+flow matching (α = 1 − σ) is in :mod:`adjointdpm.flow_schedule`.
 
 A VP diffusion has marginals x_t = α_t x_0 + σ_t ε with α_t² + σ_t² = 1. Everything the engine needs
 follows from log α(t):
@@ -39,7 +43,50 @@ def log_alpha_from_lambda(lam: ArrayLike) -> np.ndarray:
     return -0.5 * np.logaddexp(0.0, -2.0 * lam)
 
 
-class VPSchedule:
+class NoiseSchedule:
+    """A Gaussian path: α(t), σ(t) at model time t in [t_min, t_max], and t(λ).
+
+    ``coordinates`` names the variables the solvers integrate in (see :mod:`adjointdpm.grid`):
+    "rho" (y = x/α against ρ = σ/α, the VP choice) or "kappa" (u = x/(α+σ) against κ = σ/(α+σ),
+    finite where α = 0).
+    """
+
+    t_min: float
+    t_max: float
+    coordinates = "rho"
+
+    def alpha(self, t: ArrayLike) -> np.ndarray:
+        raise NotImplementedError
+
+    def sigma(self, t: ArrayLike) -> np.ndarray:
+        raise NotImplementedError
+
+    def t_from_lambda(self, lam: ArrayLike) -> np.ndarray:
+        raise NotImplementedError
+
+    def lambda_(self, t: ArrayLike) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            return np.log(self.alpha(t)) - np.log(self.sigma(t))
+
+    def rho(self, t: ArrayLike) -> np.ndarray:
+        """ρ = σ/α, the noise-to-signal ratio (k-diffusion's σ)."""
+        with np.errstate(divide="ignore"):
+            return self.sigma(t) / self.alpha(t)
+
+    def t_from_rho(self, rho: ArrayLike) -> np.ndarray:
+        rho = _as_float64(rho)
+        if np.any(rho <= 0):
+            raise ValueError("t_from_rho needs ρ > 0 (ρ = 0 is the clean sample, outside every schedule)")
+        return self.t_from_lambda(-np.log(rho))
+
+    def default_timesteps(self, steps: int) -> np.ndarray:
+        """``steps`` model times, uniform in time from t_max down to t_min (both included)."""
+        if steps == 1:
+            return np.array([self.t_max])
+        return np.linspace(self.t_max, self.t_min, steps)
+
+
+class VPSchedule(NoiseSchedule):
     """A VP noise schedule: α, σ, λ, ρ at any continuous model time, and the inverses t(λ), t(ρ).
 
     Build one with :meth:`from_alphas_cumprod` (a diffusers scheduler's ``alphas_cumprod``),
@@ -70,23 +117,10 @@ class VPSchedule:
         return log_a - 0.5 * np.log(-np.expm1(2.0 * log_a))
 
     def rho(self, t: ArrayLike) -> np.ndarray:
-        """ρ = σ/α, the noise-to-signal ratio (k-diffusion's σ)."""
         return np.exp(-self.lambda_(t))
 
     def t_from_lambda(self, lam: ArrayLike) -> np.ndarray:
         return self.t_from_log_alpha(log_alpha_from_lambda(lam))
-
-    def t_from_rho(self, rho: ArrayLike) -> np.ndarray:
-        rho = _as_float64(rho)
-        if np.any(rho <= 0):
-            raise ValueError("t_from_rho needs ρ > 0 (ρ = 0 is the clean sample, outside every schedule)")
-        return self.t_from_lambda(-np.log(rho))
-
-    def default_timesteps(self, steps: int) -> np.ndarray:
-        """``steps`` model times, uniform in time from t_max down to t_min (both included)."""
-        if steps == 1:
-            return np.array([self.t_max])
-        return np.linspace(self.t_max, self.t_min, steps)
 
     # -- constructors -------------------------------------------------------------------------
     @staticmethod
@@ -104,7 +138,8 @@ class VPSchedule:
         if not hasattr(scheduler, "alphas_cumprod"):
             raise TypeError(
                 f"{type(scheduler).__name__} has no `alphas_cumprod`; pass a VP diffusers scheduler "
-                "(DDIM, DDPM, DPMSolverMultistep, …) or build the schedule with VPSchedule.from_betas"
+                "(DDIM, DDPM, DPMSolverMultistep, …), build the schedule with VPSchedule.from_betas, or pass "
+                "a flow-matching scheduler itself as schedule= (adjointdpm.schedule_from_scheduler reads both)"
             )
         return DiscreteVPSchedule(scheduler.alphas_cumprod)
 

@@ -1,15 +1,18 @@
-"""Probability-flow ODE solvers in exponential-integrator coordinates.
+"""Probability-flow ODE solvers in exponential-integrator coordinates, for any Gaussian path.
 
-With y = x/α and ρ = σ/α the PF-ODE has no linear part left:  dy/dρ = ε̂(α(ρ) y, t(ρ), c).
-Sampling runs over model times t_0 > t_1 > … > t_{N−1}; steps 0…N−2 integrate the ODE from t_i to
-t_{i+1}, and the last step jumps to σ = 0, the clean sample x̂₀(x_{N−1}, t_{N−1}) (what DDIM with
-``set_alpha_to_one`` and DPM-Solver++ with ``final_sigmas_type="zero"`` do).
+Sampling runs over the grid's model times t_0 > … > t_{N−1}; step i integrates from t_i to t_{i+1}, the
+last one to the grid's end point (the clean sample, α = 1 and σ = 0, unless the scheduler stops earlier).
+With (z, τ) the grid's coordinates (z = x/c; see :mod:`adjointdpm.grid`) and f = dz/dτ:
 
-    ddim     Euler in ρ:  y_{i+1} = y_i + (ρ_{i+1} − ρ_i) ε̂_i,  i.e.  x_{i+1} = α_{i+1} x̂₀_i + σ_{i+1} ε̂_i
+    ddim     Euler in τ:  z_{i+1} = z_i + (τ_{i+1} − τ_i) f_i,  i.e.  x_{i+1} = α_{i+1} x̂₀_i + σ_{i+1} ε̂_i
+             (DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
     dpmpp2m  DPM-Solver++(2M), data form, variable step: h = λ_{i+1} − λ_i, r = (λ_i − λ_{i−1})/h,
              D = x̂₀_i + (x̂₀_i − x̂₀_{i−1})/(2r),  x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1}(e^{−h} − 1) D
-             (first order at the first step, as diffusers)
-    heun     Heun in ρ (two network calls a step): ỹ = y_i + H ε̂_i, y_{i+1} = y_i + H/2 (ε̂_i + ε̂(ỹ, t_{i+1}))
+             (DPMSolverMultistepScheduler, VP or flow sigmas; first order at the first step, and at the
+             last one when it ends at σ = 0 or the grid has fewer than 15 steps, as diffusers'
+             ``lower_order_final``). The formula is finite at α_i = 0 (λ_i = −∞, e^{−h} = 0).
+    heun     Heun in τ (two network calls a step, one for a last step to σ = 0):
+             z̃ = z_i + H f_i,  z_{i+1} = z_i + H/2 (f_i + f(z̃, t_{i+1}))
 
 Every solver is a sequence of step maps  (x_{i+1}, h_{i+1}) = Φ_i(x_i, h_i; c, θ), where h is the
 solver's history (the previous x̂₀ for the multistep method, nothing otherwise). The gradient modes
@@ -18,34 +21,15 @@ only ever call ``step``: that is what makes the exact discrete adjoint possible.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from .model import Denoiser
-from .schedule import VPSchedule
+from .grid import TimeGrid
+from .model import Denoiser, GridPoint
 
 History = tuple[torch.Tensor, ...]
-
-
-@dataclass(frozen=True)
-class TimeGrid:
-    """Model times t_0 > … > t_{N−1} and their α, σ, λ, ρ (float64)."""
-
-    t: np.ndarray
-    alpha: np.ndarray
-    sigma: np.ndarray
-    lam: np.ndarray
-    rho: np.ndarray
-
-    @classmethod
-    def from_timesteps(cls, schedule: VPSchedule, timesteps: np.ndarray) -> "TimeGrid":
-        t = np.asarray(timesteps, dtype=np.float64)
-        return cls(t, schedule.alpha(t), schedule.sigma(t), schedule.lambda_(t), schedule.rho(t))
-
-    def __len__(self) -> int:
-        return self.t.size
+#: diffusers' DPMSolverMultistep uses lower order at the last step below this many steps
+LOWER_ORDER_FINAL_BELOW = 15
 
 
 class Solver:
@@ -62,60 +46,82 @@ class Solver:
     def num_steps(self) -> int:
         return len(self.grid)
 
-    def step(self, i: int, x, hist: History, cond, uncond) -> tuple[torch.Tensor, History]:
-        if i == self.num_steps - 1:
-            _, x0 = self.denoiser.eps_and_x0(x, self.grid.t[i], cond, uncond)
-            return x0, ()
-        return self.ode_step(i, x, hist, cond, uncond)
+    def predict(self, i: int, x, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε̂, x̂₀) at grid point i."""
+        return self.denoiser.eps_and_x0(x, self.grid.point(i), cond, uncond)
 
-    def ode_step(self, i: int, x, hist: History, cond, uncond) -> tuple[torch.Tensor, History]:
+    def step(self, i: int, x, hist: History, cond, uncond) -> tuple[torch.Tensor, History]:
         raise NotImplementedError
 
 
 class DDIM(Solver):
     name, order = "ddim", 1
 
-    def ode_step(self, i, x, hist, cond, uncond):
+    def step(self, i, x, hist, cond, uncond):
         g = self.grid
-        eps, x0 = self.denoiser.eps_and_x0(x, g.t[i], cond, uncond)
-        return float(g.alpha[i + 1]) * x0 + float(g.sigma[i + 1]) * eps, ()
+        eps, x0 = self.predict(i, x, cond, uncond)
+        if g.sigma_at(i + 1) == 0.0:
+            return g.alpha_at(i + 1) * x0, ()
+        return g.alpha_at(i + 1) * x0 + g.sigma_at(i + 1) * eps, ()
 
 
 class DPMSolverPP2M(Solver):
     name, order = "dpmpp2m", 2
 
-    def ode_step(self, i, x, hist, cond, uncond):
+    def step(self, i, x, hist, cond, uncond):
         g = self.grid
-        _, x0 = self.denoiser.eps_and_x0(x, g.t[i], cond, uncond)
-        h = g.lam[i + 1] - g.lam[i]
-        phi = float(np.expm1(-h))  # e^{−h} − 1
-        if i == 0:
+        _, x0 = self.predict(i, x, cond, uncond)
+        last = i == self.num_steps - 1
+        first_order = i == 0 or (last and (g.ends_clean or self.num_steps < LOWER_ORDER_FINAL_BELOW))
+        if first_order:
             d = x0
         else:
-            r = (g.lam[i] - g.lam[i - 1]) / h
-            d = x0 + (x0 - hist[0]) / float(2 * r)
-        x_next = float(g.sigma[i + 1] / g.sigma[i]) * x - float(g.alpha[i + 1]) * phi * d
-        return x_next, (x0,)
+            r = (g.lam_at(i) - g.lam_at(i - 1)) / (g.lam_at(i + 1) - g.lam_at(i))
+            d = x0 + (x0 - hist[0]) / float(2 * r) if np.isfinite(r) else x0
+        alpha_next, sigma_next = g.alpha_at(i + 1), g.sigma_at(i + 1)
+        if sigma_next == 0.0:  # e^{−h} = 0
+            return alpha_next * d, (x0,)
+        if g.sigma_at(i) == 0.0:
+            raise ValueError("dpmpp2m cannot step from σ = 0")
+        with np.errstate(over="ignore"):
+            phi = float(np.expm1(-(g.lam_at(i + 1) - g.lam_at(i))))  # e^{−h} − 1 (−1 where λ_i = −∞)
+        return (sigma_next / g.sigma_at(i)) * x - alpha_next * phi * d, (x0,)
 
 
 class Heun(Solver):
     name, order, model_calls_per_step = "heun", 2, 2
 
-    def ode_step(self, i, x, hist, cond, uncond):
+    def step(self, i, x, hist, cond, uncond):
         g = self.grid
-        step = float(g.rho[i + 1] - g.rho[i])
-        y = x / float(g.alpha[i])
-        eps = self.denoiser.eps(x, g.t[i], cond, uncond)
-        y_pred = y + step * eps
-        eps_pred = self.denoiser.eps(float(g.alpha[i + 1]) * y_pred, g.t[i + 1], cond, uncond)
-        return float(g.alpha[i + 1]) * (y + 0.5 * step * (eps + eps_pred)), ()
+        c, c_next = g.scale_at(i), g.scale_at(i + 1)
+        step = g.tau_at(i + 1) - g.tau_at(i)
+        z = x / c
+        f = g.drift(*self.predict(i, x, cond, uncond))
+        z_pred = z + step * f
+        if g.sigma_at(i + 1) == 0.0:  # Euler into the clean sample, as diffusers' Heun does
+            return c_next * z_pred, ()
+        at_next = GridPoint(self._t_next(i), g.alpha_at(i + 1), g.sigma_at(i + 1))
+        f_pred = g.drift(*self.denoiser.eps_and_x0(c_next * z_pred, at_next, cond, uncond))
+        return c_next * (z + 0.5 * step * (f + f_pred)), ()
+
+    def _t_next(self, i: int) -> float:
+        g = self.grid
+        return float(g.t[i + 1]) if i + 1 < len(g) else float(g.t_end)
 
 
 SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (DDIM, DPMSolverPP2M, Heun)}
+SOLVER_ALIASES = {"euler": "ddim", "dpm++2m": "dpmpp2m", "dpmsolver++": "dpmpp2m"}
+
+
+def solver_name(name: str) -> str:
+    name = SOLVER_ALIASES.get(name, name)
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; use one of {', '.join([*SOLVERS, *SOLVER_ALIASES])}")
+    return name
 
 
 def make_solver(name: str, denoiser: Denoiser, grid: TimeGrid) -> Solver:
-    try:
-        return SOLVERS[name](denoiser, grid)
-    except KeyError:
-        raise ValueError(f"unknown solver {name!r}; use one of {', '.join(SOLVERS)}") from None
+    return SOLVERS[solver_name(name)](denoiser, grid)
+
+
+__all__ = ["DDIM", "DPMSolverPP2M", "Heun", "SOLVERS", "Solver", "TimeGrid", "make_solver", "solver_name"]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from torch import nn
 
-from .schedule import VPSchedule
+from .conditioning import tensors_with_paths
+from .model import UNBATCHED_KEYS, NetworkStyle
+from .schedule import NoiseSchedule
 
 
 def check_tensor(name: str, t, *, finite: bool = True) -> None:
@@ -18,26 +22,17 @@ def check_tensor(name: str, t, *, finite: bool = True) -> None:
         raise ValueError(f"{name} contains NaN or inf; sample it again or check how it was produced")
 
 
-def check_sample_inputs(model, x_T, cond, uncond, guidance_scale: float, style: str) -> None:
+def check_sample_inputs(model, x_T, cond, uncond, guidance_scale: float, style: NetworkStyle) -> None:
     check_tensor("x_T", x_T, finite=False)
     if x_T.ndim < 2:
         raise ValueError(f"x_T must have a batch dimension, e.g. (B, C, H, W); got shape {tuple(x_T.shape)}")
     batch = x_T.shape[0]
-    for name, emb in (("cond", cond), ("uncond", uncond)):
-        if emb is None:
-            continue
-        check_tensor(name, emb, finite=False)
-        if emb.device != x_T.device:
-            raise ValueError(f"{name} is on {emb.device} but x_T is on {x_T.device}; move both to one device with .to()")
-        if emb.dtype != x_T.dtype:
-            raise TypeError(f"{name} is {emb.dtype} but x_T is {x_T.dtype}; use one dtype, e.g. {name}.to(x_T.dtype)")
-        if emb.shape[0] not in (1, batch):
-            raise ValueError(f"{name} has batch {emb.shape[0]} but x_T has batch {batch}; give {name} batch 1 or {batch}")
-    if uncond is not None and cond is not None and uncond.shape[1:] != cond.shape[1:]:
-        raise ValueError(
-            f"uncond has shape {tuple(uncond.shape)} but cond has {tuple(cond.shape)}; "
-            "encode the empty prompt with the same text encoder and padding as the prompt"
-        )
+    for name, tree in (("cond", cond), ("uncond", uncond)):
+        if tree is not None and not isinstance(tree, (torch.Tensor, dict)):
+            raise TypeError(f"{name} must be a tensor or a dict of the network's keyword arguments, got {type(tree).__name__}")
+        for path, t in tensors_with_paths(tree, name):
+            _check_conditioning_tensor(path, t, x_T, batch, top_level=path == name)
+    _check_pair(cond, uncond)
     if guidance_scale != 1.0:
         if uncond is None or cond is None:
             raise ValueError(
@@ -46,18 +41,110 @@ def check_sample_inputs(model, x_T, cond, uncond, guidance_scale: float, style: 
             )
     elif uncond is not None:
         raise ValueError("uncond is given but guidance_scale is 1, so it would be ignored; set guidance_scale ≠ 1 or drop uncond")
-    if style == "conditional" and cond is None:
+    if style.kind == "unet" and _hidden_states(cond) is None:
         raise ValueError("this model takes encoder_hidden_states: pass cond=<text embeddings> (B, L, D)")
-    if style == "unconditional" and cond is not None:
+    if style.kind == "unconditional" and cond is not None:
         raise ValueError("this model is unconditional (no encoder_hidden_states): drop cond/uncond")
+    if style.kind in ("unet", "transformer"):
+        _check_keys(model, style, cond, x_T)
     if isinstance(model, nn.Module):
-        _check_model_matches(model, x_T, cond)
-    for name, t in (("x_T", x_T), ("cond", cond), ("uncond", uncond)):
-        if t is not None:
-            check_tensor(name, t)
+        _check_model_matches(model, x_T, cond, style)
+    check_tensor("x_T", x_T)
+    for name, tree in (("cond", cond), ("uncond", uncond)):
+        for path, t in tensors_with_paths(tree, name):
+            if t.is_floating_point():
+                check_tensor(path, t)
 
 
-def _check_model_matches(model: nn.Module, x_T, cond) -> None:
+def _check_conditioning_tensor(name: str, t: torch.Tensor, x_T, batch: int, top_level: bool) -> None:
+    if top_level:
+        check_tensor(name, t, finite=False)
+    if t.device != x_T.device:
+        raise ValueError(f"{name} is on {t.device} but x_T is on {x_T.device}; move both to one device with .to()")
+    if t.is_floating_point() and t.ndim >= 2 and t.dtype != x_T.dtype:
+        raise TypeError(f"{name} is {t.dtype} but x_T is {x_T.dtype}; use one dtype, e.g. {name}.to(x_T.dtype)")
+    key = name.rsplit("[", 1)[-1].strip("]'\"")
+    if key not in UNBATCHED_KEYS and t.ndim >= 1 and t.shape[0] not in (1, batch):
+        raise ValueError(f"{name} has batch {t.shape[0]} but x_T has batch {batch}; give {name} batch 1 or {batch}")
+
+
+def _check_pair(cond, uncond) -> None:
+    """uncond must have cond's structure: same type, no extra keys, same shapes except the batch."""
+    if cond is None or uncond is None:
+        return
+    if isinstance(cond, torch.Tensor) != isinstance(uncond, torch.Tensor):
+        raise TypeError(
+            f"cond is a {type(cond).__name__} but uncond is a {type(uncond).__name__}; "
+            "give uncond the same structure as cond (encode the empty prompt the same way)"
+        )
+    if isinstance(cond, torch.Tensor):
+        if uncond.shape[1:] != cond.shape[1:]:
+            raise ValueError(
+                f"uncond has shape {tuple(uncond.shape)} but cond has {tuple(cond.shape)}; "
+                "encode the empty prompt with the same text encoder and padding as the prompt"
+            )
+        return
+    extra = [k for k in uncond if k not in cond]
+    if extra:
+        raise ValueError(f"uncond has key {extra[0]!r} that cond lacks; give both the same keys (a key only in cond is shared)")
+    for key, value in uncond.items():
+        if isinstance(value, (torch.Tensor, dict)) or isinstance(cond[key], (torch.Tensor, dict)):
+            if isinstance(value, dict) != isinstance(cond[key], dict):
+                raise TypeError(f"cond[{key!r}] and uncond[{key!r}] differ in structure (a dict and a tensor)")
+            if isinstance(value, dict):
+                _check_pair(cond[key], value)
+            elif key not in UNBATCHED_KEYS and value.shape[1:] != cond[key].shape[1:]:
+                raise ValueError(
+                    f"uncond[{key!r}] has shape {tuple(value.shape)} but cond[{key!r}] has {tuple(cond[key].shape)}; "
+                    "encode the empty prompt the same way as the prompt"
+                )
+
+
+def _hidden_states(cond):
+    return cond.get("encoder_hidden_states") if isinstance(cond, dict) else cond
+
+
+def _check_keys(model, style: NetworkStyle, cond, x_T) -> None:
+    """The cond dict's keys are the network's keyword arguments; families' required ones are present."""
+    name = type(model).__name__
+    if isinstance(cond, dict) and not style.accepts_any:
+        taken = set(style.parameters) - {"sample", "hidden_states", "timestep", "return_dict"}
+        unknown = [k for k in cond if k not in taken]
+        if unknown:
+            raise ValueError(
+                f"cond has key {unknown[0]!r} that {name} does not take; its keyword arguments are "
+                f"{', '.join(sorted(taken))}"
+            )
+    if style.kind != "transformer":
+        return
+    given = set(cond) if isinstance(cond, dict) else ({"encoder_hidden_states"} if cond is not None else set())
+    flux = style.timestep_scale != 1.0
+    needed = ["pooled_projections", "txt_ids", "img_ids"] if flux else []
+    if "pooled_projections" in style.parameters and not flux and "pooled_projections" in _required(model):
+        needed.append("pooled_projections")
+    missing = [k for k in needed if k not in given]
+    if missing:
+        raise ValueError(
+            f"{name} needs cond[{missing[0]!r}] (its pipeline passes {', '.join(needed)}); give cond as a dict "
+            "with encoder_hidden_states and those keys, e.g. from adjointdpm.load_components(folder).encode_prompt"
+        )
+    if flux and x_T.ndim != 3:
+        raise ValueError(
+            f"{name} takes packed latents (B, H/2·W/2, 4·C) but x_T has shape {tuple(x_T.shape)}; pack them as "
+            "FluxPipeline._pack_latents does (or use load_components(folder).noise)"
+        )
+
+
+def _required(model) -> set[str]:
+    """Keyword arguments of the network's forward that have no default (or a None default but are needed)."""
+    params = inspect.signature(model.forward).parameters
+    needed = {k for k, p in params.items() if p.default is inspect.Parameter.empty}
+    if getattr(getattr(model, "config", None), "pooled_projection_dim", None):
+        needed.add("pooled_projections")
+    return needed
+
+
+def _check_model_matches(model: nn.Module, x_T, cond, style: NetworkStyle) -> None:
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if weight is not None:
         if weight.device != x_T.device:
@@ -69,19 +156,33 @@ def _check_model_matches(model: nn.Module, x_T, cond) -> None:
             )
     config = getattr(model, "config", None)
     channels = getattr(config, "in_channels", None)
-    if isinstance(channels, int) and x_T.ndim != 4:
-        raise ValueError(f"x_T must have shape (B, C, H, W) for this model, got {tuple(x_T.shape)}; add the batch dimension with x_T[None]")
-    if isinstance(channels, int) and x_T.shape[1] != channels:
-        raise ValueError(f"x_T has {x_T.shape[1]} channels but the model expects in_channels={channels}; sample x_T with shape (B, {channels}, H, W)")
-    width = getattr(config, "cross_attention_dim", None)
-    if cond is not None and isinstance(width, int) and cond.shape[-1] != width:
+    packed = style.kind == "transformer" and style.timestep_scale != 1.0
+    if isinstance(channels, int) and not packed:
+        if x_T.ndim != 4:
+            raise ValueError(f"x_T must have shape (B, C, H, W) for this model, got {tuple(x_T.shape)}; add the batch dimension with x_T[None]")
+        if x_T.shape[1] != channels:
+            raise ValueError(f"x_T has {x_T.shape[1]} channels but the model expects in_channels={channels}; sample x_T with shape (B, {channels}, H, W)")
+    if isinstance(channels, int) and packed and x_T.shape[-1] != channels:
+        raise ValueError(f"x_T has {x_T.shape[-1]} features per token but the model expects in_channels={channels}; pack 2×2 patches of the {channels // 4}-channel latents")
+    hidden = _hidden_states(cond)
+    width, source = _text_width(config)
+    if isinstance(hidden, torch.Tensor) and isinstance(width, int) and hidden.shape[-1] != width:
         raise ValueError(
-            f"cond has width {cond.shape[-1]} but the model's cross_attention_dim is {width}; "
-            "encode the prompt with the text encoder that matches this UNet"
+            f"cond has width {hidden.shape[-1]} but the model's {source} is {width}; "
+            "encode the prompt with the text encoder that matches this network"
         )
 
 
-def resolve_timesteps(schedule: VPSchedule, timesteps, steps) -> np.ndarray:
+def _text_width(config) -> tuple[int | None, str]:
+    """The width the network expects of encoder_hidden_states, and the config field that says so."""
+    for field in ("caption_channels", "joint_attention_dim", "cross_attention_dim"):
+        value = getattr(config, field, None)
+        if isinstance(value, int):
+            return value, field
+    return None, ""
+
+
+def resolve_timesteps(schedule: NoiseSchedule, timesteps, steps) -> np.ndarray:
     """Validated model times t_0 > … > t_{N−1} from explicit timesteps or a number of steps."""
     if timesteps is None and steps is None:
         raise ValueError("give either timesteps=… (e.g. scheduler.timesteps) or steps=N")

@@ -7,6 +7,7 @@
     budget  Exact(memory=B): time and peak memory for budgets of 0–100 % of back-propagation's peak and
             for an unlimited budget, against back-propagation
     vae     differentiable VAE decoding: peak memory and time of decode + backward, plain, checkpointed, tiled
+    families  x_T and LoRA gradient cost per model family on reduced configs (CPU)
     gpu     model families at their native sizes on a CUDA device (peak GPU memory, seconds per step for
             sampling, x_T, text, LoRA and full fine-tuning); ``--reduced`` runs tiny configs on a CPU
     report  re-print the tables (and draw the plots) of a results JSON

@@ -52,6 +52,9 @@ GPU_HELP = ("model families (SD-1.5, SDXL UNets; SD3, Flux transformers) at thei
             "CUDA device: peak GPU memory and seconds per step of plain sampling and of an optimisation step "
             "through the sampler for x_T, the text embeddings, LoRA adapters and the full weights, with and "
             "without torch.compile, plus a high-resolution VAE decode; --reduced runs tiny configs on a CPU")
+FAMILIES_HELP = ("x_T and LoRA gradient cost per model family on reduced configs (SD 1.5, SDXL, SD3, Flux, PixArt "
+                 "shapes, random weights, CPU): seconds and peak RSS of exact and backprop gradients beside the "
+                 "forward sample")
 REPORT_HELP = "re-print the tables of a results JSON of any suite (and draw its plots with --img)"
 
 
@@ -63,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m adjointdpm.bench", description=DESCRIPTION,
                                      epilog="Each subcommand's --help says what it measures; docs/benchmarks.md has "
                                             "the measured results.")
-    sub = parser.add_subparsers(dest="command", metavar="{grad,cpu,budget,vae,gpu,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{grad,cpu,budget,vae,families,gpu,report}")
 
     g = sub.add_parser("grad", help=_escaped(GRAD_HELP), description=GRAD_HELP)
     _common_sweep_args(g, "outputs/bench/grad.json",
@@ -101,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .gpu import add_arguments
 
     add_arguments(gp)
+
+    f = sub.add_parser("families", help=_escaped(FAMILIES_HELP), description=FAMILIES_HELP)
+    from .families import add_arguments as add_family_arguments
+
+    add_family_arguments(f)
 
     r = sub.add_parser("report", help=_escaped(REPORT_HELP), description=REPORT_HELP)
     r.add_argument("json")
@@ -142,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(gpu_table(result))
         return 0
+    if args.command == "families":
+        from .families import main as families_main
+
+        return families_main(args)
     if args.command == "gpu":
         from .gpu import main as gpu_main
 

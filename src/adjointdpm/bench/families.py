@@ -1,138 +1,200 @@
-"""Model families of the GPU suite at their native sizes (and tiny ``reduced`` versions for a CPU).
+"""Gradient cost per model family on reduced configs (CPU): SD-1.5-, SDXL-, SD3-, Flux- and PixArt-shaped
+networks with random weights, built from configs at a fraction of their native widths.
 
-Every network is built from its published architecture config with random weights (the cost of a step
-does not depend on the weights), so nothing is downloaded:
+For each family, with its own scheduler and guidance as its pipeline samples (N steps), one run measures
 
-    sd15   UNet2DConditionModel, Stable Diffusion 1.5 (860 M), 512² (64² × 4 latents), CLIP-L text 77 × 768
-    sdxl   UNet2DConditionModel, SDXL base (2.6 G), 1024² (128² × 4), text 77 × 2048 + pooled 1280 + time ids
-    sd3    SD3Transformer2DModel, SD3-medium (2 G), 1024² (128² × 16), text 333 × 4096 + pooled 2048
-    flux   FluxTransformer2DModel, Flux-dev (12 G), 1024² (128² × 16 packed to 4096 × 64), text 512 × 4096
-           + pooled 768, guidance embedding
+* the forward sample (no graph): seconds;
+* an x_T step: ``exact`` and ``backprop`` gradients of a loss on x_0 w.r.t. x_T: seconds and peak RSS;
+* a LoRA step: the same w.r.t. rank-4 peft LoRA adapters on every attention projection.
 
-The VAEs are AutoencoderKL with each family's config (4 or 16 latent channels, 8× upsampling).
-Text embeddings are seeded random tensors of the encoders' output shapes: the text encoders run once per
-optimisation step, outside the sampler, and the suite measures the sampler's gradient.
+Each ratio (gradient time / forward time, exact / backprop) comes from one run, in one process, with the
+peak RSS above the process's baseline (``PeakRSS``: VmHWM after clear_refs where the kernel allows it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, center_input_sample=False,
-)
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
-)
-SD3_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=192,
-)
-FLUX_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-_VAE_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                   block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn="silu", norm_num_groups=32,
-                   in_channels=3, out_channels=3)
-SD15_VAE = dict(_VAE_BLOCKS, latent_channels=4, sample_size=512, scaling_factor=0.18215)
-SDXL_VAE = dict(_VAE_BLOCKS, latent_channels=4, sample_size=1024, scaling_factor=0.13025)
-SD3_VAE = dict(_VAE_BLOCKS, latent_channels=16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-               use_quant_conv=False, use_post_quant_conv=False)
-FLUX_VAE = dict(_VAE_BLOCKS, latent_channels=16, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
-                use_quant_conv=False, use_post_quant_conv=False)
+from .common import PeakRSS, machine_info, write_json
 
-# the same families, tiny: 64×64 images (8×8 latents), for a CPU in seconds
-_TINY_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                 block_out_channels=(16, 16, 32, 32), layers_per_block=1, act_fn="silu", norm_num_groups=8,
-                 in_channels=3, out_channels=3, sample_size=64)
-REDUCED_VAE = dict(_TINY_VAE, latent_channels=4, scaling_factor=0.18215)
-REDUCED = {
-    "sd15": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-                 norm_num_groups=8),
-    "sdxl": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-                 attention_head_dim=(4, 8), cross_attention_dim=32, use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=88,
-                 norm_num_groups=8),
-    "sd3": dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
-                pos_embed_max_size=16),
-    "flux": dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
-                 axes_dims_rope=(4, 6, 6)),
-}
-REDUCED_VAES = {"sd15": REDUCED_VAE, "sdxl": REDUCED_VAE,
-                "sd3": dict(_TINY_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
-                            use_quant_conv=False, use_post_quant_conv=False),
-                "flux": dict(_TINY_VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
-                             use_quant_conv=False, use_post_quant_conv=False)}
-SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                steps_offset=1)
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "pixart")
 
 
-@dataclass(frozen=True)
-class Family:
+@dataclass
+class FamilySetup:
     name: str
-    kind: str  # "unet" (VP noise prediction) or "sd3" / "flux" (flow-matching transformers)
-    network: dict
-    vae: dict
-    resolution: int
-    text_len: int
-    text_dim: int
-    pooled_dim: int | None = None
-    reduced_text: tuple[int, int, int | None] = (4, 32, None)  # text_len, text_dim, pooled_dim of --reduced
-    extra: dict = field(default_factory=dict)
-
-    def config(self, reduced: bool) -> tuple[dict, dict, int, int, int, int | None]:
-        """(network config, VAE config, image size, text length, text width, pooled width)."""
-        if reduced:
-            return (REDUCED[self.name], REDUCED_VAES[self.name], 64, *self.reduced_text)
-        return self.network, self.vae, self.resolution, self.text_len, self.text_dim, self.pooled_dim
+    network: torch.nn.Module
+    x_T: torch.Tensor
+    cond: object
+    uncond: object
+    guidance: float
+    scheduler: object
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-FAMILIES = {
-    "sd15": Family("sd15", "unet", SD15_UNET, SD15_VAE, 512, 77, 768, reduced_text=(4, 32, None)),
-    "sdxl": Family("sdxl", "unet", SDXL_UNET, SDXL_VAE, 1024, 77, 2048, 1280, reduced_text=(4, 32, 40)),
-    "sd3": Family("sd3", "sd3", SD3_TRANSFORMER, SD3_VAE, 1024, 333, 4096, 2048, reduced_text=(4, 32, 16)),
-    "flux": Family("flux", "flux", FLUX_TRANSFORMER, FLUX_VAE, 1024, 512, 4096, 768, reduced_text=(4, 32, 16)),
-}
+def _vp_scheduler(steps: int):
+    from diffusers import DPMSolverMultistepScheduler
+
+    s = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    s.set_timesteps(steps)
+    return s
 
 
-def build_network(family: Family, reduced: bool, device, dtype) -> torch.nn.Module:
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+def _flow_scheduler(steps: int, dynamic: bool = False):
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    cls = {"unet": UNet2DConditionModel, "sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[family.kind]
-    torch.manual_seed(0)
-    with torch.device(device):
-        net = cls(**family.config(reduced)[0])
-    return net.to(device, dtype).eval().requires_grad_(False)
+    if dynamic:
+        s = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+        s.set_timesteps(steps, mu=0.8)
+    else:
+        s = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        s.set_timesteps(steps)
+    return s
 
 
-def build_vae(family: Family, reduced: bool, device, dtype) -> torch.nn.Module:
-    from diffusers import AutoencoderKL
-    from diffusers.utils import logging as diffusers_logging
+def build(name: str, steps: int, batch: int = 1, seed: int = 0) -> FamilySetup:
+    import diffusers
 
-    diffusers_logging.set_verbosity_error()  # no note about casting a randomly initialised VAE
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        vae = AutoencoderKL(**family.config(reduced)[1])
-    return vae.to(device, dtype).eval().requires_grad_(False)
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    if name in ("sd15", "sdxl"):
+        extra = {}
+        if name == "sdxl":
+            extra = dict(addition_embed_type="text_time", addition_time_embed_dim=16,
+                         projection_class_embeddings_input_dim=64 + 6 * 16, use_linear_projection=True)
+        net = diffusers.UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+            norm_num_groups=8, attention_head_dim=8, **extra)
+
+        def emb():
+            if name == "sd15":
+                return randn(batch, 16, 64)
+            return {"encoder_hidden_states": randn(batch, 16, 64),
+                    "added_cond_kwargs": {"text_embeds": randn(batch, 64), "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]])}}
+        return FamilySetup(name, net, randn(batch, 4, 32, 32), emb(), emb(), 7.5, _vp_scheduler(steps))
+    if name == "sd3":
+        net = diffusers.SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=4, caption_projection_dim=64,
+                                              joint_attention_dim=64, pooled_projection_dim=32, out_channels=16)
+
+        def emb():
+            return {"encoder_hidden_states": randn(batch, 16, 64), "pooled_projections": randn(batch, 32)}
+        return FamilySetup(name, net, randn(batch, 16, 32, 32), emb(), emb(), 7.0, _flow_scheduler(steps))
+    if name == "flux":
+        net = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                               attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+                                               pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+        side = 16  # 32x32 latents of 16 channels, packed 2x2 -> 256 tokens of 64 features
+        ids = torch.zeros(side, side, 3)
+        ids[..., 1] += torch.arange(side)[:, None]
+        ids[..., 2] += torch.arange(side)[None, :]
+        cond = {"encoder_hidden_states": randn(batch, 16, 64), "pooled_projections": randn(batch, 32),
+                "txt_ids": torch.zeros(16, 3), "img_ids": ids.reshape(-1, 3), "guidance": torch.full((batch,), 3.5)}
+        return FamilySetup(name, net, randn(batch, side * side, 64), cond, None, 1.0, _flow_scheduler(steps, True))
+    if name == "pixart":
+        net = diffusers.PixArtTransformer2DModel(
+            sample_size=32, num_layers=2, patch_size=2, attention_head_dim=16, num_attention_heads=4, caption_channels=64,
+            in_channels=4, cross_attention_dim=64, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+
+        def emb():
+            return {"encoder_hidden_states": randn(batch, 16, 64), "encoder_attention_mask": torch.ones(batch, 16),
+                    "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        return FamilySetup(name, net, randn(batch, 4, 32, 32), emb(), emb(), 4.5, _vp_scheduler(steps))
+    raise SystemExit(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}")
+
+
+def _sample(setup: FamilySetup, x_T, grad):
+    import adjointdpm as adpm
+
+    solver = "dpmpp2m" if "DPMSolver" in type(setup.scheduler).__name__ else "ddim"
+    return adpm.sample(setup.network, x_T, schedule=setup.scheduler, timesteps=setup.scheduler.timesteps,
+                       cond=setup.cond, uncond=setup.uncond if setup.guidance != 1 else None,
+                       guidance_scale=setup.guidance, solver=solver, grad=grad)
+
+
+def _timed(fn: Callable[[], None]) -> tuple[float, float]:
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+    return seconds, peak.peak_mib
+
+
+def measure(name: str, steps: int) -> dict:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    setup = build(name, steps)
+    net = setup.network.eval().requires_grad_(False)
+    row = {"family": name, "steps": steps, "parameters": sum(p.numel() for p in net.parameters()),
+           "scheduler": type(setup.scheduler).__name__, "guidance_scale": setup.guidance}
+    _sample(setup, setup.x_T, None)  # warm-up
+    row["forward_s"], row["forward_mib"] = _timed(lambda: _sample(setup, setup.x_T, None))
+
+    def x_step(grad):
+        x = setup.x_T.clone().requires_grad_()
+        _sample(setup, x, grad).square().mean().backward()
+
+    for grad in ("exact", "backprop"):
+        row[f"x_T_{grad}_s"], row[f"x_T_{grad}_mib"] = _timed(lambda: x_step(grad))
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=list(setup.lora_targets)), net)
+    lora = [p for n, p in net.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.requires_grad_(True)
+    row["lora_parameters"] = sum(p.numel() for p in lora)
+
+    def lora_step(grad):
+        net.zero_grad(set_to_none=True)
+        _sample(setup, setup.x_T, grad).square().mean().backward()
+
+    for grad in ("exact", "backprop"):
+        row[f"lora_{grad}_s"], row[f"lora_{grad}_mib"] = _timed(lambda: lora_step(grad))
+    for what in ("x_T", "lora"):
+        row[f"{what}_exact_over_forward"] = row[f"{what}_exact_s"] / row["forward_s"]
+        row[f"{what}_exact_over_backprop"] = row[f"{what}_exact_s"] / row[f"{what}_backprop_s"]
+    return row
+
+
+def table(result: dict) -> str:
+    lines = ["| family | params | scheduler | N | forward s | x_T exact s (MiB) | x_T backprop s (MiB) | "
+             "LoRA exact s (MiB) | LoRA backprop s (MiB) | x_T exact/fwd | LoRA exact/fwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['family']} | {r['parameters'] / 1e6:.2f} M | {r['scheduler']} | {r['steps']} | {r['forward_s']:.2f} | "
+            f"{r['x_T_exact_s']:.2f} ({r['x_T_exact_mib']:.0f}) | {r['x_T_backprop_s']:.2f} ({r['x_T_backprop_mib']:.0f}) | "
+            f"{r['lora_exact_s']:.2f} ({r['lora_exact_mib']:.0f}) | {r['lora_backprop_s']:.2f} ({r['lora_backprop_mib']:.0f}) | "
+            f"{r['x_T_exact_over_forward']:.2f} | {r['lora_exact_over_forward']:.2f} |")
+    return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--families", default=",".join(FAMILIES), help=f"families to measure (default {','.join(FAMILIES)})")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps N (default 10)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default="outputs/bench/families.json", help="results JSON")
+
+
+def main(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    rows = []
+    for name in [f.strip() for f in args.families.split(",") if f.strip()]:
+        print(f"measuring {name} …", flush=True)
+        rows.append(measure(name, args.steps))
+    result = {"suite": "families", "machine": machine_info(), "rows": rows, "wall_s": time.perf_counter() - start}
+    write_json(args.out, result)
+    print(table(result))
+    print(f"\nwrote {args.out} ({result['wall_s'] / 60:.1f} min)")
+    return 0

@@ -4,7 +4,7 @@
     python -m adjointdpm.bench gpu --family sd15 --compile off,on --modes exact,exact:inf,backprop
     python -m adjointdpm.bench gpu --reduced                    # anywhere (CPU): tiny configs, 64², few steps
 
-For each family (see ``families.py``: SD-1.5 and SDXL UNets; SD3 and Flux transformers, which need the
+For each family (see ``family_configs.py``: SD-1.5 and SDXL UNets; SD3 and Flux transformers, which need the
 engine's flow-matching support) and each target it measures, after one warm-up step, the peak memory and
 the seconds of:
 
@@ -34,7 +34,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .families import FAMILIES, SD_BETAS, build_network, build_vae
+from .family_configs import FAMILIES, SD_BETAS, build_network, build_vae
 
 TARGETS = ("forward", "x_T", "text", "lora", "full")
 MODES = ("adjoint", "exact", "checkpoint", "reversible", "backprop")

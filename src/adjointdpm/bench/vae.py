@@ -47,7 +47,7 @@ def build_vae(config: str, dtype: torch.dtype, device):
 
     diffusers_logging.set_verbosity_error()  # no note about casting a randomly initialised VAE
 
-    from .families import REDUCED_VAE, SD15_VAE
+    from .family_configs import REDUCED_VAE, SD15_VAE
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**(SD15_VAE if config == "sd15" else REDUCED_VAE))

@@ -1,4 +1,8 @@
-"""``adjointdpm sample``: text-to-image generation with the embedded model or a local SD folder.
+"""``adjointdpm sample``: text-to-image generation with the embedded model or a local diffusers folder.
+
+``--model`` opens an SD 1.x/2.x, SDXL, SD3/3.5, Flux or PixArt-alpha/Sigma pipeline folder (safetensors,
+offline); steps, solver and guidance scale default to the model's (the solver that reproduces the
+folder's scheduler).
 
 Writes one PNG per image (``000.png`` ...), ``grid.png`` and ``sample.json`` (the settings used)
 into ``--out``. Initial noise x_T is drawn from a CPU generator seeded with ``--seed``.
@@ -18,9 +22,9 @@ def sample(
     num_images: int = typer.Option(16, "--num-images", "-n", min=1, max=4096, help="Number of images."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, max=1000, help="Solver steps (default: the model's; 20 for the embedded model)."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="ODE solver: ddim, dpmpp2m or heun (default: dpmpp2m)."),
-    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Local diffusers folder (default: the embedded digits model)."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="ODE solver: ddim (Euler; FlowMatchEuler's step on flow models), dpmpp2m or heun (default: the model's)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; guidance-distilled Flux: the guidance it is given)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Local diffusers folder: SD 1.x/2.x, SDXL, SD3/3.5, Flux or PixArt (default: the embedded digits model)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per network batch."),
     device: str = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".'),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's choice; 1 is best on a busy machine)."),
@@ -53,7 +57,7 @@ def sample(
     if threads:
         torch.set_num_threads(threads)
     comps = load_components(model, device=dev)
-    check_prompt_length(comps.tokenizer, prompt)  # (longer prompts would be cut silently)
+    check_prompt_length(comps.prompt_tokenizer, prompt)  # (longer prompts would be cut silently)
     out = check_writable(out)  # before the work, not after it
     images = comps.generate([prompt] * num_images, seed=seed, steps=steps, solver=solver,
                             guidance_scale=guidance_scale, batch_size=batch_size)

@@ -1,13 +1,15 @@
 """The continuous adjoint of AdjointDPM, in the exponential-integrator coordinates of the sampler.
 
-In y = x/α and ρ = σ/α the probability-flow ODE is dy/dρ = f(y, ρ) = ε̂(α(ρ) y, t(ρ), c; θ). For a loss
-on y(ρ_end) the adjoint a = ∂L/∂y and the parameter adjoints solve, backwards from ρ_end up to ρ_start,
+In the grid's coordinates (z, τ) (:mod:`adjointdpm.grid`: y = x/α against ρ = σ/α for VP, u = x against
+κ = σ for flow matching) the probability-flow ODE is dz/dτ = f(z, τ) (ε̂, resp. ε̂ − x̂₀, at x = c(τ) z).
+Below "y, ρ" stand for z, τ. For a loss on y(ρ_end) the adjoint a = ∂L/∂y and the parameter adjoints
+solve, backwards from ρ_end up to ρ_start,
 
     da/dρ = −aᵀ ∂f/∂y,     da_c/dρ = −aᵀ ∂f/∂c,     da_θ/dρ = −aᵀ ∂f/∂θ,
 
 with a(ρ_end) = ∂L/∂y(ρ_end), a_c = a_θ = 0 there; then ∂L/∂y(ρ_start) = a, ∂L/∂c = a_c, ∂L/∂θ = a_θ.
-Like the sampling ODE, this system has no stiff linear part in ρ, so plain steps in ρ are the
-exponential integrator (Euler in ρ is DDIM's adjoint).
+Like the sampling ODE, this system has no stiff linear part in these coordinates, so plain steps in τ
+are the exponential integrator (Euler in τ is DDIM's adjoint).
 
 The ODE covers t_0 … t_{N−1}; the sampler's final jump to σ = 0, x_0 = x̂₀(x_{N−1}, t_{N−1}), is a single
 map and is differentiated exactly. The backward grid is the forward one, or a coarser subset of it
@@ -19,10 +21,11 @@ Backward solvers, over a step ρ_j → ρ_{j+1} (H = ρ_{j+1} − ρ_j > 0), wit
 
     euler      u_{j+1} = u_j + H F_j
     heun       ũ = u_j + H F_j,  u_{j+1} = u_j + H/2 (F_j + F(ũ, ρ_{j+1}))
-    multistep  F linear in λ through F_{j−1}, F_j, integrated exactly against dρ = −e^{−λ} dλ:
+    multistep  VP (ρ): F linear in λ through F_{j−1}, F_j, integrated exactly against dρ = −e^{−λ} dλ:
                u_{j+1} = u_j + (H + C_j) F_j − C_j F_{j−1},  C_j = ρ_j ((1 − h) e^{h} − 1)/(λ_j − λ_{j−1}),
                h = λ_j − λ_{j+1}   (first order at the first step), the exponential multistep
-               method of DPM-Solver applied to the adjoint system.
+               method of DPM-Solver applied to the adjoint system. Flow (κ): F linear in κ, i.e.
+               variable-step Adams–Bashforth 2, C_j = H²/(2 H_{j−1}).
 
 Weight cotangents never form an ODE state: each evaluation's −aᵀ∂f/∂θ is pulled back once, scaled by
 the total weight the solver gives that evaluation (for the multistep method, its own step's weight plus
@@ -94,33 +97,35 @@ class Adjoint(CustomBackwardMode):
         _, (x_bar,) = acc.vjp(
             lambda x, cond, uncond: (solver.step(last, x, (), cond, uncond)[0],), [states[last]], [grad_x0]
         )
-        # ∂L/∂y = α ∂L/∂x, carried in float32 at least (half-precision models accumulate it widely)
-        a = _or_zeros(x_bar, grad_x0).to(accumulation_dtype(grad_x0.dtype)) * float(grid.alpha[last])
+        # ∂L/∂y = c ∂L/∂x, carried in float32 at least (half-precision models accumulate it widely)
+        a = _or_zeros(x_bar, grad_x0).to(accumulation_dtype(grad_x0.dtype)) * grid.scale_at(last)
         check_step_cotangent(a, last, grid.t[last])
-        y = states[last] / float(grid.alpha[last])
+        y = states[last] / grid.scale_at(last)
         idx = self.backward_indices(solver.num_steps)
         if idx.size > 1:
             method = self.solver or DEFAULT_ADJOINT_SOLVER.get(solver.name, "euler")
             integrate = {"euler": self._euler, "heun": self._heun, "multistep": self._multistep}[method]
             a = integrate(solver, idx, y, a, states, acc)
-        return (a / float(grid.alpha[0])).to(grad_x0.dtype)
+        return (a / grid.scale_at(0)).to(grad_x0.dtype)
 
     def _drift_vjp(self, solver, k, y, a, weight, acc, target_weight=None):
         """f(y, ρ_k) and weight·(−aᵀ ∂f/∂y); adds weight·(−aᵀ ∂f/∂(c, θ)) to the buffers
         (target_weight·(−aᵀ ∂f/∂(c, θ)) instead, if given)."""
-        denoiser, alpha, t = solver.denoiser, float(solver.grid.alpha[k]), solver.grid.t[k]
+        grid = solver.grid
+        denoiser, scale, point = solver.denoiser, grid.scale_at(k), grid.point(k)
         (f,), (y_bar,) = acc.vjp(
-            lambda y, cond, uncond: (denoiser.eps(alpha * y, t, cond, uncond),), [y], [-weight * a], target_weight
+            lambda y, cond, uncond: (grid.drift(*denoiser.eps_and_x0(scale * y, point, cond, uncond)),),
+            [y], [-weight * a], target_weight,
         )
         return f, _or_zeros(y_bar, a)
 
     def _stored_y(self, solver, states, k):
-        return states[k] / float(solver.grid.alpha[k])
+        return states[k] / solver.grid.scale_at(k)
 
     def _euler(self, solver, idx, y, a, states, acc):
-        rho = solver.grid.rho
+        tau = solver.grid.tau_at
         for k, k_next in zip(idx[:-1], idx[1:]):
-            step = float(rho[k_next] - rho[k])
+            step = tau(k_next) - tau(k)
             f, da = self._drift_vjp(solver, k, y, a, step, acc)
             a = a + da
             check_step_cotangent(a, k, solver.grid.t[k])
@@ -128,9 +133,9 @@ class Adjoint(CustomBackwardMode):
         return a
 
     def _heun(self, solver, idx, y, a, states, acc):
-        rho = solver.grid.rho
+        tau = solver.grid.tau_at
         for k, k_next in zip(idx[:-1], idx[1:]):
-            step = float(rho[k_next] - rho[k])
+            step = tau(k_next) - tau(k)
             f1, da1 = self._drift_vjp(solver, k, y, a, step / 2, acc)
             y_pred = self._stored_y(solver, states, k_next) if self.state == "stored" else y + step * f1
             f2, da2 = self._drift_vjp(solver, k_next, y_pred, a + 2 * da1, step / 2, acc)
@@ -140,7 +145,10 @@ class Adjoint(CustomBackwardMode):
         return a
 
     def _multistep(self, solver, idx, y, a, states, acc):
-        own, prev = _multistep_coefficients(solver.grid.rho[idx], solver.grid.lam[idx])
+        grid = solver.grid
+        tau = np.array([grid.tau_at(k) for k in idx])
+        own, prev = (_multistep_coefficients(tau, grid.lam[idx]) if grid.coordinates == "rho"
+                     else _adams_bashforth_coefficients(tau))
         f_prev = da_prev = None
         for j, (k, k_next) in enumerate(zip(idx[:-1], idx[1:])):
             # F_j enters this step with weight own[j] and the next one with prev[j+1]: pull the weight
@@ -174,6 +182,17 @@ def _multistep_coefficients(rho: np.ndarray, lam: np.ndarray) -> tuple[list[floa
             continue
         h = lam[j] - lam[j + 1]
         c = rho[j] * ((1 - h) * np.exp(h) - 1) / (lam[j] - lam[j - 1])
+        own.append(float(step + c))
+        prev.append(float(-c))
+    return own, prev
+
+
+def _adams_bashforth_coefficients(tau: np.ndarray) -> tuple[list[float], list[float]]:
+    """Weights (own_j, prev_j) of F_j and F_{j−1} in step j of variable-step AB2 in τ (F linear in τ)."""
+    own, prev = [], []
+    for j in range(tau.size - 1):
+        step = tau[j + 1] - tau[j]
+        c = 0.0 if j == 0 else step * step / (2 * (tau[j] - tau[j - 1]))
         own.append(float(step + c))
         prev.append(float(-c))
     return own, prev

@@ -4,8 +4,9 @@
 * ``Checkpoint`` ``torch.utils.checkpoint`` around each step (what DNO/AlignProp do): exact, stores the N
   step inputs and recomputes each step's activations in the backward pass.
 * ``Truncated(k)`` the gradient flows through the last k steps only (DRaFT-K / AlignProp). The conditioning
-  and the weights see those k steps. x_T reaches the last k steps by a straight-through estimate in
-  y = x/α: ∂x_{N−k}/∂x_T ≈ (α_{N−k}/α_0) I, the Jacobian of the ODE's flow when ε̂ does not depend on x.
+  and the weights see those k steps. x_T reaches the last k steps by a straight-through estimate in the
+  grid's coordinates z = x/c: ∂x_{N−k}/∂x_T ≈ (c_{N−k}/c_0) I, the Jacobian of the ODE's flow when the
+  drift does not depend on x (c = α for VP, 1 for flow matching).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class Truncated(GradMode):
         with torch.no_grad():
             x, hist = _run_steps(solver, x_T, (), cond, uncond, range(start))
         if start > 0:
-            scale = float(solver.grid.alpha[start] / solver.grid.alpha[0])
+            scale = solver.grid.scale_at(start) / solver.grid.scale_at(0)
             x = x + scale * (x_T - x_T.detach())
         x0, _ = _run_steps(solver, x, hist, cond, uncond, range(start, n))
         return x0

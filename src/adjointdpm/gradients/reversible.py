@@ -1,12 +1,14 @@
 """The reversible baseline: EDICT coupled sampling, differentiated by inverting its steps (DOODL).
 
-EDICT (Wallace et al. 2023) runs two coupled copies (x, y) of a DDIM chain, both starting at x_T. Write the
-DDIM step from t_i to t_{i+1} as the affine map x ↦ a_i x + b_i ε̂(x, t_i) with
+EDICT (Wallace et al. 2023) runs two coupled copies (x, y) of a DDIM chain, both starting at x_T. In the
+grid's coordinates z = x/c, τ (:mod:`adjointdpm.grid`) the DDIM step from t_i to t_{i+1} is the affine map
+x ↦ a_i x + b_i f(x, t_i) with f the drift dz/dτ (ε̂ for VP, ε̂ − x̂₀ = the velocity for flow matching) and
 
-    a_i = α_{i+1}/α_i,   b_i = α_{i+1} (ρ_{i+1} − ρ_i)        (ρ = σ/α; the last step has α = 1, ρ = 0,
-                                                             i.e. the jump to x̂₀ = (x − σ ε̂)/α)
+    a_i = c_{i+1}/c_i,   b_i = c_{i+1} (τ_{i+1} − τ_i)        (VP: a = α'/α, b = α'(ρ' − ρ); the last step
+                                                             ends at the grid's end point, the clean sample)
 
-where each copy's ε̂ is evaluated at the *other* copy, then the two are mixed with weight p:
+where each copy's f is evaluated at the *other* copy, then the two are mixed with weight p (ε̂ below
+stands for f):
 
     x'  = a x + b ε̂(y)          y'  = a y + b ε̂(x')
     x⁺  = p x' + (1 − p) y'      y⁺  = p y' + (1 − p) x⁺
@@ -83,23 +85,22 @@ class Reversible(CustomBackwardMode):
     def pull_back(self, solver, record, grad_x0, acc):
         x, y = record
         p, q = float(self.p), 1.0 - float(self.p)
-        eps = solver.denoiser.eps
+        eps = drift_function(solver)
         x_bar, y_bar = grad_x0, torch.zeros_like(grad_x0)
         for i in reversed(range(solver.num_steps)):
             a, b = step_coefficients(solver.grid, i)
-            t = solver.grid.t[i]
             # undo the mixing, and pull the cotangents back through it
             y_mid = (y - q * x) / p
             x_mid = (x - q * y_mid) / p
             x_total = x_bar + q * y_bar
             x_mid_bar, y_mid_bar = p * x_total, p * y_bar + q * x_total
             # y' = a y + b ε̂(x'): one call at x', with graph
-            (e_x,), (g,) = acc.vjp(lambda v, c, u: (eps(v, t, c, u),), [x_mid], [b * y_mid_bar])
+            (e_x,), (g,) = acc.vjp(lambda v, c, u: (eps(v, i, c, u),), [x_mid], [b * y_mid_bar])
             if g is not None:
                 x_mid_bar = x_mid_bar + g
             y = (y_mid - b * e_x) / a
             # x' = a x + b ε̂(y): one call at the reconstructed y, with graph
-            (e_y,), (g,) = acc.vjp(lambda v, c, u: (eps(v, t, c, u),), [y], [b * x_mid_bar])
+            (e_y,), (g,) = acc.vjp(lambda v, c, u: (eps(v, i, c, u),), [y], [b * x_mid_bar])
             x = (x_mid - b * e_y) / a
             y_bar = a * y_mid_bar if g is None else a * y_mid_bar + g
             x_bar = a * x_mid_bar
@@ -115,19 +116,27 @@ def check_solver(solver) -> None:
 
 
 def step_coefficients(grid, i: int) -> tuple[float, float]:
-    """(a_i, b_i) of the DDIM step t_i → t_{i+1} as x ↦ a x + b ε̂; the last step goes to α = 1, ρ = 0."""
-    last = i == len(grid) - 1
-    alpha_next = 1.0 if last else float(grid.alpha[i + 1])
-    rho_next = 0.0 if last else float(grid.rho[i + 1])
-    return alpha_next / float(grid.alpha[i]), alpha_next * (rho_next - float(grid.rho[i]))
+    """(a_i, b_i) of the DDIM step t_i → t_{i+1} as x ↦ a x + b f(x); the last step ends at the grid's end."""
+    c, c_next = grid.scale_at(i), grid.scale_at(i + 1)
+    return c_next / c, c_next * (grid.tau_at(i + 1) - grid.tau_at(i))
+
+
+def drift_function(solver):
+    """f(x, i, cond, uncond): the drift dz/dτ at grid point i."""
+    grid, denoiser = solver.grid, solver.denoiser
+
+    def f(x, i, cond, uncond):
+        return grid.drift(*denoiser.eps_and_x0(x, grid.point(i), cond, uncond))
+
+    return f
 
 
 def edict_step(solver, i: int, x, y, cond, uncond, p: float):
     """One EDICT step (x_i, y_i) → (x_{i+1}, y_{i+1}); differentiable if its inputs are."""
     a, b = step_coefficients(solver.grid, i)
-    t, eps = solver.grid.t[i], solver.denoiser.eps
-    x_mid = a * x + b * eps(y, t, cond, uncond)
-    y_mid = a * y + b * eps(x_mid, t, cond, uncond)
+    eps = drift_function(solver)
+    x_mid = a * x + b * eps(y, i, cond, uncond)
+    y_mid = a * y + b * eps(x_mid, i, cond, uncond)
     x_next = p * x_mid + (1 - p) * y_mid
     return x_next, p * y_mid + (1 - p) * x_next
 
@@ -135,11 +144,11 @@ def edict_step(solver, i: int, x, y, cond, uncond, p: float):
 def edict_invert_step(solver, i: int, x_next, y_next, cond, uncond, p: float):
     """The inverse of ``edict_step``: (x_{i+1}, y_{i+1}) → (x_i, y_i)."""
     a, b = step_coefficients(solver.grid, i)
-    t, eps = solver.grid.t[i], solver.denoiser.eps
+    eps = drift_function(solver)
     y_mid = (y_next - (1 - p) * x_next) / p
     x_mid = (x_next - (1 - p) * y_mid) / p
-    y = (y_mid - b * eps(x_mid, t, cond, uncond)) / a
-    return (x_mid - b * eps(y, t, cond, uncond)) / a, y
+    y = (y_mid - b * eps(x_mid, i, cond, uncond)) / a
+    return (x_mid - b * eps(y, i, cond, uncond)) / a, y
 
 
 def edict_sample(solver, x_T, cond, uncond, p: float = 0.93):
