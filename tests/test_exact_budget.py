@@ -171,3 +171,35 @@ def test_saved_activations_count_activations_not_weights():
     with SavedActivations() as saved:
         y = torch.tanh(layer(x))  # saves x (a leaf: not counted), the weight (not counted) and tanh's output
     assert saved.bytes == y.numel() * 4
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux"])
+def test_model_families_with_nested_conditioning(name):
+    """SDXL (nested added_cond_kwargs, guidance) and Flux (flow matching, ids): every floating input's gradient."""
+    from _tiny_networks import FAMILIES, SOLVER_OF, schedulers
+    from adjointdpm.conditioning import floating_leaves, map_floating
+
+    family = FAMILIES[name]
+    net = family.network()
+    x, cond, uncond = family.inputs(torch.Generator().manual_seed(1), 2)
+    scheduler_name, make = next(iter(schedulers(family).items()))
+    scheduler = make(4)
+    weight = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+    results = []
+    for grad in ("backprop", adpm.Exact(memory=0), adpm.Exact(memory="200KiB"), adpm.Exact(memory=math.inf)):
+        net.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        c = map_floating(lambda t: t.clone().requires_grad_(), cond)
+        u = map_floating(lambda t: t.clone().requires_grad_(), uncond)
+        w = family.guidance
+        x0 = adpm.sample(net, xx, schedule=scheduler, timesteps=scheduler.timesteps, cond=c, uncond=u if w != 1 else None,
+                         guidance_scale=w, solver=SOLVER_OF[scheduler_name], grad=grad)
+        (x0 * weight).sum().backward()
+        leaves = [xx, *floating_leaves(c)] + (floating_leaves(u) if w != 1 else [])
+        results.append([leaf.grad for leaf in leaves] +
+                       [torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])])
+    ref, *others = results
+    assert all(g is not None for g in ref) and len(ref) > 3
+    for got in others:
+        for a, b in zip(got, ref):
+            assert rel(a, b) <= 1e-10

@@ -3,7 +3,8 @@
 ``Exact(memory=B)`` keeps the autograd graph of some sampling steps from the forward pass instead of
 recomputing them in the backward pass. The choice (``steps_to_keep``):
 
-* Cost of a step = its network calls (``solver.model_calls_per_step``; the final jump to x̂₀ is one call):
+* Cost of a step = its network calls (``solver.model_calls_per_step``; Heun's final step into the clean
+  sample is one call):
   every call runs the same network on the same shapes, so a step's recompute time and the size of its
   graph are both proportional to its calls. Size per call = the saved activations of step 0's graph,
   measured while it is built (``SavedActivations``), divided by its calls.
@@ -102,8 +103,13 @@ def _unpack(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def network_calls(solver, step: int) -> int:
-    """Network calls of one sampler step (the final jump to x̂₀ makes one)."""
-    return 1 if step == solver.num_steps - 1 else int(getattr(solver, "model_calls_per_step", 1))
+    """Network calls of one sampler step: the solver's calls per step, but one for a multi-call solver's
+    final step into the clean sample (Heun's last step is Euler, as diffusers')."""
+    calls = int(getattr(solver, "model_calls_per_step", 1))
+    sigma_at = getattr(solver.grid, "sigma_at", None)
+    if calls > 1 and step == solver.num_steps - 1 and (sigma_at is None or sigma_at(step + 1) == 0.0):
+        return 1
+    return calls
 
 
 def steps_to_keep(calls: Sequence[int], bytes_per_call: float, budget: float) -> int:
