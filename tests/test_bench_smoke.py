@@ -68,17 +68,21 @@ def test_report_reprints(sweep, capsys):
 
 
 def test_gpu_command_reduced_on_cpu(tmp_path, capsys):
-    """Two UNet families, sampling and two targets, the default and an unlimited budget, a VAE row."""
-    main(["gpu", "--reduced", "--family", "sd15,sdxl", "--targets", "forward,x_T,lora", "--modes", "exact,exact:inf",
+    """Every family (UNets and flow transformers) samples and takes an x_T step; a decode row; LoRA and full."""
+    main(["gpu", "--reduced", "--family", "sd15,sdxl,sd3,flux", "--targets", "forward,x_T", "--modes", "exact:inf",
           "--solvers", "ddim", "--ddim-steps", "2", "--vae-sizes", "64", "--out", str(tmp_path / "gpu.json")])
     rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
-    ok = [r for r in rows if r["status"] == "ok"]
-    assert len(ok) == len(rows) == 2 * (3 + 1 + 2 * 2), [r["status"] for r in rows]
-    steps = [r for r in ok if r["target"] in ("x_T", "lora")]
-    assert all(r["s_per_step"] > 0 and np.isfinite(r["loss"]) for r in steps)
-    assert all(r["trainable_parameters"] > 0 for r in steps)
-    assert {r["family"] for r in ok} == {"sd15", "sdxl"} and {r["mode"] for r in steps} == {"exact", "exact:inf"}
-    assert "| sdxl | x_T | ddim, 2 | no |" in capsys.readouterr().out
+    assert [r["status"] for r in rows] == ["ok"] * (4 * (3 + 1 + 1)), [r["status"] for r in rows]
+    steps = [r for r in rows if r["target"] == "x_T"]
+    assert {r["family"] for r in steps} == {"sd15", "sdxl", "sd3", "flux"}
+    assert all(r["s_per_step"] > 0 and np.isfinite(r["loss"]) and r["trainable_parameters"] > 0 for r in steps)
+    assert "| flux | x_T | ddim, 2 | no |" in capsys.readouterr().out
+    main(["gpu", "--reduced", "--family", "sdxl", "--targets", "text,lora,full", "--modes", "exact,exact:1MiB",
+          "--solvers", "dpmpp2m", "--dpm-steps", "2", "--out", str(tmp_path / "gpu2.json")])
+    rows = json.loads((tmp_path / "gpu2.json").read_text())["rows"]
+    assert len(rows) == 6 and all(r["status"] == "ok" and np.isfinite(r["loss"]) for r in rows), rows
+    text = next(r for r in rows if r["target"] == "text")
+    assert text["trainable_parameters"] == 2 * (4 * 32 + 40)  # cond and uncond: sequence and pooled embeddings
 
 
 def test_budget_command(tmp_path):

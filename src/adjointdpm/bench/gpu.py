@@ -4,8 +4,8 @@
     python -m adjointdpm.bench gpu --family sd15 --compile off,on --modes exact,exact:inf,backprop
     python -m adjointdpm.bench gpu --reduced                    # anywhere (CPU): tiny configs, 64², few steps
 
-For each family (see ``family_configs.py``: SD-1.5 and SDXL UNets; SD3 and Flux transformers, which need the
-engine's flow-matching support) and each target it measures, after one warm-up step, the peak memory and
+For each family (see ``family_configs.py``: SD-1.5 and SDXL UNets, SD3 and Flux flow-matching transformers;
+conditioning as the engine takes it, e.g. SDXL's nested ``added_cond_kwargs``) and each target it measures, after one warm-up step, the peak memory and
 the seconds of:
 
     forward  plain sampling (no graph) + VAE decode: what a step must be compared with
@@ -15,7 +15,8 @@ the seconds of:
     lora     the same, AdamW on peft LoRA adapters (rank --lora-rank on the attention projections)
     full     the same, AdamW on every network weight (float32 master weights under --full-autocast)
 
-for each solver setting (50 DDIM steps, 20 DPM-Solver++(2M) steps; Euler on the flow-matching families) and
+for each solver setting (DDIM 50 steps on the UNets, Euler 28 steps on the flow-matching transformers;
+DPM-Solver++(2M) 20 steps) and
 each gradient mode (``exact``, ``exact:inf`` / ``exact:8GiB`` = ``Exact(memory=…)``, ``adjoint``,
 ``checkpoint``, ``reversible``, ``backprop``), with and without ``torch.compile`` of the network
 (``--compile off,on``). The decode is ``adjointdpm.vae.decode`` (checkpointed; ``--vae-tile`` tiles it).
@@ -108,38 +109,79 @@ def _mode_ok(name: str) -> bool:
 
 
 class Inputs:
-    """Seeded random inputs of one family: latents, text embeddings, pooled embeddings, an image target."""
+    """Seeded random inputs of one family: latents, text embeddings (and pooled ones), an image target.
+
+    ``x_T`` is what the network takes: (1, C, h, w) latents, or for Flux the 2×2-packed tokens (1, hw/4, 4C)."""
 
     def __init__(self, family, reduced, device, dtype, latent_channels):
         _, _, size, text_len, text_dim, pooled_dim = family.config(reduced)
         g = torch.Generator().manual_seed(1)
-        self.size = size
-        self.x_T = torch.randn(1, latent_channels, size // 8, size // 8, generator=g).to(device, dtype)
-        self.cond = torch.randn(1, text_len, text_dim, generator=g).to(device, dtype)
-        self.uncond = torch.randn(1, text_len, text_dim, generator=g).to(device, dtype)
-        self.pooled = None if pooled_dim is None else torch.randn(2, pooled_dim, generator=g).to(device, dtype)
+        self.family, self.size, self.latent = family, size, (1, latent_channels, size // 8, size // 8)
+        x_T = torch.randn(*self.latent, generator=g)
+        self.x_T = (pack_flux(x_T) if family.kind == "flux" else x_T).to(device, dtype)
+        self.text = [torch.randn(1, text_len, text_dim, generator=g).to(device, dtype) for _ in range(2)]
+        self.pooled = [None if pooled_dim is None else torch.randn(1, pooled_dim, generator=g).to(device, dtype)
+                       for _ in range(2)]
         self.target = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(device)
+        self.device, self.dtype = device, dtype
+
+    def conditioning(self, text_grad: bool):
+        """(cond, uncond) as the engine takes them for this family; the text tensors require grad if asked."""
+        text = [t.clone().requires_grad_(text_grad) for t in self.text]
+        pooled = [None if p is None else p.clone().requires_grad_(text_grad) for p in self.pooled]
+        kind, name = self.family.kind, self.family.name
+        if name == "sd15":
+            return text[1], text[0]
+        if name == "sdxl":
+            ids = torch.tensor([[self.size, self.size, 0, 0, self.size, self.size]], device=self.device, dtype=self.dtype)
+            return tuple({"encoder_hidden_states": text[i], "added_cond_kwargs": {"text_embeds": pooled[i], "time_ids": ids}}
+                         for i in (1, 0))
+        if kind == "sd3":
+            return tuple({"encoder_hidden_states": text[i], "pooled_projections": pooled[i]} for i in (1, 0))
+        side = self.latent[-1] // 2  # flux: positions of the packed tokens, guidance distilled into the network
+        img_ids = torch.zeros(side, side, 3)
+        img_ids[..., 1] += torch.arange(side)[:, None]
+        img_ids[..., 2] += torch.arange(side)[None, :]
+        cond = {"encoder_hidden_states": text[1], "pooled_projections": pooled[1],
+                "txt_ids": torch.zeros(text[1].shape[1], 3, device=self.device, dtype=self.dtype),
+                "img_ids": img_ids.reshape(-1, 3).to(self.device, self.dtype),
+                "guidance": torch.full((1,), 3.5, device=self.device, dtype=self.dtype)}
+        return cond, None
+
+    def latents_for_vae(self, x0):
+        return unpack_flux(x0, self.latent) if self.family.kind == "flux" else x0
+
+
+def pack_flux(latents):
+    """(B, C, h, w) → (B, hw/4, 4C): Flux's 2×2 patches as tokens."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_flux(tokens, latent_shape):
+    b, c, h, w = latent_shape
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def sample_kwargs(family, inputs, solver, steps, cond, uncond):
-    """Keyword arguments of adjointdpm.sample for a family: schedule, times, conditioning."""
-    import adjointdpm as adpm
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    """Keyword arguments of adjointdpm.sample for a family: schedule, times, conditioning, guidance."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-    if family.kind != "unet":
-        raise NotImplementedError(
-            f"{family.name}: the flow-matching transformer families need the engine's dict conditioning and "
-            "flow-matching schedules, which this checkout of adjointdpm does not have")
-    scheduler = (DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False) if solver == "ddim"
-                 else DPMSolverMultistepScheduler(**SD_BETAS))
-    scheduler.set_timesteps(steps)
-    kwargs = dict(schedule=adpm.VPSchedule.from_scheduler(scheduler), timesteps=scheduler.timesteps, cond=cond,
-                  uncond=uncond, guidance_scale=GUIDANCE[family.name], solver=solver)
-    if family.name == "sdxl":  # pooled text and (size, crop, target size) ids, pre-batched as [uncond; cond]
-        size = float(inputs.size)
-        ids = torch.tensor([[size, size, 0.0, 0.0, size, size]] * 2, device=inputs.x_T.device, dtype=inputs.x_T.dtype)
-        kwargs["model_kwargs"] = {"added_cond_kwargs": {"text_embeds": inputs.pooled, "time_ids": ids}}
-    return kwargs
+    if family.kind == "unet":
+        scheduler = (DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False) if solver == "ddim"
+                     else DPMSolverMultistepScheduler(**SD_BETAS))
+        scheduler.set_timesteps(steps)
+    elif family.kind == "sd3":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        scheduler.set_timesteps(steps)
+    else:  # flux: resolution-dependent shift
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+        tokens = inputs.x_T.shape[1]
+        mu = 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)
+        scheduler.set_timesteps(steps, mu=mu)
+    guidance = GUIDANCE[family.name]
+    return dict(schedule=scheduler, timesteps=scheduler.timesteps, cond=cond,
+                uncond=uncond if guidance != 1 else None, guidance_scale=guidance, solver=solver)
 
 
 class _CudaPeak:
@@ -217,11 +259,12 @@ def run_target(args, family, device, target, compiled, settings, modes, result, 
             if mode == "reversible" and solver != "ddim":
                 write({**row, "status": "n/a (EDICT is DDIM-only)"})
                 continue
-            x_T, cond, uncond = (t.clone() for t in (inputs.x_T, inputs.cond, inputs.uncond))
-            x_T.requires_grad_(target == "x_T")
-            cond.requires_grad_(target == "text")
-            uncond.requires_grad_(target == "text")
-            leaves = {"x_T": [x_T], "text": [cond, uncond], "forward": []}.get(
+            from adjointdpm.conditioning import floating_leaves
+
+            x_T = inputs.x_T.clone().requires_grad_(target == "x_T")
+            cond, uncond = inputs.conditioning(text_grad=target == "text")
+            text_leaves = [t for t in floating_leaves(cond) + floating_leaves(uncond) if t.requires_grad]
+            leaves = {"x_T": [x_T], "text": text_leaves, "forward": []}.get(
                 target, [p for p in net.parameters() if p.requires_grad])
             row["trainable_parameters"] = sum(p.numel() for p in leaves)
             optimizer = torch.optim.AdamW(leaves, lr=1e-4) if leaves else None
@@ -231,11 +274,11 @@ def run_target(args, family, device, target, compiled, settings, modes, result, 
                 if target == "forward":
                     with torch.no_grad(), amp:
                         x0 = adpm.sample(model, x_T, grad=None, **kwargs)
-                        decode(vae, x0, checkpoint=False, tile=args.vae_tile)
+                        decode(vae, inputs.latents_for_vae(x0), checkpoint=False, tile=args.vae_tile)
                     return float("nan")
                 with amp:
                     x0 = adpm.sample(model, x_T, grad=grad_mode(mode), **kwargs)
-                    image = decode(vae, x0, checkpoint=args.vae_checkpointing, tile=args.vae_tile)
+                    image = decode(vae, inputs.latents_for_vae(x0), checkpoint=args.vae_checkpointing, tile=args.vae_tile)
                     loss = (image.float() - inputs.target).square().mean()
                 loss.backward()
                 optimizer.step()
@@ -258,6 +301,8 @@ def run_target(args, family, device, target, compiled, settings, modes, result, 
                 row.update(status=f"n/a: {exc}")
             except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
                 row.update(status="OOM", error=str(exc).splitlines()[0][:200] if str(exc) else "")
+            except Exception as exc:  # one failing cell must not cost the rest of a GPU lease
+                row.update(status=f"error: {type(exc).__name__}: {str(exc)[:160]}")
             finally:
                 del optimizer, leaves
                 gc.collect()
@@ -308,9 +353,12 @@ def main(args) -> int:
     if bad or compiles is None:
         raise SystemExit(f"unknown family/target/mode/--compile {bad or args.compile}; families {tuple(FAMILIES)}, "
                          f"targets {TARGETS}, modes {MODES} or exact:SIZE, --compile off|on|off,on")
-    ddim_steps = args.ddim_steps or (2 if args.reduced else 50)
-    dpm_steps = args.dpm_steps or (2 if args.reduced else 20)
-    settings = [(s, n) for s, n in (("ddim", ddim_steps), ("dpmpp2m", dpm_steps)) if s in args.solvers.split(",")]
+
+    def settings_of(family):
+        """(solver, steps): DDIM / Euler (50 steps for the UNets, 28 for the flow models), DPM-Solver++(2M) 20."""
+        ddim_steps = args.ddim_steps or (2 if args.reduced else 50 if family.kind == "unet" else 28)
+        dpm_steps = args.dpm_steps or (2 if args.reduced else 20)
+        return [(s, n) for s, n in (("ddim", ddim_steps), ("dpmpp2m", dpm_steps)) if s in args.solvers.split(",")]
     result = {"suite": "gpu", "machine": machine_info(), "device": str(device),
               "options": {k: v for k, v in vars(args).items() if k != "command"}, "rows": []}
     started = time.time()
@@ -326,7 +374,7 @@ def main(args) -> int:
             vae_rows(args, family, device, size, write)
         for compiled in compiles:
             for target in targets:
-                run_target(args, family, device, target, compiled, settings, modes, result, write)
+                run_target(args, family, device, target, compiled, settings_of(family), modes, result, write)
     result["wall_s"] = time.time() - started
     write_json(args.out, result)
     print()
