@@ -113,7 +113,7 @@ SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (DDIM, DPMSolverPP2
 SOLVER_ALIASES = {"euler": "ddim", "dpm++2m": "dpmpp2m", "dpmsolver++": "dpmpp2m"}
 #: samplers that inject noise at every step (built with their noise by :mod:`adjointdpm.stochastic`)
 STOCHASTIC_SOLVER_NAMES = ("ddpm", "euler_ancestral", "dpmpp2m_sde", "lcm")
-STOCHASTIC_ALIASES = {"euler_a": "euler_ancestral", "dpm++2m_sde": "dpmpp2m_sde", "sde-dpmsolver++": "dpmpp2m_sde"}
+STOCHASTIC_ALIASES = {"dpm++2m_sde": "dpmpp2m_sde", "sde-dpmsolver++": "dpmpp2m_sde"}
 
 
 def solver_name(name: str) -> str:
