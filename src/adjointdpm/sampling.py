@@ -67,7 +67,7 @@ def sample(
             ``txt_ids``/``img_ids``/``guidance``, PixArt ``encoder_attention_mask``, DiT ``class_labels``).
             Under guidance a key in both is batched [uncond; cond], a key in cond alone is shared.
         solver: "ddim" (alias "euler": Euler in the grid's coordinates), "dpmpp2m" (DPM-Solver++(2M))
-            or "heun".
+            or "heun"; stochastic: "ddpm", "euler_ancestral", "dpmpp2m_sde", "lcm", "ddim" with eta > 0.
         grad: how x_0 is differentiated: "exact" (exact discrete adjoint; default), "adjoint"
             (AdjointDPM's continuous adjoint; see :class:`Adjoint` for options), "backprop",
             "checkpoint", "truncated" (see :class:`Truncated`), "reversible", or None for plain sampling.
