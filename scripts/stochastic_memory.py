@@ -7,6 +7,9 @@ grad="exact" with an explicit noise tensor that requires grad (the N×latent ten
 inputs, so they count), and grad="backprop" (the autograd graph grows with N).
 
     PYTHONPATH=src python scripts/stochastic_memory.py
+
+Measured once (2 shared CPU cores, about 9 minutes, most of it backprop at N = 50), growth of the peak RSS
+during sample + backward: exact/seed 63 → 65 MiB, exact/tensor 60 → 66 MiB, backprop 264 → 1205 MiB.
 """
 
 from __future__ import annotations

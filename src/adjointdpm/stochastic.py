@@ -72,7 +72,7 @@ def step_seed(seed: int, i: int) -> int:
 class NoiseSource:
     """Gives z_i for step i; ``tensors`` are the ones to differentiate (an explicit noise tensor)."""
 
-    tensors: list[torch.Tensor] = []
+    tensors: tuple[torch.Tensor, ...] = ()
 
     def noise_at(self, i: int, like: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -83,7 +83,7 @@ class StoredNoise(NoiseSource):
 
     def __init__(self, noise: torch.Tensor):
         self.noise = noise
-        self.tensors = [noise]
+        self.tensors = (noise,)
 
     def noise_at(self, i, like):
         return self.noise[i]
