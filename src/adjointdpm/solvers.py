@@ -60,9 +60,10 @@ class DDIM(Solver):
     def step(self, i, x, hist, cond, uncond):
         g = self.grid
         eps, x0 = self.predict(i, x, cond, uncond)
-        if g.sigma_at(i + 1) == 0.0:
-            return g.alpha_at(i + 1) * x0, ()
-        return g.alpha_at(i + 1) * x0 + g.sigma_at(i + 1) * eps, ()
+        alpha_next, sigma_next = g.step_end(i)
+        if sigma_next == 0.0:
+            return alpha_next * x0, ()
+        return alpha_next * x0 + sigma_next * eps, ()
 
 
 class DPMSolverPP2M(Solver):

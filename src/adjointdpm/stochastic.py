@@ -168,7 +168,7 @@ class EtaDDIM(StochasticSolver):
     def step(self, i, x, hist, cond, uncond):
         g = self.grid
         eps, x0 = self.predict(i, x, cond, uncond)
-        a, s, a_next, s_next = g.alpha_at(i), g.sigma_at(i), g.alpha_at(i + 1), g.sigma_at(i + 1)
+        a, s, (a_next, s_next) = g.alpha_at(i), g.sigma_at(i), g.step_end(i)
         std = self.eta * (s_next / s) * math.sqrt(max(0.0, 1.0 - (a / a_next) ** 2))
         direction = math.sqrt(max(0.0, s_next**2 - std**2))
         out = a_next * x0 + direction * eps if direction > 0 else a_next * x0
@@ -191,7 +191,7 @@ class DDPM(StochasticSolver):
     def step(self, i, x, hist, cond, uncond):
         g = self.grid
         _, x0 = self.predict(i, x, cond, uncond)
-        a, s, a_next, s_next = g.alpha_at(i), g.sigma_at(i), g.alpha_at(i + 1), g.sigma_at(i + 1)
+        a, s, (a_next, s_next) = g.alpha_at(i), g.sigma_at(i), g.step_end(i)
         ratio = a / a_next
         beta = s * s - ratio * ratio * s_next * s_next
         mean = (a_next * beta / (s * s)) * x0 + (ratio * s_next * s_next / (s * s)) * x
