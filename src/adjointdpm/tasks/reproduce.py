@@ -27,10 +27,7 @@ from .loop import LoopConfig, check_writable, run
 
 APPS = ("guide", "audit", "stylize", "invert")
 BASELINES = ("exact", "backprop", "checkpoint", "truncated", "onestep")
-LABELS = {"adjoint": "AdjointDPM (adjoint, backsolve)", "exact": "exact discrete adjoint", "backprop": "naive backprop",
-          "checkpoint": "checkpointed backprop", "truncated": "truncated backprop (K=1)",
-          "onestep": "one-step x̂₀ guidance", "reversible": "reversible EDICT (DOODL)",
-          "adjoint-stored": "AdjointDPM (adjoint, stored states)"}
+
 
 
 @dataclass
@@ -55,7 +52,7 @@ class Scale:
 SCALES = {
     "full": Scale(
         steps=20, solver="dpmpp2m",
-        guide=dict(n=16, lr=0.1, optimizer="normalized", augment=8, view_noise=0.3, stop_loss=0.1, iters=20),
+        guide=dict(n=16, lr=0.1, optimizer="normalized", views=8, view_noise=0.3, stop_loss=0.1, iters=20),
         guide_digits=(8, 9), baseline_digits=(8,),
         audit=dict(n=100, eps=0.2, step_size=0.05, iters=6),
         safety=dict(n=48, eps=0.2, step_size=0.05, iters=6),
@@ -107,14 +104,22 @@ class Runner:
         return rows
 
 
-def run_guide(r: Runner) -> dict:
+def digit_guide_task(s: Session, digit: int, **options):
+    """A guide run toward one digit on the digits model (its guide classifier, judged by its judge)."""
+    from .choose import guide_objective
     from .guide import GuideOptions, GuideTask
 
+    target, judge, prompt = guide_objective(s, loss=None, classifier=None, clip=None, clip_prompt=None,
+                                            target_class=digit, judge=None, prompt=None)
+    return GuideTask(s, GuideOptions(prompt=prompt, **options), target, judge, seed=0)
+
+
+def run_guide(r: Runner) -> dict:
     o = dict(r.sc.guide)
     iters = o.pop("iters")
     res = {"digits": {}, "baselines": {}}
     for d in r.sc.guide_digits:
-        make = lambda s, d=d: GuideTask(s, GuideOptions(target_class=d, **o), seed=0)  # noqa: E731
+        make = lambda s, d=d: digit_guide_task(s, d, **o)  # noqa: E731
         if d in r.sc.baseline_digits:
             rows = r.compare("guide", make, iters, r.sc.guide_extra, tag=f"_{d}")
             res["baselines"][d] = rows
@@ -124,25 +129,39 @@ def run_guide(r: Runner) -> dict:
     return res
 
 
-def run_audit(r: Runner) -> dict:
+def digit_audit_task(s: Session, attack: str, seed: int, **options):
     from .audit import AuditOptions, AuditTask
+    from .choose import audit_attack
 
+    opts = AuditOptions(**options)
+    return AuditTask(s, opts, audit_attack(s, attack=attack, classifier=None, margin=opts.margin, judge=None), seed=seed)
+
+
+def run_audit(r: Runner) -> dict:
     o = dict(r.sc.audit)
     iters = o.pop("iters")
-    rows = r.compare("audit", lambda s: AuditTask(s, AuditOptions(attack="classifier", **o), seed=0), iters)
+    rows = r.compare("audit", lambda s: digit_audit_task(s, "classifier", 0, **o), iters)
     so = dict(r.sc.safety)
     s_iters = so.pop("iters")
-    safety = r.run("audit/safety_adjoint", "adjoint", lambda s: AuditTask(s, AuditOptions(attack="safety", **so), seed=1),
-                   s_iters, None)
+    safety = r.run("audit/safety_adjoint", "adjoint", lambda s: digit_audit_task(s, "safety", 1, **so), s_iters, None)
     return {"baselines": rows, "safety": safety}
 
 
-def run_stylize(r: Runner) -> dict:
+def digit_stylize_task(s: Session, **options):
+    from .choose import stylize_objective
     from .stylize import StylizeOptions, StylizeTask
 
+    objective, judge, prompts, named, ref = stylize_objective(
+        s, loss=None, backbone=None, content_weight=options.get("content_weight", 1.0), judge=None, prompt=None,
+        reference=options.pop("reference", None))
+    return StylizeTask(s, StylizeOptions(reference=ref, **options), objective, judge, seed=0, prompts=prompts,
+                       references=named)
+
+
+def run_stylize(r: Runner) -> dict:
     o = dict(r.sc.stylize)
     iters = o.pop("iters")
-    return {"baselines": r.compare("stylize", lambda s: StylizeTask(s, StylizeOptions(**o), seed=0), iters)}
+    return {"baselines": r.compare("stylize", lambda s: digit_stylize_task(s, **dict(o)), iters)}
 
 
 def run_invert(r: Runner) -> dict:
@@ -156,7 +175,6 @@ def run_invert(r: Runner) -> dict:
 def run_gradcheck(r: Runner) -> dict:
     """Cosine of each mode's ∂L/∂x_T to the exact gradient (guide loss, digit 8), per step count."""
     from .common import grad_label
-    from .guide import GuideOptions, GuideTask
     from .loop import CallCounter
 
     modes = ("exact", "backprop", "checkpoint", "adjoint", "adjoint-stored", "truncated", "onestep")
@@ -165,7 +183,7 @@ def run_gradcheck(r: Runner) -> dict:
         grads, costs = {}, {}
         for grad in modes:
             s = r.session(grad, steps=steps)
-            task = GuideTask(s, GuideOptions(n=r.sc.gradcheck_n, target_class=8), seed=0)
+            task = digit_guide_task(s, 8, n=r.sc.gradcheck_n, optimizer="adamw", lr=0.05, views=4, view_noise=0.0)
             task.setup()
             counter = CallCounter([s.unet])
             t0 = time.perf_counter()
