@@ -200,7 +200,10 @@ class StylizeTask(Task):
 
         if not self.dp.is_main:  # (the weights are the same in every process)
             return {}
-        files = {}
+        from safetensors.torch import save_file
+
+        save_file({"latents": self.eval_noise.cpu().contiguous()}, str(out / "eval_latents.safetensors"))
+        files = {"eval_latents": "eval_latents.safetensors"}  # the noises of after/ (its prompts: settings.prompt)
         if self.ref is not None:
             save_images(self.ref, out / "reference", zoom=4)
             files["reference"] = "reference/"
