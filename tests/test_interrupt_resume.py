@@ -97,7 +97,7 @@ def _resume_and_compare(out: Path, reference: Path) -> None:
     assert b["iterations"] == a["iterations"] == ITERS
     assert [h["loss"] for h in b["loss"]["history"]] == [h["loss"] for h in a["loss"]["history"]]
     assert b["after"] == a["after"] and b["before"] == a["before"] and b["model_calls"] == a["model_calls"]
-    x_a, x_b = load_file(str(reference / "optimized.safetensors")), load_file(str(out / "optimized.safetensors"))
+    x_a, x_b = load_file(str(reference / "latents.safetensors")), load_file(str(out / "latents.safetensors"))
     assert x_a.keys() == x_b.keys() and all(torch.equal(x_a[k], x_b[k]) for k in x_a)
     assert not list((out / "checkpoint").glob(".*tmp*")), "temporary files left behind"
 

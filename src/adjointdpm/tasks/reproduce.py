@@ -104,14 +104,14 @@ class Runner:
         return rows
 
 
-def digit_guide_task(s: Session, digit: int, **options):
+def digit_guide_task(s: Session, digit: int, seed: int = 0, **options):
     """A guide run toward one digit on the digits model (its guide classifier, judged by its judge)."""
     from .choose import guide_objective
     from .guide import GuideOptions, GuideTask
 
     target, judge, prompt = guide_objective(s, loss=None, classifier=None, clip=None, clip_prompt=None,
                                             target_class=digit, judge=None, prompt=None)
-    return GuideTask(s, GuideOptions(prompt=prompt, **options), target, judge, seed=0)
+    return GuideTask(s, GuideOptions(prompt=prompt, **options), target, judge, seed=seed)
 
 
 def run_guide(r: Runner) -> dict:
