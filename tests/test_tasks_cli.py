@@ -179,6 +179,8 @@ def _invalid_model_folders(root: Path) -> dict[str, Path]:
 def test_bad_inputs_are_one_line(tmp_path, capsys, latent):
     from PIL import Image
 
+    from adjointdpm.components import EMBEDDED_MODEL
+
     blocker = tmp_path / "file"
     blocker.write_text("x")
     Image.new("L", (20, 20)).save(tmp_path / "big.png")
@@ -211,7 +213,8 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, latent):
         (["stylize", "--out", tmp_path / "o5", "--reference", tmp_path / "nope.png"], "does not exist"),
         (["guide", "--out", tmp_path / "o6", "--grad", "adjoin"], "unknown --grad"),
         (["guide", "--out", tmp_path / "o7", "--resume"], "no checkpoint"),
-        (["guide", "--model", latent, "--out", tmp_path / "o8", "--prompt", "a handwritten digit " * 4], "at most 12"),
+        (["guide", "--model", latent, "--out", tmp_path / "o8", "--prompt", "a handwritten digit " * 4,
+          "--critics", EMBEDDED_MODEL / "critics"], "at most 12"),
     ]
     for args, match in cases:
         code, _, err = cli([*args] + (["--quiet"] if args[0] != "sample" else []), capsys)
