@@ -27,6 +27,7 @@ from adjointdpm.tasks.loop import Checkpoint
 
 ITERS = 30  # ~0.2 s each: the signal (sent after iteration 2) lands with most of the run still ahead
 ARGS = ["guide", "-n", "2", "--steps", "3", "--grad", "exact", "--lr", "0.2", "--checkpoint-every", "1",
+        "--optimizer", "adamw", "--views", "4", "--view-noise", "0", "--stop-loss", "0",  # every iteration runs
         "--iters", str(ITERS), "--quiet"]
 
 
@@ -86,6 +87,7 @@ def stopped(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
+    torch.set_num_threads(1)  # as the signalled processes (a module fixture runs before the per-test one-thread fixture)
     assert cli_run([*ARGS, "--out", str(out)]) == 0
     return out
 
