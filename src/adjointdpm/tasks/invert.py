@@ -167,8 +167,10 @@ class InvertTask(Task):
     def summarize(self, before, after):
         if self.loss is not None:
             return {"plugin_loss_train_before": before["plugin_loss_train"],
-                    "plugin_loss_train_after": after["plugin_loss_train"]}
-        out = {"psnr_train_before": before["psnr_train"], "psnr_train_after": after["psnr_train"]}
+                    "plugin_loss_train_after": after["plugin_loss_train"],
+                    "metrics_from": "the optimised plug-in loss only (on the training and the held-out noises)"}
+        out = {"psnr_train_before": before["psnr_train"], "psnr_train_after": after["psnr_train"],
+               "metrics_from": "the distance to the targets (held-out noises: never optimised)"}
         if "psnr_heldout" in after:
             out.update(psnr_heldout_before=before["psnr_heldout"], psnr_heldout_after=after["psnr_heldout"])
         return out
