@@ -2,8 +2,8 @@
 
 Each is a thin typer wrapper: options → a :class:`~.common.Session` + a task + :func:`~.loop.run`.
 Every error reaches the user as one line ``adjointdpm: error: …`` with a non-zero exit status
-(2: bad input, 3: non-finite loss/gradient, 130: interrupted, 1: anything else) and no traceback,
-unless ``--debug`` is given.
+(:func:`~.errors.exit_status`: 2 bad input, 3 non-finite loss/gradient, 130 interrupted, 1 anything else)
+and no traceback, unless ``--debug`` is given.
 
 Launched with several processes (``torchrun --nproc_per_node P -m adjointdpm …`` or ``accelerate launch``),
 ``guide``, ``audit``, ``stylize`` and ``invert`` share the work (see :mod:`adjointdpm.distributed` and the
@@ -42,8 +42,7 @@ DEBUG = typer.Option(False, "--debug", help="Show the full traceback on errors."
 
 def execute(debug: bool, body: Callable[[], int | None]) -> None:
     """Run ``body``; turn any error into one line on stderr and an exit status (traceback with --debug)."""
-    from ..components import ComponentsError
-    from .errors import TaskError
+    from .errors import exit_status
 
     try:
         code = body() or 0
@@ -52,12 +51,10 @@ def execute(debug: bool, body: Callable[[], int | None]) -> None:
     except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
         if debug:
             raise
-        if isinstance(e, TaskError):
-            code, msg = e.exit_code, str(e)
-        elif isinstance(e, (ComponentsError, ValueError, OSError)):
-            code, msg = 2, str(e) or type(e).__name__
-        else:
-            code, msg = 1, f"{type(e).__name__}: {e} (run with --debug for the traceback)"
+        code = exit_status(e)
+        msg = str(e) or type(e).__name__
+        if code == 1:
+            msg = f"{type(e).__name__}: {e} (run with --debug for the traceback)"
         msg = " ".join(msg.split())
         print(f"adjointdpm: error: {msg}", file=sys.stderr)
         raise typer.Exit(code) from None
