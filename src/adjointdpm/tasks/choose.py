@@ -52,23 +52,18 @@ def guide_objective(session, *, loss, classifier, clip, clip_prompt, target_clas
     if loss is not None:
         return PluginTarget(plugin(loss)), judge_from(session, judge, text=clip_prompt), prompt or ""
     if classifier is not None:
+        from ..critics import folder_kind
         from ..critics.classifier import Classifier
 
         if target_class is None:
             raise UserInputError("--classifier needs --target-class (a class index or a label name of its config.id2label)")
-        c = Classifier.from_folder(classifier, session.device)
-        target = ClassifierTarget(c, target_class)
-        label = None
-        if judge is not None:
-            from ..critics import folder_kind
-
-            if folder_kind(judge, "--judge") == "classifier":
-                from ..critics.classifier import Classifier as _C
-
-                judge_classifier = _C.from_folder(judge, session.device, what="--judge")
-                return target, ClassifierJudge(judge_classifier, target_label_for_judge(judge_classifier, c, target.index)), prompt or ""
-            label = c.label(target.index)
-        return target, judge_from(session, judge, text=clip_prompt or label), prompt or ""
+        critic = Classifier.from_folder(classifier, session.device)
+        target = ClassifierTarget(critic, target_class)
+        if judge is not None and folder_kind(judge, "--judge") == "classifier":
+            # the judge's accuracy for the same class: its label of the same name, else the same index
+            other = Classifier.from_folder(judge, session.device, what="--judge")
+            return target, ClassifierJudge(other, target_label_for_judge(other, critic, target.index)), prompt or ""
+        return target, judge_from(session, judge, text=clip_prompt or critic.label(target.index)), prompt or ""
     if clip is not None:
         from ..critics.clip import Clip
 

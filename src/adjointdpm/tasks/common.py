@@ -1,7 +1,8 @@
 """What the four applications share: the loaded model and critics, the engine call, input checks.
 
 :class:`Session` holds a :class:`~adjointdpm.components.DiffusionComponents` (embedded model or a local
-Stable Diffusion folder), the critics, and the engine settings (gradient mode, solver, steps, guidance).
+Stable Diffusion folder), the engine settings (gradient mode, solver, steps, guidance) and, loaded at first
+use, the critics a model folder ships (the digits model's; other critics come from :mod:`adjointdpm.critics`).
 Its :meth:`Session.sampled_loss` is the only place where an application meets the engine: it samples
 x_0 from a starting state with the chosen gradient mode, decodes it (VAE on latent models) inside the
 objective, and returns the loss to back-propagate, whatever the mode (the one-step x̂₀ baseline
@@ -83,7 +84,7 @@ class EngineOptions:
 
 
 class Session:
-    """A model (embedded or a local diffusers folder), its critics, and how to sample from it."""
+    """A model (embedded or a local diffusers folder) and how to sample from it."""
 
     def __init__(self, model: str | Path | None, engine: EngineOptions, critics_path: str | Path | None = None,
                  dp=None):
