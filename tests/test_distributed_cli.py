@@ -35,6 +35,7 @@ def _relative(a: dict, b: dict, keys=None) -> float:
 def runs(tmp_path_factory):
     """{command: (two-process out, single-process out, per-rank logs)}."""
     root = tmp_path_factory.mktemp("ddp_cli")
+    torch.set_num_threads(1)  # as each torchrun process (a module fixture runs before the per-test one-thread fixture)
     result = {}
     for args in (STYLIZE, GUIDE):
         name = args[0]
