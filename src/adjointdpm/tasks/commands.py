@@ -33,7 +33,7 @@ CKPT = typer.Option(5, "--checkpoint-every", help="Save the state every K iterat
 RESUME = typer.Option(False, "--resume", help="Continue the run saved in --out/checkpoint.")
 NONFINITE = typer.Option("stop", "--on-nonfinite", help="On a NaN/inf loss or gradient: stop (saving the last good state) or skip the step.")
 DEVICE = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".')
-CRITICS = typer.Option(None, "--critics", help="Folder with critics/ [default: the model's own, else the embedded model's].")
+CRITICS = typer.Option(None, "--critics", help="The digits model's critics folder (critics/) to use on another model [default: the model's own critics/, if any].")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 LOSS = typer.Option(None, "--loss", help="Plug-in objective FILE.py:FUNC or package.module:FUNC: f(images (B,3,H,W) in [-1,1], *, prompts, indices) -> (B,) or scalar, minimised.")
 JUDGE = typer.Option(None, "--judge", help="Evaluation-only critic folder (a transformers image classifier or CLIP model), never optimised.")
