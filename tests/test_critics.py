@@ -65,10 +65,11 @@ def test_classifier_targets_by_index_or_label(folders):
     assert (folder_kind(folders["classifier"], "--judge"), folder_kind(folders["clip"], "--judge")) == ("classifier", "clip")
 
 
-def test_backbone_grams_and_style_loss(folders):
+@pytest.mark.parametrize("kind", ["backbone", "clip"])  # feature maps (ConvNeXt) and tokens (CLIP's vision tower)
+def test_backbone_grams_and_style_loss(folders, kind):
     from adjointdpm.critics.backbone import Backbone, GramStyle
 
-    b = Backbone.from_folder(folders["backbone"])
+    b = Backbone.from_folder(folders[kind])
     ref = torch.rand(1, 3, 16, 16) * 2 - 1
     style = GramStyle(b, ref)
     assert float(style(ref)) == pytest.approx(0.0, abs=1e-10)

@@ -67,14 +67,16 @@ def load_model(cls, folder: Path, what: str, device):
     """``cls.from_pretrained(folder)`` offline from safetensors, in eval mode with frozen weights."""
     from transformers.utils import logging
 
-    bar = logging.is_progress_bar_enabled()
+    bar, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
     logging.disable_progress_bar()  # (a local folder loads in well under a second)
+    logging.set_verbosity_error()  # (a CLIP folder opened as its vision tower reports the text weights it skips)
     try:
         model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CriticError(f"{what} {folder}: cannot load it as {cls.__name__} ({first})") from None
     finally:
+        logging.set_verbosity(level)
         if bar:
             logging.enable_progress_bar()
     return model.to(device).eval().requires_grad_(False)
