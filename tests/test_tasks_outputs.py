@@ -3,7 +3,7 @@
 A ``StableDiffusionPipeline`` is built from the tiny random SD folder with the scheduler our sampler reproduces
 (``DPMSolverMultistepScheduler``: DPM-Solver++(2M), ``final_sigmas_type="zero"``) on the command's own time grid
 (``--steps 4``: model times 999, 666, 333, 0), guidance 7.5 with the empty negative prompt. Each output is
-loaded the way a diffusers user would — optimised noises as ``latents=``, an inverted embedding as
+loaded the way a diffusers user would — optimised and attacked noises as ``latents=``, an inverted embedding as
 ``prompt_embeds=`` / ``negative_prompt_embeds=``, a LoRA with ``pipe.load_lora_weights(OUT)``, full fine-tuned
 weights as a ``unet/`` folder — and the pipeline's images must equal the command's ``after/`` PNGs to within the
 8-bit rounding of the PNGs: |pipeline − PNG| ≤ 0.6/255 on every pixel (values in [0, 1]; the PNG is
@@ -83,6 +83,18 @@ def test_guide_noises_are_the_pipelines_latents(tmp_path, capsys, sd):
     before = _run(_pipeline(sd), prompt=["a photo"] * 2, negative_prompt=[""] * 2,
                   latents=torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)))
     assert (before - _pngs(out / "after", 2)).abs().max() > 4 * TOL  # (the optimisation did change the images)
+
+
+def test_attacked_noises_are_the_pipelines_latents(tmp_path, capsys, sd):
+    from _tiny_critics import build_classifier
+
+    out = tmp_path / "audit"
+    code, err = cli(["audit", "--model", sd, "--out", out, "-n", "2", "--iters", "2", "--eps", "0.5", "--step-size", "0.3",
+                     "--classifier", build_classifier(tmp_path / "cls"), "--prompt", "a photo", *RUN], capsys)
+    assert code == 0, err
+    t = load_file(str(out / "attack.safetensors"))
+    assert not torch.equal(t["latents"], t["original_latents"])
+    _assert_same(_run(_pipeline(sd), prompt=["a photo"] * 2, negative_prompt=[""] * 2, latents=t["latents"]), out / "after")
 
 
 def test_inverted_embedding_is_the_pipelines_prompt_embeds(tmp_path, capsys, sd):
