@@ -76,12 +76,12 @@ SCALES = {
 # ------------------------------------------------------------------------------------ running
 class Runner:
     def __init__(self, out: Path, scale: Scale, model, progress: bool, app: str, log=None):
-        self.out, self.sc, self.model, self.progress, self.app = out, scale, model, progress, app
+        self.out, self.preset, self.model, self.progress, self.app = out, scale, model, progress, app
         self.log = log or (lambda msg: None)
 
     def session(self, grad: str, solver: str | None = None, steps: int | None = None) -> Session:
-        return Session(self.model, EngineOptions(grad=grad, solver=solver or self.sc.solver, steps=steps or self.sc.steps,
-                                                 guidance_scale=self.sc.guidance.get(self.app)))
+        return Session(self.model, EngineOptions(grad=grad, solver=solver or self.preset.solver, steps=steps or self.preset.steps,
+                                                 guidance_scale=self.preset.guidance.get(self.app)))
 
     def run(self, folder: str, grad: str, make_task, iters: int, budget: int | None, seed: int = 0) -> dict:
         s = self.session(grad, solver="ddim" if grad == "reversible" else None)
@@ -99,7 +99,7 @@ class Runner:
         """AdjointDPM first, then every baseline at the model calls AdjointDPM used."""
         rows = [self.run(f"{app}/adjoint{tag}", "adjoint", make_task, iters, None)]
         budget = rows[0]["model_calls"]["total"]
-        for grad in (*self.sc.baselines, *extra):
+        for grad in (*self.preset.baselines, *extra):
             rows.append(self.run(f"{app}/{grad}{tag}", grad, make_task, 10**6, budget))
         return rows
 
@@ -115,13 +115,13 @@ def digit_guide_task(s: Session, digit: int, seed: int = 0, **options):
 
 
 def run_guide(r: Runner) -> dict:
-    o = dict(r.sc.guide)
+    o = dict(r.preset.guide)
     iters = o.pop("iters")
     res = {"digits": {}, "baselines": {}}
-    for d in r.sc.guide_digits:
+    for d in r.preset.guide_digits:
         make = lambda s, d=d: digit_guide_task(s, d, **o)  # noqa: E731
-        if d in r.sc.baseline_digits:
-            rows = r.compare("guide", make, iters, r.sc.guide_extra, tag=f"_{d}")
+        if d in r.preset.baseline_digits:
+            rows = r.compare("guide", make, iters, r.preset.guide_extra, tag=f"_{d}")
             res["baselines"][d] = rows
             res["digits"][d] = rows[0]
         else:
@@ -138,10 +138,10 @@ def digit_audit_task(s: Session, attack: str, seed: int, **options):
 
 
 def run_audit(r: Runner) -> dict:
-    o = dict(r.sc.audit)
+    o = dict(r.preset.audit)
     iters = o.pop("iters")
     rows = r.compare("audit", lambda s: digit_audit_task(s, "classifier", 0, **o), iters)
-    so = dict(r.sc.safety)
+    so = dict(r.preset.safety)
     s_iters = so.pop("iters")
     safety = r.run("audit/safety_adjoint", "adjoint", lambda s: digit_audit_task(s, "safety", 1, **so), s_iters, None)
     return {"baselines": rows, "safety": safety}
@@ -159,7 +159,7 @@ def digit_stylize_task(s: Session, **options):
 
 
 def run_stylize(r: Runner) -> dict:
-    o = dict(r.sc.stylize)
+    o = dict(r.preset.stylize)
     iters = o.pop("iters")
     return {"baselines": r.compare("stylize", lambda s: digit_stylize_task(s, **dict(o)), iters)}
 
@@ -167,7 +167,7 @@ def run_stylize(r: Runner) -> dict:
 def run_invert(r: Runner) -> dict:
     from .invert import InvertOptions, InvertTask
 
-    o = dict(r.sc.invert)
+    o = dict(r.preset.invert)
     iters = o.pop("iters")
     return {"baselines": r.compare("invert", lambda s: InvertTask(s, InvertOptions(**o), seed=0), iters)}
 
@@ -179,11 +179,11 @@ def run_gradcheck(r: Runner) -> dict:
 
     modes = ("exact", "backprop", "checkpoint", "adjoint", "adjoint-stored", "truncated", "onestep")
     table = []
-    for steps in r.sc.gradcheck_steps:
+    for steps in r.preset.gradcheck_steps:
         grads, costs = {}, {}
         for grad in modes:
             s = r.session(grad, steps=steps)
-            task = digit_guide_task(s, 8, n=r.sc.gradcheck_n, optimizer="adamw", lr=0.05, views=4, view_noise=0.0)
+            task = digit_guide_task(s, 8, n=r.preset.gradcheck_n, optimizer="adamw", lr=0.05, views=4, view_noise=0.0)
             task.setup()
             counter = CallCounter([s.unet])
             t0 = time.perf_counter()
@@ -198,7 +198,7 @@ def run_gradcheck(r: Runner) -> dict:
             table.append({"steps": steps, "method": grad, "label": costs[grad][2], "cos_mean": float(cos.mean()),
                           "cos_min": float(cos.min()), "calls": costs[grad][0], "seconds": round(costs[grad][1], 2)})
     r.log(f"[gradcheck] {len(table)} gradients")
-    return {"rows": table, "n": r.sc.gradcheck_n, "guidance_scale": r.session("exact").guidance_scale}
+    return {"rows": table, "n": r.preset.gradcheck_n, "guidance_scale": r.session("exact").guidance_scale}
 
 
 RUNNERS = {"guide": run_guide, "audit": run_audit, "stylize": run_stylize, "invert": run_invert,
