@@ -52,7 +52,7 @@ def _summary(out: Path) -> dict:
 @pytest.mark.parametrize("critic", ["classifier", "clip", "loss"])
 def test_guide_with_each_critic(tmp_path, capsys, world, critic):
     extra = {"classifier": ["--classifier", world["classifier"], "--target-class", "dog", "--judge", world["judge"]],
-             "clip": ["--clip", world["clip"], "--clip-prompt", "a photo of a cat"],
+             "clip": ["--clip", world["clip"], "--clip-prompt", "a photo of a cat", "--judge", world["judge"]],
              "loss": ["--loss", world["loss"]]}[critic]
     out = tmp_path / "guide"
     code, stdout, err = cli(["guide", "--model", world["sd"], "--out", out, "-n", "2", "--iters", "3", "--lr", "0.3",
@@ -65,6 +65,8 @@ def test_guide_with_each_critic(tmp_path, capsys, world, critic):
     if critic == "classifier":
         assert s["settings"]["target_label"] == "dog" and s["settings"]["target_index"] == 1
         assert "judge_accuracy" in s["after"] and s["metrics_from"].startswith("the judge")
+    elif critic == "clip":  # a classifier judge of a text target: what it sees
+        assert sum(s["after"]["judge_top_labels"].values()) == 2 and s["metrics_from"].startswith("the judge")
     else:
         assert "optimised critic only" in s["metrics_from"]
     from safetensors.torch import load_file

@@ -120,7 +120,9 @@ class ClassifierJudge:
     @torch.no_grad()
     def metrics(self, images, *, prompts=None, labels=None) -> dict:
         judge = self.labels(images)
-        out = {}
+        counts = torch.bincount(judge, minlength=self.classifier.num_classes)
+        top = counts.argsort(descending=True)[:5]
+        out = {"judge_top_labels": {self.classifier.label(int(i)): int(counts[i]) for i in top if counts[i] > 0}}
         if self.index is not None:
             out["judge_accuracy"] = float((judge == self.index).float().mean())
         if labels is not None:
