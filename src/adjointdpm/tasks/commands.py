@@ -21,19 +21,19 @@ import typer
 from .common import GRAD_HELP
 
 # ------------------------------------------------------------------------------ shared options
-MODEL = typer.Option(None, "--model", "-m", help="Local diffusers folder (SD 1.x/2.x layout) [default: the embedded digits model].")
+MODEL = typer.Option(None, "--model", "-m", help="Local diffusers folder (SD 1.x/2.x layout) (default: the embedded digits model).")
 OUT = typer.Option(..., "--out", "-o", help="Output folder (created): before/, after/, grids, loss_curve.png, summary.json, checkpoint/.")
 GRAD = typer.Option("exact", "--grad", help=GRAD_HELP)
-SOLVER = typer.Option(None, "--solver", help="ODE solver: ddim | dpmpp2m | heun [default: the model's].")
-STEPS = typer.Option(None, "--steps", help="Sampling steps [default: the model's].")
-GUIDANCE = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale [default: the model's].")
+SOLVER = typer.Option(None, "--solver", help="ODE solver: ddim | dpmpp2m | heun (default: the model's).")
+STEPS = typer.Option(None, "--steps", help="Sampling steps (default: the model's).")
+GUIDANCE = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's).")
 SEED = typer.Option(0, "--seed", help="Seed of the noises (and of each iteration's randomness).")
 BUDGET = typer.Option(None, "--budget", help="Stop before exceeding this many model calls (network forward + backward evaluations).")
 CKPT = typer.Option(5, "--checkpoint-every", help="Save the state every K iterations (also on Ctrl-C and at the end).")
 RESUME = typer.Option(False, "--resume", help="Continue the run saved in --out/checkpoint.")
 NONFINITE = typer.Option("stop", "--on-nonfinite", help="On a NaN/inf loss or gradient: stop (saving the last good state) or skip the step.")
 DEVICE = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".')
-CRITICS = typer.Option(None, "--critics", help="The digits model's critics folder (critics/) to use on another model [default: the model's own critics/, if any].")
+CRITICS = typer.Option(None, "--critics", help="The digits model's critics folder (critics/) to use on another model (default: the model's own critics/, if any).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 LOSS = typer.Option(None, "--loss", help="Plug-in objective FILE.py:FUNC or package.module:FUNC: f(images (B,3,H,W) in [-1,1], *, prompts, indices) -> (B,) or scalar, minimised.")
 JUDGE = typer.Option(None, "--judge", help="Evaluation-only critic folder (a transformers image classifier or CLIP model), never optimised.")
@@ -130,13 +130,13 @@ def _report(summary: dict, keys: list[str], out: Path) -> None:
 # ------------------------------------------------------------------------------------- guide
 def guide(
     out: Path = OUT,
-    target_class: Optional[str] = typer.Option(None, "--target-class", help="Class to reach: with --classifier an index or a label name (config.id2label); on the digits model a digit 0-9 [default: 8]."),
+    target_class: Optional[str] = typer.Option(None, "--target-class", help="Class to reach: with --classifier an index or a label name (config.id2label); on the digits model a digit 0-9 (default: 8)."),
     classifier: Optional[Path] = typer.Option(None, "--classifier", help="Image classifier folder (transformers AutoModelForImageClassification, safetensors): CE to --target-class."),
     clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP folder (transformers CLIPModel + tokenizer): guide toward --clip-prompt."),
-    clip_prompt: Optional[str] = typer.Option(None, "--clip-prompt", help="Text the images should match under --clip [default: --prompt]."),
+    clip_prompt: Optional[str] = typer.Option(None, "--clip-prompt", help="Text the images should match under --clip (default: --prompt)."),
     loss: Optional[str] = LOSS,
     judge: Optional[Path] = JUDGE,
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt [default: on the digits model the target's canonical prompt, e.g. 'a handwritten digit eight'; else '']."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt (default: on the digits model the target's canonical prompt, e.g. 'a handwritten digit eight'; else '')."),
     n: int = typer.Option(16, "--n", "-n", help="Number of images (noises) optimised together (under torchrun write -n: torchrun reads --n as its own option)."),
     lr: float = typer.Option(0.1, "--lr", help="Step size for the noise (normalised steps; the AdamW learning rate with --optimizer adamw)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay for the noise."),
@@ -144,10 +144,10 @@ def guide(
     optimize_cond: bool = typer.Option(False, "--optimize-cond", help="Also optimise the prompt embedding (shared by the batch)."),
     cond_lr: float = typer.Option(0.01, "--cond-lr", help="Learning rate for the prompt embedding."),
     start_step: int = typer.Option(0, "--start-step", help="Optimise the sampler's state at this step instead of x_T (0 = x_T)."),
-    views: Optional[int] = typer.Option(None, "--views", "--augment", help="Random affine views per image in the loss (cutouts); 0: none [default: 8 for critics, 0 for --loss]."),
+    views: Optional[int] = typer.Option(None, "--views", "--augment", help="Random affine views per image in the loss (cutouts); 0: none (default: 8 for critics, 0 for --loss)."),
     view_noise: float = typer.Option(0.3, "--view-noise", help="Std of Gaussian pixel noise added to each view (0: none)."),
     optimizer: str = typer.Option("normalized", "--optimizer", help="normalized (x -= lr * g / rms(g), per noise) | adamw."),
-    stop_loss: Optional[float] = typer.Option(None, "--stop-loss", help="A noise whose loss falls below this is done (0: never) [default: 0.1 for classifiers, 0 otherwise]."),
+    stop_loss: Optional[float] = typer.Option(None, "--stop-loss", help="A noise whose loss falls below this is done (0: never) (default: 0.1 for classifiers, 0 otherwise)."),
     iters: int = typer.Option(20, "--iters", help="Optimisation iterations."),
     model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
@@ -178,7 +178,7 @@ def audit(
     attack: str = typer.Option("classifier", "--attack", help="classifier (flip the classifier's label) | safety (pass the safety filter: the pipeline folder's own safety_checker/)."),
     classifier: Optional[Path] = typer.Option(None, "--classifier", help="Image classifier folder to attack (transformers AutoModelForImageClassification, safetensors)."),
     judge: Optional[Path] = typer.Option(None, "--judge", help="Evaluation-only image classifier folder: an attack succeeds only if it keeps its label."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt of every sample on your own model [default: '']."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt of every sample on your own model (default: '')."),
     n: int = typer.Option(100, "--n", "-n", help="Number of samples attacked (under torchrun write -n: torchrun reads --n as its own option)."),
     eps: float = typer.Option(0.2, "--eps", help="l-infinity budget around the original noise."),
     step_size: float = typer.Option(0.05, "--step-size", help="RMS size of one normalised gradient step."),
@@ -205,7 +205,7 @@ def audit(
 # ----------------------------------------------------------------------------------- stylize
 def stylize(
     out: Path = OUT,
-    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Style image: a path to any image file | skimage:NAME (e.g. skimage:brick) | outline (digits model) [default: outline on the digits model]."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Style image: a path to any image file | skimage:NAME (e.g. skimage:brick) | outline (digits model) (default: outline on the digits model)."),
     backbone: Optional[Path] = typer.Option(None, "--backbone", help="Vision backbone folder (any transformers model returning hidden states: CLIP vision, ResNet, ConvNeXt, DINOv2) for the Gram style loss."),
     loss: Optional[str] = LOSS,
     judge: Optional[Path] = JUDGE,
@@ -215,7 +215,7 @@ def stylize(
     n_train: int = typer.Option(16, "--n-train", help="Training pool of (prompt, noise) pairs."),
     batch: int = typer.Option(8, "--batch", help="Pairs per iteration."),
     n_eval: int = typer.Option(32, "--n-eval", help="Fresh (prompt, noise) pairs for the metrics."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One prompt for all pairs [default: the digit prompts; '' on other models]."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One prompt for all pairs (default: the digit prompts; '' on other models)."),
     iters: int = typer.Option(10, "--iters", help="Optimisation iterations."),
     model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
@@ -247,7 +247,7 @@ def invert(
     n_train: int = typer.Option(8, "--n-train", help="Training noises."),
     n_heldout: int = typer.Option(8, "--n-heldout", help="Held-out noises (metrics only)."),
     lr: float = typer.Option(0.1, "--lr", help="AdamW learning rate for the embedding."),
-    init_prompt: str = typer.Option("", "--init-prompt", help="Prompt whose embedding initialises the search [default: empty]."),
+    init_prompt: str = typer.Option("", "--init-prompt", help="Prompt whose embedding initialises the search (default: empty)."),
     iters: int = typer.Option(10, "--iters", help="Optimisation iterations."),
     model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
@@ -274,9 +274,9 @@ def reproduce(
     docs: Path = typer.Option(Path("docs"), "--docs", help="Where results.md and img/results_*.png are written."),
     scale: str = typer.Option("full", "--scale", help="full (the documented results) | tiny (a smoke test)."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated subset: guide,audit,stylize,invert."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", help="Worker processes running applications side by side [default: 2 for full]."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="Worker processes running applications side by side (default: 2 for full)."),
     threads: int = typer.Option(1, "--threads", help="torch threads per worker."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Another model folder with critics/ [default: the embedded model]."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Another model folder with critics/ (default: the embedded model)."),
     quiet: bool = QUIET, debug: bool = DEBUG,
 ) -> None:
     """Run all four applications with their baselines on the embedded model; write docs/results.md."""
