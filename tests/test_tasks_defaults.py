@@ -1,6 +1,6 @@
 """The commands' defaults are the recipes behind the README's figures: ``adjointdpm guide --target-class 9``
-with no other option runs the reproduce preset that measured it (and audit, stylize and invert their presets'
-options; the preset runs those three at guidance 1, the commands at the model's default unless -g 1 is given)."""
+with no other option runs the reproduce preset that measured it, and so do audit, stylize and invert (their
+options, and on the embedded model the preset's guidance scale)."""
 from __future__ import annotations
 
 import inspect
@@ -45,3 +45,12 @@ def test_guide_defaults_reach_the_task_and_the_model_sampler():
     assert (DigitTarget.default_views, DigitTarget.default_stop_loss) == (recipe["views"], recipe["stop_loss"])
     settings = load_components().settings
     assert (settings["default_steps"], settings["default_solver"]) == (SCALES["full"].steps, SCALES["full"].solver)
+
+
+def test_guidance_is_the_preset_on_the_embedded_model_only():
+    from adjointdpm.tasks.commands import recipe_guidance
+
+    for command in ("guide", "audit", "stylize", "invert"):
+        assert recipe_guidance(command, None, None) == SCALES["full"].guidance.get(command)  # None: the model's (4)
+        assert recipe_guidance(command, "/data/sd", None) is None and recipe_guidance(command, None, 2.5) == 2.5
+    assert [recipe_guidance(c, None, None) for c in ("audit", "stylize", "invert")] == [1.0, 1.0, 1.0]

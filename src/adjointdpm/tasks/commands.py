@@ -26,7 +26,7 @@ OUT = typer.Option(..., "--out", "-o", help="Output folder (created): before/, a
 GRAD = typer.Option("exact", "--grad", help=GRAD_HELP)
 SOLVER = typer.Option(None, "--solver", help="ODE solver: ddim | dpmpp2m | heun (default: the model's).")
 STEPS = typer.Option(None, "--steps", help="Sampling steps (default: the model's).")
-GUIDANCE = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's).")
+GUIDANCE = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; on the embedded model audit, stylize and invert use 1, their recipe).")
 SEED = typer.Option(0, "--seed", help="Seed of the noises (and of each iteration's randomness).")
 BUDGET = typer.Option(None, "--budget", help="Stop before exceeding this many model calls (network forward + backward evaluations).")
 CKPT = typer.Option(5, "--checkpoint-every", help="Save the state every K iterations (also on Ctrl-C and at the end).")
@@ -95,6 +95,16 @@ def _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, see
         check_writable(out)  # before loading anything: an unwritable --out fails at once
     return LoopConfig(out=out, iters=iters, budget=budget, checkpoint_every=checkpoint_every, resume=resume,
                       on_nonfinite=on_nonfinite, progress=not quiet, seed=seed)
+
+
+def recipe_guidance(command: str, model, guidance_scale):
+    """A run's guidance scale: as given; else, on the embedded model, its reproduce preset's (audit, stylize and
+    invert were measured at 1, i.e. without classifier-free guidance); else None (the model's default)."""
+    if guidance_scale is not None or model is not None:
+        return guidance_scale
+    from .reproduce import SCALES
+
+    return SCALES["full"].guidance.get(command)
 
 
 def _run_application(make_task, keys, out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
@@ -199,7 +209,7 @@ def audit(
         return AuditTask(s, AuditOptions(n=n, eps=eps, step_size=step_size, margin=margin, prompt=prompt), target, seed=seed)
 
     _run_application(make_task, ["success_rate", "judge_keeps_label"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
-                     model, grad, solver, steps, guidance_scale, device, critics, debug)
+                     model, grad, solver, steps, recipe_guidance("audit", model, guidance_scale), device, critics, debug)
 
 
 # ----------------------------------------------------------------------------------- stylize
@@ -235,7 +245,7 @@ def stylize(
         return StylizeTask(s, opts, objective, judge_obj, seed=seed, prompts=prompts, references=named)
 
     _run_application(make_task, ["style_loss", "judge_accuracy", "plugin_loss"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
-                     model, grad, solver, steps, guidance_scale, device, critics, debug)
+                     model, grad, solver, steps, recipe_guidance("stylize", model, guidance_scale), device, critics, debug)
 
 
 # ------------------------------------------------------------------------------------ invert
@@ -265,7 +275,7 @@ def invert(
                           seed=seed, loss=invert_loss(s, loss=loss))
 
     _run_application(make_task, ["psnr_train", "psnr_heldout", "plugin_loss_train", "plugin_loss_heldout"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
-                     model, grad, solver, steps, guidance_scale, device, critics, debug)
+                     model, grad, solver, steps, recipe_guidance("invert", model, guidance_scale), device, critics, debug)
 
 
 # --------------------------------------------------------------------------------- reproduce
