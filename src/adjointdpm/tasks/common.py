@@ -1,7 +1,8 @@
 """What the four applications share: the loaded model and critics, the engine call, input checks.
 
 :class:`Session` holds a :class:`~adjointdpm.components.DiffusionComponents` (embedded model or a local
-Stable Diffusion folder), the critics, and the engine settings (gradient mode, solver, steps, guidance).
+Stable Diffusion folder), the engine settings (gradient mode, solver, steps, guidance) and, loaded at first
+use, the critics a model folder ships (the digits model's; other critics come from :mod:`adjointdpm.critics`).
 Its :meth:`Session.sampled_loss` is the only place where an application meets the engine: it samples
 x_0 from a starting state with the chosen gradient mode, decodes it (VAE on latent models) inside the
 objective, and returns the loss to back-propagate, whatever the mode (the one-step x̂₀ baseline
@@ -83,28 +84,19 @@ class EngineOptions:
 
 
 class Session:
-    """A model (embedded or a local diffusers folder), its critics, and how to sample from it."""
+    """A model (embedded or a local diffusers folder) and how to sample from it."""
 
-    def __init__(self, model: str | Path | None, engine: EngineOptions, critics: bool = True,
-                 critics_path: str | Path | None = None, dp=None):
-        from ..components import ComponentsError, load_components, load_critics
+    def __init__(self, model: str | Path | None, engine: EngineOptions, critics_path: str | Path | None = None,
+                 dp=None):
+        from ..components import load_components
         from ..distributed import SingleProcess
 
         self.dp = SingleProcess() if dp is None else dp  # the processes the tasks of this session are spread over
         device = _device(engine.device)
         self.comps = load_components(model, device=device)
         self.model_path = None if model is None else str(Path(model).expanduser())
-        self.critics = None
-        if critics and critics_path is not None:
-            self.critics = load_critics(critics_path, device=device)
-        elif critics:
-            # the critics of the folder if it has them, else the embedded model's (they take any image size)
-            try:
-                self.critics = load_critics(model, device=device)
-            except ComponentsError:
-                if model is None:
-                    raise
-                self.critics = load_critics(None, device=device)
+        self.critics_path = critics_path
+        self._critics = None
         settings = self.comps.settings
         self.solver = engine.solver or settings.get("default_solver", "dpmpp2m")
         if self.solver not in adpm.SOLVERS:
@@ -120,6 +112,30 @@ class Session:
         self.uncond = self.encode([""]) if self.guidance_scale != 1.0 else None
 
     # ------------------------------------------------------------------ settings
+    @property
+    def critics(self):
+        """The critics a model folder ships (``critics/``: the digits model's guide, judge, safety filter),
+        loaded at first use: from ``critics_path``, else the folder's own, else the embedded model's."""
+        if self._critics is None:
+            from ..components import ComponentsError, load_critics
+
+            if self.critics_path is not None:
+                self._critics = load_critics(self.critics_path, device=self.device)
+            else:
+                try:
+                    self._critics = load_critics(self.model_path, device=self.device)
+                except ComponentsError:
+                    if self.model_path is None:
+                        raise
+                    self._critics = load_critics(None, device=self.device)
+        return self._critics
+
+    @property
+    def has_own_critics(self) -> bool:
+        """Whether the model ships critics (the embedded model, a folder with critics/) or some were given."""
+        return (self.critics_path is not None or self.model_path is None
+                or (Path(self.model_path) / "critics").is_dir())
+
     @property
     def unet(self) -> torch.nn.Module:
         return self.comps.unet
@@ -299,17 +315,3 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak range 2)."""
     mse = (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
-
-
-def digit_words(session: Session) -> list[str]:
-    return list(session.comps.settings.get("words", []))
-
-
-def prompt_for_class(session: Session, digit: int) -> str:
-    """The canonical prompt of a digit on the embedded model ("a handwritten digit eight")."""
-    s = session.comps.settings
-    words = s.get("words")
-    templates = s.get("caption_templates")
-    if words and templates and 0 <= digit < len(words):
-        return templates[0].format(words[digit])
-    return ""
