@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .common import Session
+from . import conditions
 from .errors import UserInputError
 from .loop import Evaluation, ParamGroup, Task
 
@@ -86,7 +87,7 @@ class AuditTask(Task):
         uniq = sorted(set(self.prompts))
         table = s.encode(uniq)
         dp = self.dp  # each process attacks its own rows of the global batch
-        self.cond = dp.shard(table[torch.tensor([uniq.index(p) for p in self.prompts])])
+        self.cond = conditions.shard(dp, conditions.rows(table, torch.tensor([uniq.index(p) for p in self.prompts])))
         x_T = dp.shard(s.noise(self.opts.n, self.seed))
         self.x_orig = x_T.clone()  # a copy: the projection centre never moves
         self.x = x_T.clone().requires_grad_(True)
@@ -140,7 +141,7 @@ class AuditTask(Task):
         active = self.dp.position(idx.numel())[1]
         if idx.numel():
             weights = None if active == idx.numel() else torch.full((idx.numel(),), 1.0 / active, device=self.x.device)
-            loss, per, x0 = self.session.sampled_loss(self.x[idx], self.cond[idx], self.objective, weights=weights)
+            loss, per, x0 = self.session.sampled_loss(self.x[idx], conditions.rows(self.cond, idx), self.objective, weights=weights)
             # the images of the current x: samples that already succeed are frozen where they are
             new = self.success(self.session.decode(x0), self.label[idx], self.valid[idx])
             self.succeeded[idx[new]] = True

@@ -31,6 +31,7 @@ import torch
 
 from ..critics.views import random_affine
 from .common import Session
+from . import conditions
 from .errors import UserInputError
 from .loop import Evaluation, ParamGroup, Task
 
@@ -87,7 +88,7 @@ class GuideTask(Task):
         n, d = x.shape[0], x[0].numel()
         self.radius = (torch.full((n,), d ** 0.5, device=x.device) if o.start_step == 0
                        else x.flatten(1).norm(dim=1)).to(x.dtype)
-        self.cond = self.cond0.clone().requires_grad_(o.optimize_cond)
+        self.cond, self.cond_leaves = conditions.trainable(self.cond0, o.optimize_cond)
         self.best_x = self.x.detach().clone()
         self.best_loss = torch.full((n,), float("inf"), device=x.device)
         self.done = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -121,7 +122,7 @@ class GuideTask(Task):
         groups = [ParamGroup("x_T" if o.start_step == 0 else f"x_{o.start_step}", {"x": self.x},
                              {"lr": o.lr, "weight_decay": o.weight_decay}, sharded=True)]
         if o.optimize_cond:
-            groups.append(ParamGroup("cond", {"cond": self.cond}, {"lr": o.cond_lr, "weight_decay": 0.0}))
+            groups.append(ParamGroup("cond", self.cond_leaves, {"lr": o.cond_lr, "weight_decay": 0.0}))
         return groups
 
     def make_optimizer(self, groups):
@@ -208,14 +209,14 @@ class GuideTask(Task):
     def evaluate(self, stage: str) -> Evaluation:
         s, o = self.session, self.opts
         x = self.result_x() if stage == "after" else self.x.detach()
-        images = self.dp.gather_shards(s.generate(x, self.cond.detach(), start=o.start_step))
+        images = self.dp.gather_shards(s.generate(x, conditions.detached(self.cond), start=o.start_step))
         prompts = [self.prompt] * images.shape[0]
         metrics = dict(self.target.metrics(images))
         if self.judge is not None:
             metrics.update(self.judge.metrics(images, prompts=prompts))
             if o.optimize_cond and stage == "after":
                 # the learned embedding on fresh noises (no per-sample optimisation): does it generalise?
-                fresh = s.generate_all(s.noise(o.n, self.seed + 7919), self.cond.detach())
+                fresh = s.generate_all(s.noise(o.n, self.seed + 7919), conditions.detached(self.cond))
                 metrics.update({f"fresh_noise_{k}": v for k, v in self.judge.metrics(fresh, prompts=prompts).items()
                                 if isinstance(v, float)})
         return Evaluation(images, metrics)
@@ -235,9 +236,7 @@ class GuideTask(Task):
 
         tensors = {"latents": self.dp.gather_shards(self.result_x()).cpu().contiguous()}
         if self.opts.optimize_cond:
-            tensors["prompt_embeds"] = self.cond.detach().cpu().contiguous()
-            if self.session.uncond is not None:
-                tensors["negative_prompt_embeds"] = self.session.uncond.cpu().contiguous()
+            tensors.update(conditions.pipeline_tensors(self.cond, self.session.uncond))
         if self.dp.is_main:
             save_file(tensors, str(out / "latents.safetensors"))
         return {"latents": "latents.safetensors"}

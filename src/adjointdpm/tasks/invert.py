@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import Session, image_shape, psnr, read_image
+from . import conditions
 from .errors import UserInputError
 from .loop import Evaluation, ParamGroup, Task
 from ..critics.morphology import dilate, outline
@@ -107,7 +108,7 @@ class InvertTask(Task):
     def setup(self) -> None:
         s, o = self.session, self.opts
         self.cond0 = s.encode([o.init_prompt])
-        self.cond = self.cond0.clone().requires_grad_(True)
+        self.cond, self.cond_leaves = conditions.trainable(self.cond0)
         self.train_noise = s.noise(self.n_train, self.seed)
         self.held_noise = s.noise(o.n_heldout, self.seed + 7919) if o.n_heldout else None
         with torch.no_grad():
@@ -122,7 +123,7 @@ class InvertTask(Task):
                                      if self.held_noise is not None else None)
 
     def param_groups(self):
-        return [ParamGroup("cond", {"cond": self.cond}, {"lr": self.opts.lr, "weight_decay": 0.0})]
+        return [ParamGroup("cond", self.cond_leaves, {"lr": self.opts.lr, "weight_decay": 0.0})]
 
     def counted_modules(self):
         return [self.session.unet]
@@ -146,7 +147,7 @@ class InvertTask(Task):
 
     def evaluate(self, stage: str) -> Evaluation:
         s = self.session
-        cond = self.cond.detach()
+        cond = conditions.detached(self.cond)
         train = s.generate_all(self.train_noise, cond)
         if self.loss is not None:
             metrics = {"plugin_loss_train": self.loss.metrics(train, [self.opts.init_prompt] * len(train))["plugin_loss"]}
@@ -161,7 +162,7 @@ class InvertTask(Task):
                 metrics["psnr_heldout"] = float(psnr(held, self.held_targets).mean())
             if self.loss is not None:
                 metrics["plugin_loss_heldout"] = self.loss.metrics(held, [self.opts.init_prompt] * len(held))["plugin_loss"]
-        metrics["embedding_change"] = float((cond - self.cond0).norm() / self.cond0.norm().clamp_min(1e-12))
+        metrics["embedding_change"] = conditions.relative_change(cond, self.cond0)
         return Evaluation(torch.cat(images), metrics, nrow=max(self.n_train, self.opts.n_heldout))
 
     def summarize(self, before, after):
@@ -187,10 +188,8 @@ class InvertTask(Task):
             if self.train_targets is not None:
                 targets = [self.train_targets] + ([self.held_targets] if self.held_targets is not None else [])
                 save_images(torch.cat(targets), out / "targets", nrow=max(self.n_train, self.opts.n_heldout))
-            tensors = {"prompt_embeds": self.cond.detach().cpu().contiguous(),
-                       "initial_prompt_embeds": self.cond0.cpu().contiguous(),
+            tensors = {**conditions.pipeline_tensors(self.cond, self.session.uncond),
+                       **{f"initial_{k}": v for k, v in conditions.pipeline_tensors(self.cond0).items()},
                        "latents": self.train_noise.cpu().contiguous()}
-            if self.session.uncond is not None:
-                tensors["negative_prompt_embeds"] = self.session.uncond.cpu().contiguous()
             save_file(tensors, str(out / "embedding.safetensors"))
         return files

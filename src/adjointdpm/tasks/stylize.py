@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..critics.morphology import dilate, erode, hollow, outline  # noqa: F401 (re-exported)
 from .common import Session, image_shape, read_image
+from . import conditions
 from .errors import UserInputError
 from .loop import Evaluation, ParamGroup, Task
 
@@ -118,7 +119,7 @@ class StylizeTask(Task):
         for p in uniq:
             self.session.check_prompt(p)
         table = self.session.encode(uniq)
-        return table[torch.tensor([uniq.index(p) for p in prompts])]
+        return conditions.rows(table, torch.tensor([uniq.index(p) for p in prompts]))
 
     def setup(self) -> None:
         s, o = self.session, self.opts
@@ -135,10 +136,11 @@ class StylizeTask(Task):
             self.eval_untuned = s.generate_all(self.eval_noise, self.eval_cond)
             labeller = getattr(self.judge, "labels", None)
             self.untuned_labels = labeller(self.eval_untuned) if labeller is not None else None
-        unet = s.unet
+        unet = s.network
         if o.lora_rank > 0:
             from peft import LoraConfig
 
+            _lora_saver(s.comps.pipeline_config.get("_class_name"), s.comps.unet is not None)  # fail before training
             torch.manual_seed(self.seed)
             unet.add_adapter(LoraConfig(r=o.lora_rank, lora_alpha=o.lora_rank, init_lora_weights="gaussian",
                                         target_modules=LORA_TARGETS))
@@ -168,7 +170,7 @@ class StylizeTask(Task):
         idx = torch.randperm(o.n_train, generator=generator)[: o.batch].to(self.session.device)
         idx = self.dp.shard(idx)  # this process's share of the minibatch, weighted by its share of the mean loss
         w = torch.full((idx.numel(),), self.dp.loss_weight(o.batch) / idx.numel(), device=self.session.device)
-        loss, per, x0 = self.session.sampled_loss(self.train_noise[idx], self.train_cond[idx], self._objective(idx),
+        loss, per, x0 = self.session.sampled_loss(self.train_noise[idx], conditions.rows(self.train_cond, idx), self._objective(idx),
                                                   weights=w)
         return loss, {}
 
@@ -195,7 +197,7 @@ class StylizeTask(Task):
 
     def write_artifacts(self, out):
         """A LoRA as diffusers' ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out)``), full
-        weights as a diffusers ``unet/`` folder (``UNet2DConditionModel.from_pretrained(out / "unet")``)."""
+        weights as the pipeline's ``unet/`` (or ``transformer/``) folder (``from_pretrained(out / "unet")``)."""
         from ..images import save_images
 
         if not self.dp.is_main:  # (the weights are the same in every process)
@@ -207,15 +209,29 @@ class StylizeTask(Task):
         if self.ref is not None:
             save_images(self.ref, out / "reference", zoom=4)
             files["reference"] = "reference/"
-        unet = self.session.unet
+        network = self.session.network
+        part = "unet" if self.session.comps.unet is not None else "transformer"  # the pipeline's component name
         if self.opts.lora_rank > 0:
-            from diffusers.loaders import StableDiffusionLoraLoaderMixin
             from peft.utils import get_peft_model_state_dict
 
-            layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-            StableDiffusionLoraLoaderMixin.save_lora_weights(
-                out, unet_lora_layers=layers, weight_name=LORA_FILE, safe_serialization=True,
-                unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+            saver = _lora_saver(self.session.comps.pipeline_config.get("_class_name"), part == "unet")
+            layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(network).items()}
+            saver.save_lora_weights(out, **{f"{part}_lora_layers": layers,
+                                            f"{part}_lora_adapter_metadata": network.peft_config["default"].to_dict()},
+                                    weight_name=LORA_FILE, safe_serialization=True)
             return {"lora": LORA_FILE, **files}
-        unet.save_pretrained(out / "unet", safe_serialization=True)
-        return {"unet": "unet/", **files}
+        network.save_pretrained(out / part, safe_serialization=True)
+        return {part: f"{part}/", **files}
+
+
+def _lora_saver(pipeline_class: str | None, is_unet: bool):
+    """The diffusers pipeline class whose ``save_lora_weights`` writes this family's LoRA format."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class or "", None)
+    if cls is not None and hasattr(cls, "save_lora_weights"):
+        return cls
+    if is_unet:
+        return diffusers.StableDiffusionPipeline  # the embedded model and SD 1.x/2.x layouts
+    raise UserInputError(f"diffusers has no LoRA format for {pipeline_class} (it cannot load one back); "
+                         "use --lora-rank 0 to fine-tune the full weights, written as a transformer/ folder")
