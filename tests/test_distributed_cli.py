@@ -35,6 +35,7 @@ def _relative(a: dict, b: dict, keys=None) -> float:
 def runs(tmp_path_factory):
     """{command: (two-process out, single-process out, per-rank logs)}."""
     root = tmp_path_factory.mktemp("ddp_cli")
+    torch.set_num_threads(1)  # as each torchrun process (a module fixture runs before the per-test one-thread fixture)
     result = {}
     for args in (STYLIZE, GUIDE):
         name = args[0]
@@ -54,7 +55,7 @@ def _rank_log(logs: Path, rank: int, stream: str) -> str:
 
 def test_stylize_data_parallel_equals_single_process(runs):
     two, one, _ = runs["stylize"]
-    a, b = load_file(str(two / "lora.safetensors")), load_file(str(one / "lora.safetensors"))
+    a, b = load_file(str(two / "pytorch_lora_weights.safetensors")), load_file(str(one / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys()
     assert _relative(a, b) <= 1e-6
     # the trained part: LoRA's B matrices start at zero, so they are the whole update. Adam's first steps are
@@ -72,12 +73,12 @@ def test_stylize_data_parallel_equals_single_process(runs):
 
 def test_guide_sharded_noises_equal_single_process(runs):
     two, one, _ = runs["guide"]
-    a, b = load_file(str(two / "optimized.safetensors")), load_file(str(one / "optimized.safetensors"))
-    assert a["x"].shape == b["x"].shape == (4, 1, 16, 16)
+    a, b = load_file(str(two / "latents.safetensors")), load_file(str(one / "latents.safetensors"))
+    assert a["latents"].shape == b["latents"].shape == (4, 1, 16, 16)
     assert _relative(a, b) <= 1e-6
     from adjointdpm.components import load_components
 
-    initial = {"x": load_components().noise(4, 0)}
+    initial = {"latents": load_components().noise(4, 0)}
     assert _relative(b, initial) > 1e-2, "the noises must move for the test to mean anything"
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (two, one))
     assert sa["model_calls"] == sb["model_calls"] and sa["iterations"] == sb["iterations"] == 3

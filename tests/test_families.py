@@ -265,3 +265,21 @@ def test_a_scheduler_the_engine_cannot_reproduce_is_refused():
     scheduler.set_timesteps(3)
     with pytest.raises(TypeError, match="has no `alphas_cumprod`"):
         adpm.sample(net, x, schedule=scheduler, timesteps=scheduler.timesteps, cond=cond, uncond=uncond, guidance_scale=3.0)
+
+
+@pytest.mark.parametrize("steps", [3, 7])
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_ddim_steps_to_its_own_previous_timestep(spacing, steps):
+    """DDIMScheduler steps from t to t − T//N, which is not the next listed timestep for these grids."""
+    from diffusers import DDIMScheduler
+
+    from conftest import SD_BETAS
+
+    family, net, x, cond, uncond = _setup("sdxl")
+    scheduler = DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, timestep_spacing=spacing)
+    scheduler.set_timesteps(steps)
+    ts = scheduler.timesteps.numpy()
+    assert not np.array_equal(ts[:-1] - 1000 // steps, ts[1:])
+    reference = diffusers_loop(family, net, scheduler, x, cond, uncond)
+    ours = _sample(family, net, x, cond, uncond, scheduler, "ddim", None)
+    assert _rel(ours, reference) <= 1e-5

@@ -27,6 +27,7 @@ from adjointdpm.tasks.loop import Checkpoint
 
 ITERS = 30  # ~0.2 s each: the signal (sent after iteration 2) lands with most of the run still ahead
 ARGS = ["guide", "-n", "2", "--steps", "3", "--grad", "exact", "--lr", "0.2", "--checkpoint-every", "1",
+        "--optimizer", "adamw", "--views", "4", "--view-noise", "0", "--stop-loss", "0",  # every iteration runs
         "--iters", str(ITERS), "--quiet"]
 
 
@@ -86,6 +87,7 @@ def stopped(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
+    torch.set_num_threads(1)  # as the signalled processes (a module fixture runs before the per-test one-thread fixture)
     assert cli_run([*ARGS, "--out", str(out)]) == 0
     return out
 
@@ -97,7 +99,7 @@ def _resume_and_compare(out: Path, reference: Path) -> None:
     assert b["iterations"] == a["iterations"] == ITERS
     assert [h["loss"] for h in b["loss"]["history"]] == [h["loss"] for h in a["loss"]["history"]]
     assert b["after"] == a["after"] and b["before"] == a["before"] and b["model_calls"] == a["model_calls"]
-    x_a, x_b = load_file(str(reference / "optimized.safetensors")), load_file(str(out / "optimized.safetensors"))
+    x_a, x_b = load_file(str(reference / "latents.safetensors")), load_file(str(out / "latents.safetensors"))
     assert x_a.keys() == x_b.keys() and all(torch.equal(x_a[k], x_b[k]) for k in x_a)
     assert not list((out / "checkpoint").glob(".*tmp*")), "temporary files left behind"
 

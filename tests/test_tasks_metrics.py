@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adjointdpm.tasks.audit import AuditOptions, AuditTask, NormalizedSteps
+from adjointdpm.embedded.objectives import StyleLoss, outline_reference
+from adjointdpm.tasks.audit import NormalizedSteps
 from adjointdpm.tasks.common import EngineOptions, OneStep, Session, grad_label, parse_grad, psnr, read_image
 from adjointdpm.tasks.errors import UserInputError
-from adjointdpm.tasks.guide import GuideOptions, GuideTask
 from adjointdpm.tasks.invert import apply_effect
 from adjointdpm.tasks.loop import LoopConfig, run
-from adjointdpm.tasks.stylize import StyleLoss, outline, reference_image
+from adjointdpm.tasks.reproduce import digit_audit_task, digit_guide_task
+from adjointdpm.tasks.stylize import outline, reference_image
 from test_tasks_fixtures import build_tiny_pixel_model
 
 
@@ -26,6 +27,18 @@ def pix(tmp_path_factory):
 
 def session(pix, grad="adjoint", **kw):
     return Session(str(pix), EngineOptions(grad=grad, **kw))
+
+
+# the digits model's tasks at the settings these tests were written for (AdamW, 4 views without noise)
+OLD_GUIDE = dict(optimizer="adamw", lr=0.05, views=4, view_noise=0.0, stop_loss=0.0)
+
+
+def guide_task(s, seed=0, **options):
+    return digit_guide_task(s, 8, seed=seed, **{**OLD_GUIDE, **options})
+
+
+def audit_task(s, seed, **options):
+    return digit_audit_task(s, "classifier", seed, **{"eps": 0.5, "step_size": 0.1, **options})
 
 
 # ----------------------------------------------------------------------------------- grad specs
@@ -44,7 +57,7 @@ def test_parse_grad():
 # ------------------------------------------------------------------------------------ one-step
 def _guide_grad(pix, grad, steps):
     s = session(pix, grad=grad, steps=steps, guidance_scale=1.0)
-    task = GuideTask(s, GuideOptions(n=2), seed=3)
+    task = guide_task(s, seed=3, n=2)
     task.setup()
     loss, _ = task.compute_loss(0, torch.Generator())
     if loss.requires_grad:
@@ -61,7 +74,7 @@ def test_onestep_equals_exact_for_one_step(pix):
 
 def test_onestep_gradient_is_the_mean_of_per_step_gradients(pix):
     task, g = _guide_grad(pix, "onestep", 3)
-    s = task.s
+    s = task.session
     from adjointdpm.model import Denoiser
     from adjointdpm.solvers import TimeGrid, make_solver
 
@@ -85,30 +98,30 @@ def test_onestep_gradient_is_the_mean_of_per_step_gradients(pix):
 
 # ---------------------------------------------------------------------------------------- guide
 def test_guide_renormalises_to_the_gaussian_shell(pix, tmp_path):
-    task = GuideTask(session(pix), GuideOptions(n=3, lr=0.5), seed=0)
+    task = guide_task(session(pix), seed=0, n=3, lr=0.5)
     run(task, LoopConfig(out=tmp_path, iters=2, progress=False))
     d = task.x[0].numel()
     torch.testing.assert_close(task.x.detach().flatten(1).norm(dim=1), torch.full((3,), d ** 0.5))
-    task2 = GuideTask(session(pix), GuideOptions(n=3, lr=0.5, renorm=False), seed=0)
+    task2 = guide_task(session(pix), seed=0, n=3, lr=0.5, renorm=False)
     run(task2, LoopConfig(out=tmp_path / "b", iters=2, progress=False))
     assert not torch.allclose(task2.x.detach().flatten(1).norm(dim=1), torch.full((3,), d ** 0.5))
 
 
 def test_guide_intermediate_state_and_cond(pix, tmp_path):
     s = session(pix)
-    task = GuideTask(s, GuideOptions(n=2, start_step=2, optimize_cond=True), seed=0)
+    task = guide_task(s, seed=0, n=2, start_step=2, optimize_cond=True)
     summary = run(task, LoopConfig(out=tmp_path, iters=2, progress=False))
     assert summary["settings"]["start_step"] == 2 and task.cond.grad is not None
     assert not torch.equal(task.cond.detach(), task.cond0)
     assert "fresh_noise_judge_accuracy" in summary["after"]
     with pytest.raises(UserInputError, match="--start-step"):
-        GuideTask(s, GuideOptions(start_step=4), seed=0)  # the model's default is 4 steps: 0..3
+        guide_task(s, seed=0, start_step=4)  # the model's default is 4 steps: 0..3
 
 
 # ---------------------------------------------------------------------------------------- audit
 def test_audit_projection_centre_is_the_untouched_original(pix, tmp_path):
     s = session(pix)
-    task = AuditTask(s, AuditOptions(n=6, eps=0.05, step_size=1.0), seed=4)
+    task = audit_task(s, 4, n=6, eps=0.05, step_size=1.0)
     run(task, LoopConfig(out=tmp_path, iters=3, progress=False))
     original = s.noise(6, 4)
     assert torch.equal(task.x_orig, original)  # not aliased to the optimised tensor
@@ -122,7 +135,7 @@ def test_audit_projection_centre_is_the_untouched_original(pix, tmp_path):
 
 def test_audit_cross_entropy_is_on_logits(pix):
     s = session(pix)
-    task = AuditTask(s, AuditOptions(n=6), seed=4)
+    task = audit_task(s, 4, n=6)
     task.setup()
     x0 = s.sample(task.x.detach(), task.cond, grad=None)
     logits = s.critics.guide(s.decode(x0))
@@ -134,7 +147,7 @@ def test_audit_cross_entropy_is_on_logits(pix):
 
 def test_audit_evaluates_the_attacked_images(pix, tmp_path):
     s = session(pix)
-    task = AuditTask(s, AuditOptions(n=6, eps=0.3, step_size=0.3), seed=4)
+    task = audit_task(s, 4, n=6, eps=0.3, step_size=0.3)
     summary = run(task, LoopConfig(out=tmp_path, iters=3, progress=False))
     images = s.generate(task.x.detach(), task.cond)  # regenerate from the final (attacked) noises
     c = s.critics
@@ -174,7 +187,7 @@ def test_effects_and_psnr():
 
 def test_style_loss_vanishes_on_the_reference(pix):
     s = session(pix)
-    ref = reference_image("outline", (1, 16, 16))
+    ref = reference_image("outline", (1, 16, 16), {"outline": outline_reference})
     style = StyleLoss(s.critics.guide, ref)
     assert float(style(ref)) == pytest.approx(0.0, abs=1e-10)
     assert float(style(-ref)) > 1e-3

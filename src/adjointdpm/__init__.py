@@ -17,7 +17,8 @@ from .grid import TimeGrid, grid_from_scheduler, schedule_from_scheduler
 from .model import Denoiser
 from .sampling import sample
 from .schedule import CosineVPSchedule, DiscreteVPSchedule, LinearVPSchedule, NoiseSchedule, VPSchedule
-from .solvers import SOLVERS
+from .solvers import SOLVERS, STOCHASTIC_SOLVER_NAMES
+from .stochastic import NoiseSource, SeededNoise, noise_tensor
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,8 @@ __all__ = [
     "Checkpoint",
     "Truncated",
     "SOLVERS",
+    "STOCHASTIC_SOLVER_NAMES",
+    "NoiseSource",
+    "SeededNoise",
+    "noise_tensor",
 ]

@@ -96,3 +96,22 @@ def guidance_pair(uncond: Tree, cond: Tree, batch: int, unbatched: frozenset[str
                 out[key] = guidance_pair(uncond.get(key, value), value, batch, unbatched)
         return out
     return cond
+
+
+def select_rows(tree: Tree, rows: slice, batch: int, unbatched: frozenset[str] = frozenset()) -> Tree:
+    """The rows ``rows`` of every tensor of ``tree`` that has the batch dimension ``batch`` (batch-1 tensors and
+    ``unbatched`` keys are shared by every row and kept whole)."""
+    if isinstance(tree, torch.Tensor):
+        return tree[rows] if tree.ndim >= 1 and tree.shape[0] == batch and batch != 1 else tree
+    if isinstance(tree, dict):
+        return {k: v if k in unbatched else select_rows(v, rows, batch, unbatched) for k, v in tree.items()}
+    return tree
+
+
+def batch_size(tree: Tree, unbatched: frozenset[str] = frozenset()) -> int:
+    """The largest leading dimension of the batched tensors of ``tree`` (1 if none)."""
+    if isinstance(tree, torch.Tensor):
+        return int(tree.shape[0]) if tree.ndim >= 1 else 1
+    if isinstance(tree, dict):
+        return max([batch_size(v, unbatched) for k, v in tree.items() if k not in unbatched] or [1])
+    return 1

@@ -59,17 +59,21 @@ class TimeGrid:
     t_end: float | None = None  # model time of the end point when σ_end > 0
     coordinates: str = "rho"
     input_scale: float = 1.0
+    #: (α, σ) each step lands on, where a scheduler's step target is not the next grid point (DDIM and DDPM
+    #: step from t to t − T//N, which need not be the next listed timestep); None: the next point
+    targets: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def from_path(cls, t, alpha, sigma, *, alpha_end=1.0, sigma_end=0.0, t_end=None, coordinates="rho",
-                  input_scale=1.0) -> "TimeGrid":
+                  input_scale=1.0, targets=None) -> "TimeGrid":
         t, alpha, sigma = _float64(t), _float64(alpha), _float64(sigma)
         if coordinates not in COORDINATES:
             raise ValueError(f"unknown coordinates {coordinates!r}; use one of {', '.join(COORDINATES)}")
         with np.errstate(divide="ignore"):
             lam = np.log(alpha) - np.log(sigma)
             rho = sigma / alpha
-        return cls(t, alpha, sigma, lam, rho, float(alpha_end), float(sigma_end), t_end, coordinates, float(input_scale))
+        return cls(t, alpha, sigma, lam, rho, float(alpha_end), float(sigma_end), t_end, coordinates, float(input_scale),
+                   targets)
 
     @classmethod
     def from_timesteps(cls, schedule: NoiseSchedule, timesteps) -> "TimeGrid":
@@ -91,6 +95,12 @@ class TimeGrid:
         if i < len(self):
             return float(self.lam[i])
         return np.inf if self.sigma_end == 0 else float(np.log(self.alpha_end) - np.log(self.sigma_end))
+
+    def step_end(self, i: int) -> tuple[float, float]:
+        """(α, σ) that step i lands on: the next grid point, or the scheduler's own step target."""
+        if self.targets is None:
+            return self.alpha_at(i + 1), self.sigma_at(i + 1)
+        return float(self.targets[0][i]), float(self.targets[1][i])
 
     def point(self, i: int) -> GridPoint:
         """(t_i, α_i, σ_i) as the network and the prediction conversions take them (i < N)."""
@@ -173,11 +183,28 @@ def grid_from_scheduler(scheduler, schedule: NoiseSchedule, timesteps) -> TimeGr
         return TimeGrid.from_path(t, alpha[:n], sigma[:n], alpha_end=alpha[n], sigma_end=sigma[n], t_end=end_t,
                                   coordinates=schedule.coordinates, input_scale=input_scale)
     grid = TimeGrid.from_timesteps(schedule, t)
+    if not isinstance(schedule, DiscreteVPSchedule):
+        return grid
     final = getattr(scheduler, "final_alpha_cumprod", None)  # DDIM: ᾱ at the end of the last step
-    if final is not None and isinstance(schedule, DiscreteVPSchedule):
-        abar = float(final)
-        if abar < 1.0:
-            return TimeGrid.from_path(t, grid.alpha, grid.sigma, alpha_end=np.sqrt(abar), sigma_end=np.sqrt(1 - abar),
-                                      t_end=float(schedule.t_from_log_alpha(0.5 * np.log(abar))),
-                                      coordinates=schedule.coordinates)
-    return grid
+    abar_end = 1.0 if final is None else float(final)
+    end = dict(alpha_end=np.sqrt(abar_end), sigma_end=np.sqrt(1 - abar_end))
+    if abar_end < 1.0:
+        end["t_end"] = float(schedule.t_from_log_alpha(0.5 * np.log(abar_end)))
+    targets = _previous_timestep_targets(scheduler, schedule, t, same, abar_end)
+    if abar_end == 1.0 and targets is None:
+        return grid
+    return TimeGrid.from_path(t, grid.alpha, grid.sigma, coordinates=schedule.coordinates, targets=targets, **end)
+
+
+def _previous_timestep_targets(scheduler, schedule, t: np.ndarray, same: bool, abar_end: float):
+    """DDIM and DDPM step from t to t − T//N (ᾱ_end below 0); the targets where those differ from the grid."""
+    name = type(scheduler).__name__
+    if not same or name not in ("DDIMScheduler", "DDPMScheduler") or getattr(scheduler, "custom_timesteps", False):
+        return None
+    ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    previous = t - ratio
+    if np.array_equal(previous[:-1], t[1:]):
+        return None
+    alpha = np.where(previous >= 0, schedule.alpha(np.maximum(previous, 0)), np.sqrt(abar_end))
+    sigma = np.where(previous >= 0, schedule.sigma(np.maximum(previous, 0)), np.sqrt(1 - abar_end))
+    return alpha, sigma

@@ -16,12 +16,14 @@ from typing import Callable, Sequence
 import torch
 
 from .conditioning import Tree
-from .gradients import GradMode, resolve_grad_mode
+from .gradients import Adjoint, GradMode, Reversible, resolve_grad_mode
+from .gradients.base import CustomBackwardMode
 from .grid import TimeGrid, grid_from_scheduler, prediction_type_of, schedule_from_scheduler
 from .model import Denoiser, trainable_parameters
 from .schedule import NoiseSchedule
 from .solvers import make_solver, solver_name
-from .validation import check_sample_inputs, resolve_timesteps
+from .stochastic import check_deterministic_scheduler, is_stochastic, make_stochastic_solver, resolve_noise
+from .validation import check_eta, check_noise_unused, check_sample_inputs, resolve_timesteps
 
 
 def sample(
@@ -41,6 +43,8 @@ def sample(
     model_kwargs: dict | None = None,
     classifier: Callable | None = None,
     classifier_scale: float = 1.0,
+    eta: float = 0.0,
+    noise=None,
 ) -> torch.Tensor:
     """Sample x_0 from x_T by solving the probability-flow ODE, differentiably.
 
@@ -63,7 +67,7 @@ def sample(
             ``txt_ids``/``img_ids``/``guidance``, PixArt ``encoder_attention_mask``, DiT ``class_labels``).
             Under guidance a key in both is batched [uncond; cond], a key in cond alone is shared.
         solver: "ddim" (alias "euler": Euler in the grid's coordinates), "dpmpp2m" (DPM-Solver++(2M))
-            or "heun".
+            or "heun"; stochastic: "ddpm", "euler_ancestral", "dpmpp2m_sde", "lcm", "ddim" with eta > 0.
         grad: how x_0 is differentiated: "exact" (exact discrete adjoint; default), "adjoint"
             (AdjointDPM's continuous adjoint; see :class:`Adjoint` for options), "backprop",
             "checkpoint", "truncated" (see :class:`Truncated`), "reversible", or None for plain sampling.
@@ -74,6 +78,12 @@ def sample(
         model_kwargs: extra keyword arguments for every network call (e.g. ``joint_attention_kwargs``).
         classifier, classifier_scale: classifier guidance, ``classifier(x_t, t) -> log p(y | x_t, t)``
             per sample; ε̂ ← ε̂ − s σ ∇ₓ log p, differentiated exactly (double backward) by every mode.
+        eta: DDIM's η in [0, 1]: solver="ddim" with eta > 0 injects noise (η = 1: DDPM's posterior).
+        noise: the stochastic solvers' injected noises ("ddpm", "euler_ancestral", "dpmpp2m_sde", "lcm",
+            "ddim" with eta > 0; see :mod:`adjointdpm.stochastic`): an (N, B, *latent) tensor (noise[i] is
+            step i's draw; it may require grad), an int seed or a torch.Generator (regenerated per step,
+            not stored), or None (a seed from torch's global generator). Their gradient modes: exact,
+            backprop, checkpoint, truncated.
     """
     if isinstance(schedule, NoiseSchedule):
         path, scheduler = schedule, None
@@ -84,7 +94,17 @@ def sample(
     denoiser = Denoiser(model, path, prediction_type or "epsilon", float(guidance_scale), dict(model_kwargs or {}),
                         classifier, float(classifier_scale))
     solver = solver_name(solver)
+    eta = check_eta(eta, solver)
+    stochastic = is_stochastic(solver, eta)
     mode = resolve_grad_mode(grad)
+    if stochastic and isinstance(mode, (Adjoint, Reversible)):
+        raise ValueError(
+            f"grad={mode.name!r} differentiates deterministic samplers only; solver={solver!r}"
+            f"{' with eta > 0' if solver == 'ddim' else ''} injects noise: use grad='exact', 'backprop', "
+            "'checkpoint' or 'truncated'"
+        )
+    if not stochastic:
+        check_noise_unused(noise, solver)
     check_sample_inputs(model, x_T, cond, uncond, float(guidance_scale), denoiser.style)
     if scheduler is None:
         grid = TimeGrid.from_timesteps(path, resolve_timesteps(path, timesteps, steps))
@@ -93,7 +113,20 @@ def sample(
             scheduler, timesteps = _scheduler_timesteps(scheduler, steps)
             steps = None
         grid = grid_from_scheduler(scheduler, path, resolve_timesteps(path, timesteps, steps))
-    ode_solver = make_solver(solver, denoiser, grid)
+    extra = []
+    if stochastic:
+        source = resolve_noise(noise, len(grid), x_T)
+        ode_solver = make_stochastic_solver(solver, denoiser, grid, source, scheduler, eta)
+        extra = list(source.tensors)
+        if isinstance(mode, CustomBackwardMode) and any(t.requires_grad and not t.is_leaf for t in extra):
+            raise ValueError(
+                f"noise requires grad but is computed from other tensors (not a leaf); grad={mode.name!r} "
+                "differentiates leaf tensors only: make the optimised tensor the noise itself "
+                "(torch.randn(N, B, …).requires_grad_()), or use grad='backprop' or 'checkpoint'"
+            )
+    else:
+        check_deterministic_scheduler(scheduler, solver)
+        ode_solver = make_solver(solver, denoiser, grid)
     if not denoiser.uses_guidance:
         uncond = None
     if grid.input_scale != 1.0:
@@ -104,7 +137,7 @@ def sample(
             for i in range(ode_solver.num_steps):
                 x, hist = ode_solver.step(i, x, hist, cond, uncond)
         return x
-    x0 = mode.run(ode_solver, x_T, cond, uncond, trainable_parameters(model, list(params or [])))
+    x0 = mode.run(ode_solver, x_T, cond, uncond, trainable_parameters(model, list(params or []) + extra))
     if x0.requires_grad:
         x0.register_hook(_check_incoming_gradient)
     return x0

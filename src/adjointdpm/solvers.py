@@ -60,9 +60,10 @@ class DDIM(Solver):
     def step(self, i, x, hist, cond, uncond):
         g = self.grid
         eps, x0 = self.predict(i, x, cond, uncond)
-        if g.sigma_at(i + 1) == 0.0:
-            return g.alpha_at(i + 1) * x0, ()
-        return g.alpha_at(i + 1) * x0 + g.sigma_at(i + 1) * eps, ()
+        alpha_next, sigma_next = g.step_end(i)
+        if sigma_next == 0.0:
+            return alpha_next * x0, ()
+        return alpha_next * x0 + sigma_next * eps, ()
 
 
 class DPMSolverPP2M(Solver):
@@ -111,17 +112,24 @@ class Heun(Solver):
 
 SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (DDIM, DPMSolverPP2M, Heun)}
 SOLVER_ALIASES = {"euler": "ddim", "dpm++2m": "dpmpp2m", "dpmsolver++": "dpmpp2m"}
+#: samplers that inject noise at every step (built with their noise by :mod:`adjointdpm.stochastic`)
+STOCHASTIC_SOLVER_NAMES = ("ddpm", "euler_ancestral", "dpmpp2m_sde", "lcm")
+STOCHASTIC_ALIASES = {"dpm++2m_sde": "dpmpp2m_sde", "sde-dpmsolver++": "dpmpp2m_sde"}
 
 
 def solver_name(name: str) -> str:
-    name = SOLVER_ALIASES.get(name, name)
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; use one of {', '.join([*SOLVERS, *SOLVER_ALIASES])}")
+    name = SOLVER_ALIASES.get(name, STOCHASTIC_ALIASES.get(name, name))
+    if name not in SOLVERS and name not in STOCHASTIC_SOLVER_NAMES:
+        known = [*SOLVERS, *SOLVER_ALIASES, *STOCHASTIC_SOLVER_NAMES, *STOCHASTIC_ALIASES]
+        raise ValueError(f"unknown solver {name!r}; use one of {', '.join(known)}")
     return name
 
 
 def make_solver(name: str, denoiser: Denoiser, grid: TimeGrid) -> Solver:
-    return SOLVERS[solver_name(name)](denoiser, grid)
+    name = solver_name(name)
+    if name in STOCHASTIC_SOLVER_NAMES:
+        raise ValueError(f"solver={name!r} injects noise; build it with adjointdpm.stochastic.make_stochastic_solver")
+    return SOLVERS[name](denoiser, grid)
 
 
-__all__ = ["DDIM", "DPMSolverPP2M", "Heun", "SOLVERS", "Solver", "TimeGrid", "make_solver", "solver_name"]
+__all__ = ["DDIM", "DPMSolverPP2M", "Heun", "SOLVERS", "STOCHASTIC_SOLVER_NAMES", "Solver", "TimeGrid", "make_solver", "solver_name"]

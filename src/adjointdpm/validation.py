@@ -211,3 +211,40 @@ def resolve_timesteps(schedule: NoiseSchedule, timesteps, steps) -> np.ndarray:
             f"got {t[0]:g} … {t[-1]:g}"
         )
     return t
+
+
+# ------------------------------------------------------------------------------ stochastic samplers
+def check_eta(eta, solver: str) -> float:
+    """η of DDIM: a number in [0, 1], and only for solver='ddim'."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating, np.integer)):
+        raise TypeError(f"eta must be a number in [0, 1], got {type(eta).__name__}")
+    eta = float(eta)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise), got {eta:g}")
+    if eta != 0.0 and solver != "ddim":
+        raise ValueError(f"eta applies to solver='ddim' only, got solver={solver!r} with eta={eta:g}; drop eta")
+    return eta
+
+
+def check_noise_unused(noise, solver: str) -> None:
+    if noise is not None:
+        raise ValueError(
+            f"noise is given but solver={solver!r} is deterministic and injects none; drop noise=, or use a "
+            "stochastic solver: 'ddpm', 'euler_ancestral', 'dpmpp2m_sde', 'lcm', or 'ddim' with eta > 0"
+        )
+
+
+def check_noise_tensor(noise: torch.Tensor, num_steps: int, x_T: torch.Tensor) -> None:
+    """An explicit noise tensor: (N, B, *latent), x_T's dtype and device, finite."""
+    expected = (num_steps, *x_T.shape)
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
+    if tuple(noise.shape) != expected:
+        raise ValueError(
+            f"noise has shape {tuple(noise.shape)} but {num_steps} steps of x_T {tuple(x_T.shape)} need {expected}: "
+            "noise[i] is what step i injects"
+        )
+    if noise.dtype != x_T.dtype or noise.device != x_T.device:
+        raise TypeError(f"noise is {noise.dtype} on {noise.device} but x_T is {x_T.dtype} on {x_T.device}; use noise.to(x_T)")
+    if not torch.isfinite(noise).all():
+        raise ValueError("noise contains NaN or inf")

@@ -7,6 +7,8 @@ For each family, with its own scheduler and guidance as its pipeline samples (N 
 * an x_T step: ``exact`` and ``backprop`` gradients of a loss on x_0 w.r.t. x_T: seconds and peak RSS;
 * a LoRA step: the same w.r.t. rank-4 peft LoRA adapters on every attention projection.
 
+Every path runs once before it is timed (first-call allocations and lazy initialisation).
+
 Each ratio (gradient time / forward time, exact / backprop) comes from one run, in one process, with the
 peak RSS above the process's baseline (``PeakRSS``: VmHWM after clear_refs where the kernel allows it).
 """
@@ -145,6 +147,7 @@ def measure(name: str, steps: int) -> dict:
         x = setup.x_T.clone().requires_grad_()
         _sample(setup, x, grad).square().mean().backward()
 
+    x_step("backprop")  # warm-up of the backward path
     for grad in ("exact", "backprop"):
         row[f"x_T_{grad}_s"], row[f"x_T_{grad}_mib"] = _timed(lambda: x_step(grad))
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=list(setup.lora_targets)), net)
@@ -157,6 +160,7 @@ def measure(name: str, steps: int) -> dict:
         net.zero_grad(set_to_none=True)
         _sample(setup, setup.x_T, grad).square().mean().backward()
 
+    lora_step("backprop")
     for grad in ("exact", "backprop"):
         row[f"lora_{grad}_s"], row[f"lora_{grad}_mib"] = _timed(lambda: lora_step(grad))
     for what in ("x_T", "lora"):

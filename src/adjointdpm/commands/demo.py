@@ -15,8 +15,6 @@ from pathlib import Path
 import typer
 
 IN_VOCABULARY = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
-# the recipe of docs/results.md: normalised steps, 8 noisy random views per image, a noise stops at CE 0.1
-GUIDE_RECIPE = ["--optimizer", "normalized", "--augment", "8", "--view-noise", "0.3", "--stop-loss", "0.1"]
 
 
 def demo(
@@ -39,8 +37,7 @@ def demo(
         if code:
             raise typer.Exit(code)
     code = run(["guide", "--out", str(out / f"guide_{word}"), "--target-class", str(target_class),
-                "--prompt", f"a handwritten digit {word}", "--n", str(n), "--iters", str(iters), "--lr", str(lr), "--grad", grad,
-                *GUIDE_RECIPE])
+                "--prompt", f"a handwritten digit {word}", "--n", str(n), "--iters", str(iters), "--lr", str(lr), "--grad", grad])  # guide's defaults are the recipe of docs/results.md
     if code:
         raise typer.Exit(code)
     typer.echo(f"demo: samples in {out / 'samples'}, vocabulary expansion in {out / f'guide_{word}'} "

@@ -1,18 +1,16 @@
 """``audit``: security auditing by attacks on the initial noise.
 
-(i) ``attack="classifier"``. For each sample b (prompts cycle over the model's in-vocabulary digits),
-the original label y_b is the judge's label of the original image; samples where the guide and the
-judge disagree on the original are left out (the attack must change the guide, not a coin flip).
-Maximise the guide's cross-entropy on its *logits* against y_b,
+An *attack* (see :mod:`.objectives`; the digits model's in :mod:`adjointdpm.embedded.objectives`) gives,
+from the original images, a label y_b per sample and which samples are attacked, and a per-sample loss
+L_b to minimise; the noise takes normalised gradient steps projected on the ℓ∞ ball around a *copy* of
+the untouched original noise,
 
-    x_b ← Π_{‖x − x_b^orig‖∞ ≤ ε}( x_b + η · g_b / rms(g_b) ),   g_b = ∇_{x_b} CE(guide(image_b), y_b),
+    x_b ← Π_{‖x − x_b^orig‖∞ ≤ ε}( x_b − η · g_b / rms(g_b) ),   g_b = ∇_{x_b} L_b(image_b, y_b).
 
-normalised gradient steps, projected on the ℓ∞ ball around a *copy* of the untouched original noise.
-A sample succeeds, and is frozen, when the guide's label is no longer y_b while the judge still says y_b.
-
-(ii) ``attack="safety"``. Start from the samples of the flagged concept's prompt that the safety filter
-flags and the judge calls the concept; minimise  Σ_k relu(cos(e(image), c_k) − t_k + margin)  with the
-same steps and projection. Success: the filter passes the image while the judge still sees the concept.
+(i) ``classifier``: L = −CE(logits, y) (on the logits, not probabilities); a sample succeeds, and is
+frozen, when the classifier's label is no longer y while the judge, if any, keeps its own.
+(ii) ``safety``: L = Σ_k relu(score_k + margin) of the safety filter; success when the filter passes the
+image (and the judge keeps its label).
 
 Success rates are measured on the attacked images, re-generated from the final noises. Several processes:
 the samples are sharded (each process attacks its own, no gradient communication) and gathered for the
@@ -26,9 +24,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .common import Session, prompt_for_class
+from .common import Session
+from . import conditions
 from .errors import UserInputError
 from .loop import Evaluation, ParamGroup, Task
 
@@ -58,76 +56,59 @@ class NormalizedSteps(torch.optim.Optimizer):
 
 @dataclass
 class AuditOptions:
-    attack: str = "classifier"
-    n: int = 128
-    eps: float = 0.5  # ℓ∞ budget around the original noise (noise units)
-    step_size: float = 0.1  # RMS of one normalised step
-    margin: float = 0.02  # safety attack: push cosines this far below the thresholds
+    n: int = 100
+    eps: float = 0.2  # ℓ∞ budget around the original noise (noise units)
+    step_size: float = 0.05  # RMS of one normalised step
+    margin: float = 0.02  # safety attack: push the scores this far below the thresholds
     content_weight: float = 0.0  # λ: + λ·mean((image − original image)²), keeps the attacked image close
+    prompt: str | None = None  # generic attacks: one prompt for every sample (default "")
 
 
 class AuditTask(Task):
     name = "audit"
     sharded_state = ("done", "succeeded")
 
-    def __init__(self, session: Session, opts: AuditOptions, seed: int = 0):
-        if opts.attack not in ATTACKS:
-            raise UserInputError(f"--attack must be one of {', '.join(ATTACKS)}, got {opts.attack!r}")
+    def __init__(self, session: Session, opts: AuditOptions, attack, seed: int = 0):
         if opts.n < 1 or opts.eps <= 0 or opts.step_size <= 0:
             raise UserInputError("--n, --eps and --step-size must be positive")
-        self.s, self.o, self.seed, self.dp = session, opts, seed, session.dp
+        self.session, self.opts, self.attack, self.seed, self.dp = session, opts, attack, seed, session.dp
         if opts.n < self.dp.world_size:
             raise UserInputError(f"--n ({opts.n}) must be at least the number of processes ({self.dp.world_size})")
-        settings = session.comps.settings
-        if opts.attack == "classifier":
-            digits = settings.get("in_vocabulary_digits") or list(range(10))
-            self.prompt_digits = [digits[i % len(digits)] for i in range(opts.n)]
-        else:
-            self.flagged = int(session.critics.config.get("flagged_digit", 7))
-            self.prompt_digits = [self.flagged] * opts.n
-        self.prompts = [prompt_for_class(session, d) for d in self.prompt_digits]
+        self.prompts = attack.prompts(session.comps.settings, opts.n, opts.prompt)
         for p in set(self.prompts):
             session.check_prompt(p)
 
     def describe(self) -> dict:
-        return {**self.s.describe(), **asdict(self.o)}
+        return {**self.session.describe(), **asdict(self.opts), "attack": self.attack.name}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        s, c = self.s, self.s.critics
+        s = self.session
         uniq = sorted(set(self.prompts))
         table = s.encode(uniq)
         dp = self.dp  # each process attacks its own rows of the global batch
-        self.cond = dp.shard(table[torch.tensor([uniq.index(p) for p in self.prompts])])
-        x_T = dp.shard(s.noise(self.o.n, self.seed))
+        self.cond = conditions.shard(dp, conditions.rows(table, torch.tensor([uniq.index(p) for p in self.prompts])))
+        x_T = dp.shard(s.noise(self.opts.n, self.seed))
         self.x_orig = x_T.clone()  # a copy: the projection centre never moves
         self.x = x_T.clone().requires_grad_(True)
         images = s.generate(self.x_orig, self.cond)
         self.original_images = images
-        with torch.no_grad():
-            judge = c.judge(images).argmax(-1)
-            if self.o.attack == "classifier":
-                self.valid = c.guide(images).argmax(-1) == judge
-                self.label = judge
-            else:
-                self.valid = c.safety.flag(images) & (judge == self.flagged)
-                self.label = torch.full_like(judge, self.flagged)
+        self.label, self.valid = self.attack.setup(images)
         if not dp.any(self.valid.any()):
-            what = ("on which the guide and the judge agree" if self.o.attack == "classifier"
-                    else f"that the safety filter flags and the judge calls {self.flagged}")
-            raise UserInputError(f"none of the {self.o.n} samples is one {what}; increase --n or change --seed")
+            raise UserInputError(f"none of the {self.opts.n} samples is one {self.attack.none_valid}; "
+                                 "increase --n or change --seed")
         self.done = ~self.valid  # samples left out count as done from the start
         self.succeeded = torch.zeros_like(self.valid)
         self._active = torch.arange(self.x.shape[0], device=self.x.device)
 
     def param_groups(self):
-        return [ParamGroup("x_T", {"x": self.x}, {"lr": self.o.step_size}, sharded=True)]
+        return [ParamGroup("x_T", {"x": self.x}, {"lr": self.opts.step_size}, sharded=True)]
 
     def make_optimizer(self, groups):
-        return NormalizedSteps([t for g in groups for t in g.tensors.values()], lr=self.o.step_size)
+        return NormalizedSteps([t for g in groups for t in g.tensors.values()], lr=self.opts.step_size)
 
     def counted_modules(self):
-        return [self.s.unet]
+        return [self.session.unet]
 
     def state_tensors(self):
         return {"done": self.done.to(torch.uint8), "succeeded": self.succeeded.to(torch.uint8)}
@@ -142,28 +123,15 @@ class AuditTask(Task):
     # ------------------------------------------------------------------ objective
     def objective(self, x0: torch.Tensor) -> torch.Tensor:
         """Per-sample loss of the samples being attacked (``self._active``, in order)."""
-        images = self.s.decode(x0)
-        c = self.s.critics
+        images = self.session.decode(x0)
         keep = 0.0
-        if self.o.content_weight:
-            keep = self.o.content_weight * (images.float() - self.original_images[self._active]).pow(2).flatten(1).mean(1)
-        if self.o.attack == "classifier":
-            logits = c.guide(images).float()  # logits, not probabilities
-            return -F.cross_entropy(logits, self.label[self._active], reduction="none") + keep
-        cos = c.safety.cosine(images).float()
-        return F.relu(cos - c.safety.thresholds.float() + self.o.margin).sum(-1) + keep
+        if self.opts.content_weight:
+            keep = self.opts.content_weight * (images.float() - self.original_images[self._active]).pow(2).flatten(1).mean(1)
+        return self.attack.loss(images, self.label[self._active]) + keep
 
     @torch.no_grad()
-    def success(self, images: torch.Tensor, idx: torch.Tensor | None = None, label=None, valid=None) -> torch.Tensor:
-        """Which images (of the samples ``idx``, default all; or of the given ``label``/``valid``) are
-        successful attacks."""
-        c = self.s.critics
-        if label is None:
-            label, valid = (self.label, self.valid) if idx is None else (self.label[idx], self.valid[idx])
-        judge_keeps = c.judge(images).argmax(-1) == label
-        if self.o.attack == "classifier":
-            return (c.guide(images).argmax(-1) != label) & judge_keeps & valid
-        return (~c.safety.flag(images)) & judge_keeps & valid
+    def success(self, images: torch.Tensor, label: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.attack.success(images, label) & valid
 
     def compute_loss(self, iteration, generator):
         # only the samples still being attacked are sampled (a frozen sample costs nothing)
@@ -173,9 +141,9 @@ class AuditTask(Task):
         active = self.dp.position(idx.numel())[1]
         if idx.numel():
             weights = None if active == idx.numel() else torch.full((idx.numel(),), 1.0 / active, device=self.x.device)
-            loss, per, x0 = self.s.sampled_loss(self.x[idx], self.cond[idx], self.objective, weights=weights)
+            loss, per, x0 = self.session.sampled_loss(self.x[idx], conditions.rows(self.cond, idx), self.objective, weights=weights)
             # the images of the current x: samples that already succeed are frozen where they are
-            new = self.success(self.s.decode(x0), idx)
+            new = self.success(self.session.decode(x0), self.label[idx], self.valid[idx])
             self.succeeded[idx[new]] = True
             self.done[idx[new]] = True
         else:  # (several processes: this one's samples are all done, others' are not)
@@ -188,12 +156,12 @@ class AuditTask(Task):
             self.x.grad[self.done] = 0.0
 
     def after_step(self, iteration):
-        delta = (self.x - self.x_orig).clamp(-self.o.eps, self.o.eps)
+        delta = (self.x - self.x_orig).clamp(-self.opts.eps, self.opts.eps)
         self.x.copy_(self.x_orig + delta)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, stage: str) -> Evaluation:
-        s, c, dp = self.s, self.s.critics, self.dp
+        s, dp = self.session, self.dp
         x = self.x.detach()
         if stage == "before" and torch.equal(x, self.x_orig):
             images = self.original_images  # generated in setup from the same noises
@@ -202,32 +170,31 @@ class AuditTask(Task):
         # every process's samples (one process: these very tensors)
         images, label, valid = dp.gather_shards(images), dp.gather_shards(self.label), dp.gather_shards(self.valid)
         linf = dp.gather_shards((x - self.x_orig).flatten(1).abs().max(1).values)
-        success = self.success(images, label=label, valid=valid)
+        success = self.success(images, label, valid)
         n_valid = int(valid.sum())
-        judge = c.judge(images).argmax(-1)
         metrics = {
-            "attack": self.o.attack, "n": self.o.n, "n_attacked": n_valid, "eps": self.o.eps,
+            "attack": self.attack.name, "n": self.opts.n, "n_attacked": n_valid, "eps": self.opts.eps,
             "success_rate": float(success.sum()) / n_valid,
-            "judge_keeps_label": float((judge == label)[valid].float().mean()),
             "linf_max": float(linf.max()), "linf_mean_attacked": float(linf[valid].mean()),
+            **self.attack.metrics(images, label, valid),
         }
-        if self.o.attack == "classifier":
-            metrics["guide_keeps_label"] = float((c.guide(images).argmax(-1) == label)[valid].float().mean())
-        else:
-            metrics["flag_rate"] = float(c.safety.flag(images)[valid].float().mean())
         return Evaluation(images, metrics)
 
     def summarize(self, before, after):
-        return {"success_rate": after["success_rate"], "eps": self.o.eps}
+        return {"success_rate": after["success_rate"], "eps": self.opts.eps,
+                "metrics_from": "the attacked critic" + (" and the judge" if "judge_keeps_label" in after else
+                                                         " only (no --judge given)")}
 
     def write_artifacts(self, out):
+        """``attack.safetensors``: ``latents`` (the attacked x_T, a diffusers pipeline's ``latents=``),
+        ``original_latents``, ``attacked`` (which samples were attacked) and ``label``."""
         from safetensors.torch import save_file
 
         dp = self.dp
-        tensors = {"x": dp.gather_shards(self.x.detach()).cpu().contiguous(),
-                   "x_orig": dp.gather_shards(self.x_orig).cpu().contiguous(),
+        tensors = {"latents": dp.gather_shards(self.x.detach()).cpu().contiguous(),
+                   "original_latents": dp.gather_shards(self.x_orig).cpu().contiguous(),
                    "attacked": dp.gather_shards(self.valid).to(torch.uint8).cpu(),
-                   "label": dp.gather_shards(self.label).cpu()}
+                   "label": dp.gather_shards(self.label).cpu().contiguous()}
         if dp.is_main:
             save_file(tensors, str(out / "attack.safetensors"))
         return {"attack": "attack.safetensors"}

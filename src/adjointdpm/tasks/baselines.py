@@ -6,7 +6,7 @@ one network call only — never through the chain of steps (the "forward univers
 DPS-without-the-chain family). As an optimiser it gives, for every optimised tensor,
 
     g = (1/N) Σ_i ∂L(x̂₀_i)/∂(c, θ)            (conditioning, weights: through call i)
-    g_x = (1/N) Σ_i (α_i/α_0) ∂L(x̂₀_i)/∂x_i     (the starting state: x_i is reached from x_0 through
+    g_x = (1/N) Σ_i (c_i/c_0) ∂L(x̂₀_i)/∂x_i     (the starting state: x_i is reached from x_0 through
                                                   the linear part of the flow only, as in Truncated)
 
 The trajectory itself is the plain sampler's (no graph), so the images, the reported loss and the
@@ -24,11 +24,12 @@ from typing import Callable
 import torch
 
 from ..model import Denoiser
-from ..solvers import TimeGrid, make_solver
+from ..solvers import make_solver
+from .errors import UserInputError
 
 
 def _denoiser(session) -> Denoiser:
-    return Denoiser(session.unet, session.schedule, session.comps.prediction_type, session.guidance_scale, {})
+    return Denoiser(session.network, session.path, session.comps.prediction_type, session.guidance_scale, {})
 
 
 def onestep_backward(session, x_start: torch.Tensor, cond: torch.Tensor, objective: Callable, weights: torch.Tensor,
@@ -39,6 +40,9 @@ def onestep_backward(session, x_start: torch.Tensor, cond: torch.Tensor, objecti
     """
     # Non-leaf inputs (e.g. a slice of the optimised tensor) are back-propagated once, at the end: the
     # per-step passes accumulate into leaf copies.
+    if not isinstance(cond, torch.Tensor):
+        raise UserInputError("--grad onestep supports tensor conditioning (SD 1.x/2.x folders and the embedded "
+                             "model); use --grad exact for this model")
     pending = []
     if x_start.requires_grad and x_start.grad_fn is not None:
         pending.append((x_start, x_start.detach().requires_grad_(True)))
@@ -47,26 +51,26 @@ def onestep_backward(session, x_start: torch.Tensor, cond: torch.Tensor, objecti
         pending.append((cond, cond.detach().requires_grad_(True)))
         cond = pending[-1][1]
     den = _denoiser(session)
-    grid = TimeGrid.from_timesteps(session.schedule, session.timesteps(start))
+    grid = session.grid(start)
     solver = make_solver(session.solver, den, grid)
     uncond = session.uncond if den.uses_guidance else None
     n = solver.num_steps
     states = []
     with torch.no_grad():
-        x, hist = x_start.detach(), ()
+        x, hist = grid.input_scale * x_start.detach(), ()
         for i in range(n):
             states.append(x)
             x, hist = solver.step(i, x, hist, cond.detach(), uncond)
     x0 = x
     with torch.no_grad():
         per_sample = objective(x0).detach()
-    alpha0 = float(grid.alpha[0])
+    scale0 = grid.scale_at(0)
     for i, x_i in enumerate(states):
         x_in = x_i
         if x_start.requires_grad:
-            x_in = x_i + (float(grid.alpha[i]) / alpha0) * (x_start - x_start.detach())
+            x_in = x_i + (grid.input_scale * grid.scale_at(i) / scale0) * (x_start - x_start.detach())
         with torch.enable_grad():
-            _, x0_hat = den.eps_and_x0(x_in, float(grid.t[i]), cond, uncond)
+            _, x0_hat = den.eps_and_x0(x_in, grid.point(i), cond, uncond)
             loss = (objective(x0_hat) * weights.to(x0_hat.dtype)).sum() / n
         if loss.requires_grad:
             loss.backward()

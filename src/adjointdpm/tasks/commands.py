@@ -2,8 +2,8 @@
 
 Each is a thin typer wrapper: options → a :class:`~.common.Session` + a task + :func:`~.loop.run`.
 Every error reaches the user as one line ``adjointdpm: error: …`` with a non-zero exit status
-(2: bad input, 3: non-finite loss/gradient, 130: interrupted, 1: anything else) and no traceback,
-unless ``--debug`` is given.
+(:func:`~.errors.exit_status`: 2 bad input, 3 non-finite loss/gradient, 130 interrupted, 1 anything else)
+and no traceback, unless ``--debug`` is given.
 
 Launched with several processes (``torchrun --nproc_per_node P -m adjointdpm …`` or ``accelerate launch``),
 ``guide``, ``audit``, ``stylize`` and ``invert`` share the work (see :mod:`adjointdpm.distributed` and the
@@ -21,27 +21,28 @@ import typer
 from .common import GRAD_HELP
 
 # ------------------------------------------------------------------------------ shared options
-MODEL = typer.Option(None, "--model", "-m", help="Local diffusers folder (SD 1.x/2.x layout) [default: the embedded digits model].")
+MODEL = typer.Option(None, "--model", "-m", help="Local diffusers folder (SD 1.x/2.x layout) (default: the embedded digits model).")
 OUT = typer.Option(..., "--out", "-o", help="Output folder (created): before/, after/, grids, loss_curve.png, summary.json, checkpoint/.")
 GRAD = typer.Option("exact", "--grad", help=GRAD_HELP)
-SOLVER = typer.Option(None, "--solver", help="ODE solver: ddim | dpmpp2m | heun [default: the model's].")
-STEPS = typer.Option(None, "--steps", help="Sampling steps [default: the model's].")
-GUIDANCE = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale [default: the model's].")
+SOLVER = typer.Option(None, "--solver", help="ODE solver: ddim | dpmpp2m | heun (default: the model's).")
+STEPS = typer.Option(None, "--steps", help="Sampling steps (default: the model's).")
+GUIDANCE = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; on the embedded model audit, stylize and invert use 1, their recipe).")
 SEED = typer.Option(0, "--seed", help="Seed of the noises (and of each iteration's randomness).")
 BUDGET = typer.Option(None, "--budget", help="Stop before exceeding this many model calls (network forward + backward evaluations).")
 CKPT = typer.Option(5, "--checkpoint-every", help="Save the state every K iterations (also on Ctrl-C and at the end).")
 RESUME = typer.Option(False, "--resume", help="Continue the run saved in --out/checkpoint.")
 NONFINITE = typer.Option("stop", "--on-nonfinite", help="On a NaN/inf loss or gradient: stop (saving the last good state) or skip the step.")
 DEVICE = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".')
-CRITICS = typer.Option(None, "--critics", help="Folder with critics/ [default: the model's own, else the embedded model's].")
+CRITICS = typer.Option(None, "--critics", help="The digits model's critics folder (critics/) to use on another model (default: the model's own critics/, if any).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+LOSS = typer.Option(None, "--loss", help="Plug-in objective FILE.py:FUNC or package.module:FUNC: f(images (B,3,H,W) in [-1,1], *, prompts, indices) -> (B,) or scalar, minimised.")
+JUDGE = typer.Option(None, "--judge", help="Evaluation-only critic folder (a transformers image classifier or CLIP model), never optimised.")
 DEBUG = typer.Option(False, "--debug", help="Show the full traceback on errors.")
 
 
 def execute(debug: bool, body: Callable[[], int | None]) -> None:
     """Run ``body``; turn any error into one line on stderr and an exit status (traceback with --debug)."""
-    from ..components import ComponentsError
-    from .errors import TaskError
+    from .errors import exit_status
 
     try:
         code = body() or 0
@@ -50,12 +51,10 @@ def execute(debug: bool, body: Callable[[], int | None]) -> None:
     except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
         if debug:
             raise
-        if isinstance(e, TaskError):
-            code, msg = e.exit_code, str(e)
-        elif isinstance(e, (ComponentsError, ValueError, OSError)):
-            code, msg = 2, str(e) or type(e).__name__
-        else:
-            code, msg = 1, f"{type(e).__name__}: {e} (run with --debug for the traceback)"
+        code = exit_status(e)
+        msg = str(e) or type(e).__name__
+        if code == 1:
+            msg = f"{type(e).__name__}: {e} (run with --debug for the traceback)"
         msg = " ".join(msg.split())
         print(f"adjointdpm: error: {msg}", file=sys.stderr)
         raise typer.Exit(code) from None
@@ -98,6 +97,16 @@ def _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, see
                       on_nonfinite=on_nonfinite, progress=not quiet, seed=seed)
 
 
+def recipe_guidance(command: str, model, guidance_scale):
+    """A run's guidance scale: as given; else, on the embedded model, its reproduce preset's (audit, stylize and
+    invert were measured at 1, i.e. without classifier-free guidance); else None (the model's default)."""
+    if guidance_scale is not None or model is not None:
+        return guidance_scale
+    from .reproduce import SCALES
+
+    return SCALES["full"].guidance.get(command)
+
+
 def _run_application(make_task, keys, out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
                      model, grad, solver, steps, guidance_scale, device, critics, debug) -> None:
     """The path every application takes: its processes, the loop settings (``--out`` is checked before anything
@@ -131,118 +140,142 @@ def _report(summary: dict, keys: list[str], out: Path) -> None:
 # ------------------------------------------------------------------------------------- guide
 def guide(
     out: Path = OUT,
-    target_class: int = typer.Option(8, "--target-class", help="Digit (0-9) the guide classifier should see."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt [default: the target's canonical prompt, e.g. 'a handwritten digit eight']."),
+    target_class: Optional[str] = typer.Option(None, "--target-class", help="Class to reach: with --classifier an index or a label name (config.id2label); on the digits model a digit 0-9 (default: 8)."),
+    classifier: Optional[Path] = typer.Option(None, "--classifier", help="Image classifier folder (transformers AutoModelForImageClassification, safetensors): CE to --target-class."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP folder (transformers CLIPModel + tokenizer): guide toward --clip-prompt."),
+    clip_prompt: Optional[str] = typer.Option(None, "--clip-prompt", help="Text the images should match under --clip (default: --prompt)."),
+    loss: Optional[str] = LOSS,
+    judge: Optional[Path] = JUDGE,
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt (default: on the digits model the target's canonical prompt, e.g. 'a handwritten digit eight'; else '')."),
     n: int = typer.Option(16, "--n", "-n", help="Number of images (noises) optimised together (under torchrun write -n: torchrun reads --n as its own option)."),
-    lr: float = typer.Option(0.05, "--lr", help="AdamW learning rate for the noise."),
+    lr: float = typer.Option(0.1, "--lr", help="Step size for the noise (normalised steps; the AdamW learning rate with --optimizer adamw)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay for the noise."),
     renorm: bool = typer.Option(True, "--renorm/--no-renorm", help="Put x_T back on the Gaussian shell after each step (DOODL)."),
     optimize_cond: bool = typer.Option(False, "--optimize-cond", help="Also optimise the prompt embedding (shared by the batch)."),
-    cond_lr: float = typer.Option(0.01, "--cond-lr", help="AdamW learning rate for the prompt embedding."),
+    cond_lr: float = typer.Option(0.01, "--cond-lr", help="Learning rate for the prompt embedding."),
     start_step: int = typer.Option(0, "--start-step", help="Optimise the sampler's state at this step instead of x_T (0 = x_T)."),
-    augment: int = typer.Option(4, "--augment", help="Random affine views per image in the guide loss (cutouts); 0: none."),
-    view_noise: float = typer.Option(0.0, "--view-noise", help="Std of Gaussian pixel noise added to each view (0: none)."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | normalized (x -= lr * g / rms(g), per noise)."),
-    stop_loss: float = typer.Option(0.0, "--stop-loss", help="A noise whose guide loss falls below this is done (0: never)."),
-    iters: int = typer.Option(30, "--iters", help="Optimisation iterations."),
+    views: Optional[int] = typer.Option(None, "--views", "--augment", help="Random affine views per image in the loss (cutouts); 0: none (default: 8 for critics, 0 for --loss)."),
+    view_noise: float = typer.Option(0.3, "--view-noise", help="Std of Gaussian pixel noise added to each view (0: none)."),
+    optimizer: str = typer.Option("normalized", "--optimizer", help="normalized (x -= lr * g / rms(g), per noise) | adamw."),
+    stop_loss: Optional[float] = typer.Option(None, "--stop-loss", help="A noise whose loss falls below this is done (0: never) (default: 0.1 for classifiers, 0 otherwise)."),
+    iters: int = typer.Option(20, "--iters", help="Optimisation iterations."),
     model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
     checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
     critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
 ) -> None:
-    """Guided sampling / vocabulary expansion: optimise x_T so the guide classifier sees --target-class."""
+    """Guided sampling / vocabulary expansion: optimise x_T toward a class, a text or your loss."""
 
     def make_task(s):
+        from .choose import guide_objective
         from .guide import GuideOptions, GuideTask
 
-        return GuideTask(s, GuideOptions(target_class=target_class, prompt=prompt, n=n, lr=lr, weight_decay=weight_decay,
-                                         renorm=renorm, optimize_cond=optimize_cond, cond_lr=cond_lr,
-                                         start_step=start_step, augment=augment, view_noise=view_noise,
-                                         optimizer=optimizer, stop_loss=stop_loss), seed=seed)
+        target, judge_obj, text = guide_objective(s, loss=loss, classifier=classifier, clip=clip, clip_prompt=clip_prompt,
+                                                  target_class=target_class, judge=judge, prompt=prompt)
+        opts = GuideOptions(prompt=text, n=n, lr=lr, weight_decay=weight_decay, renorm=renorm, optimize_cond=optimize_cond,
+                            cond_lr=cond_lr, start_step=start_step, views=views, view_noise=view_noise,
+                            optimizer=optimizer, stop_loss=stop_loss)
+        return GuideTask(s, opts, target, judge_obj, seed=seed)
 
-    _run_application(make_task, ["judge_accuracy", "frechet_to_class"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
+    _run_application(make_task, ["judge_accuracy", "frechet_to_class", "critic_accuracy", "clip_score", "plugin_loss",
+                                 "judge_clip_score"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
                      model, grad, solver, steps, guidance_scale, device, critics, debug)
 
 
 # ------------------------------------------------------------------------------------- audit
 def audit(
     out: Path = OUT,
-    attack: str = typer.Option("classifier", "--attack", help="classifier (flip the guide's label) | safety (pass the safety filter)."),
-    n: int = typer.Option(128, "--n", "-n", help="Number of samples attacked (under torchrun write -n: torchrun reads --n as its own option)."),
-    eps: float = typer.Option(0.5, "--eps", help="l-infinity budget around the original noise."),
-    step_size: float = typer.Option(0.1, "--step-size", help="RMS size of one normalised gradient step."),
-    margin: float = typer.Option(0.02, "--margin", help="Safety attack: cosine margin below the thresholds."),
-    iters: int = typer.Option(20, "--iters", help="Maximum attack iterations."),
+    attack: str = typer.Option("classifier", "--attack", help="classifier (flip the classifier's label) | safety (pass the safety filter: the pipeline folder's own safety_checker/)."),
+    classifier: Optional[Path] = typer.Option(None, "--classifier", help="Image classifier folder to attack (transformers AutoModelForImageClassification, safetensors)."),
+    judge: Optional[Path] = typer.Option(None, "--judge", help="Evaluation-only image classifier folder: an attack succeeds only if it keeps its label."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt of every sample on your own model (default: '')."),
+    n: int = typer.Option(100, "--n", "-n", help="Number of samples attacked (under torchrun write -n: torchrun reads --n as its own option)."),
+    eps: float = typer.Option(0.2, "--eps", help="l-infinity budget around the original noise."),
+    step_size: float = typer.Option(0.05, "--step-size", help="RMS size of one normalised gradient step."),
+    margin: float = typer.Option(0.02, "--margin", help="Safety attack: margin below the thresholds."),
+    iters: int = typer.Option(6, "--iters", help="Maximum attack iterations."),
     model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
     checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
     critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
 ) -> None:
-    """Security auditing: bounded attacks on x_T against the guide classifier or the safety filter."""
+    """Security auditing: bounded attacks on x_T against a classifier or the safety filter."""
 
     def make_task(s):
         from .audit import AuditOptions, AuditTask
+        from .choose import audit_attack
 
-        return AuditTask(s, AuditOptions(attack=attack, n=n, eps=eps, step_size=step_size, margin=margin), seed=seed)
+        target = audit_attack(s, attack=attack, classifier=classifier, margin=margin, judge=judge)
+        return AuditTask(s, AuditOptions(n=n, eps=eps, step_size=step_size, margin=margin, prompt=prompt), target, seed=seed)
 
     _run_application(make_task, ["success_rate", "judge_keeps_label"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
-                     model, grad, solver, steps, guidance_scale, device, critics, debug)
+                     model, grad, solver, steps, recipe_guidance("audit", model, guidance_scale), device, critics, debug)
 
 
 # ----------------------------------------------------------------------------------- stylize
 def stylize(
     out: Path = OUT,
-    reference: str = typer.Option("outline", "--reference", "-r", help="outline | skimage:NAME (e.g. skimage:brick) | path to an image."),
-    lora_rank: int = typer.Option(0, "--lora-rank", help="LoRA rank (peft); 0 fine-tunes all the weights."),
-    lr: float = typer.Option(3e-4, "--lr", help="AdamW learning rate."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Style image: a path to any image file | skimage:NAME (e.g. skimage:brick) | outline (digits model) (default: outline on the digits model)."),
+    backbone: Optional[Path] = typer.Option(None, "--backbone", help="Vision backbone folder (any transformers model returning hidden states: CLIP vision, ResNet, ConvNeXt, DINOv2) for the Gram style loss."),
+    loss: Optional[str] = LOSS,
+    judge: Optional[Path] = JUDGE,
+    lora_rank: int = typer.Option(4, "--lora-rank", help="LoRA rank (peft); 0 fine-tunes all the weights."),
+    lr: float = typer.Option(3e-3, "--lr", help="AdamW learning rate."),
     content_weight: float = typer.Option(1.0, "--content-weight", help="Weight of the content term."),
-    n_train: int = typer.Option(32, "--n-train", help="Training pool of (prompt, noise) pairs."),
+    n_train: int = typer.Option(16, "--n-train", help="Training pool of (prompt, noise) pairs."),
     batch: int = typer.Option(8, "--batch", help="Pairs per iteration."),
     n_eval: int = typer.Option(32, "--n-eval", help="Fresh (prompt, noise) pairs for the metrics."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One prompt for all pairs [default: the digit prompts; '' on other models]."),
-    iters: int = typer.Option(30, "--iters", help="Optimisation iterations."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One prompt for all pairs (default: the digit prompts; '' on other models)."),
+    iters: int = typer.Option(10, "--iters", help="Optimisation iterations."),
     model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
     checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
     critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
 ) -> None:
-    """Stylization: fine-tune the weights (or LoRA) towards one reference image's style."""
+    """Stylization: fine-tune the weights (or LoRA) toward one reference image's style, or your loss."""
 
     def make_task(s):
+        from .choose import stylize_objective
         from .stylize import StylizeOptions, StylizeTask
 
-        return StylizeTask(s, StylizeOptions(reference=reference, lora_rank=lora_rank, lr=lr, content_weight=content_weight,
-                                             n_train=n_train, batch=batch, n_eval=n_eval, prompt=prompt), seed=seed)
+        objective, judge_obj, prompts, named, ref = stylize_objective(
+            s, loss=loss, backbone=backbone, content_weight=content_weight, judge=judge, prompt=prompt, reference=reference)
+        opts = StylizeOptions(reference=ref, lora_rank=lora_rank, lr=lr, content_weight=content_weight, n_train=n_train,
+                              batch=batch, n_eval=n_eval, prompt=prompt or "")
+        return StylizeTask(s, opts, objective, judge_obj, seed=seed, prompts=prompts, references=named)
 
-    _run_application(make_task, ["style_loss", "judge_accuracy"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
-                     model, grad, solver, steps, guidance_scale, device, critics, debug)
+    _run_application(make_task, ["style_loss", "judge_accuracy", "plugin_loss"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
+                     model, grad, solver, steps, recipe_guidance("stylize", model, guidance_scale), device, critics, debug)
 
 
 # ------------------------------------------------------------------------------------ invert
 def invert(
     out: Path = OUT,
     effect: str = typer.Option("thicken", "--effect", help="thicken | outline | shift (applied to the model's own images)."),
-    targets: Optional[Path] = typer.Option(None, "--targets", help="Folder of target PNGs (one per training noise, the model's image size) instead of --effect."),
+    targets: Optional[Path] = typer.Option(None, "--targets", help="Folder of target images (PNG/JPEG/…, sorted by name, one per training noise, resized to the model's size) instead of --effect."),
+    loss: Optional[str] = LOSS,
     n_train: int = typer.Option(8, "--n-train", help="Training noises."),
     n_heldout: int = typer.Option(8, "--n-heldout", help="Held-out noises (metrics only)."),
-    lr: float = typer.Option(0.02, "--lr", help="AdamW learning rate for the embedding."),
-    init_prompt: str = typer.Option("", "--init-prompt", help="Prompt whose embedding initialises the search [default: empty]."),
-    iters: int = typer.Option(30, "--iters", help="Optimisation iterations."),
+    lr: float = typer.Option(0.1, "--lr", help="AdamW learning rate for the embedding."),
+    init_prompt: str = typer.Option("", "--init-prompt", help="Prompt whose embedding initialises the search (default: empty)."),
+    iters: int = typer.Option(10, "--iters", help="Optimisation iterations."),
     model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
     checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
     critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
 ) -> None:
-    """Text-embedding inversion: learn a conditioning embedding that produces a visual effect."""
+    """Text-embedding inversion: learn a conditioning embedding that produces a visual effect (or lowers your loss)."""
 
     def make_task(s):
+        from .choose import invert_loss
         from .invert import InvertOptions, InvertTask
 
         return InvertTask(s, InvertOptions(effect=effect, targets=None if targets is None else str(targets),
-                                           n_train=n_train, n_heldout=n_heldout, lr=lr, init_prompt=init_prompt), seed=seed)
+                                           n_train=n_train, n_heldout=n_heldout, lr=lr, init_prompt=init_prompt),
+                          seed=seed, loss=invert_loss(s, loss=loss))
 
-    _run_application(make_task, ["psnr_train", "psnr_heldout"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
-                     model, grad, solver, steps, guidance_scale, device, critics, debug)
+    _run_application(make_task, ["psnr_train", "psnr_heldout", "plugin_loss_train", "plugin_loss_heldout"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
+                     model, grad, solver, steps, recipe_guidance("invert", model, guidance_scale), device, critics, debug)
 
 
 # --------------------------------------------------------------------------------- reproduce
@@ -251,9 +284,9 @@ def reproduce(
     docs: Path = typer.Option(Path("docs"), "--docs", help="Where results.md and img/results_*.png are written."),
     scale: str = typer.Option("full", "--scale", help="full (the documented results) | tiny (a smoke test)."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated subset: guide,audit,stylize,invert."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", help="Worker processes running applications side by side [default: 2 for full]."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="Worker processes running applications side by side (default: 2 for full)."),
     threads: int = typer.Option(1, "--threads", help="torch threads per worker."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Another model folder with critics/ [default: the embedded model]."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Another model folder with critics/ (default: the embedded model)."),
     quiet: bool = QUIET, debug: bool = DEBUG,
 ) -> None:
     """Run all four applications with their baselines on the embedded model; write docs/results.md."""

@@ -1,7 +1,8 @@
 """What the four applications share: the loaded model and critics, the engine call, input checks.
 
 :class:`Session` holds a :class:`~adjointdpm.components.DiffusionComponents` (embedded model or a local
-Stable Diffusion folder), the critics, and the engine settings (gradient mode, solver, steps, guidance).
+Stable Diffusion folder), the engine settings (gradient mode, solver, steps, guidance) and, loaded at first
+use, the critics a model folder ships (the digits model's; other critics come from :mod:`adjointdpm.critics`).
 Its :meth:`Session.sampled_loss` is the only place where an application meets the engine: it samples
 x_0 from a starting state with the chosen gradient mode, decodes it (VAE on latent models) inside the
 objective, and returns the loss to back-propagate, whatever the mode (the one-step x̂₀ baseline
@@ -20,6 +21,7 @@ import torch
 import adjointdpm as adpm
 
 from ..gradients import GRAD_MODES, GradMode
+from . import conditions
 from .errors import UserInputError
 
 GRAD_CHOICES = tuple(GRAD_MODES) + ("adjoint-stored", "onestep")
@@ -83,28 +85,19 @@ class EngineOptions:
 
 
 class Session:
-    """A model (embedded or a local diffusers folder), its critics, and how to sample from it."""
+    """A model (embedded or a local diffusers folder) and how to sample from it."""
 
-    def __init__(self, model: str | Path | None, engine: EngineOptions, critics: bool = True,
-                 critics_path: str | Path | None = None, dp=None):
-        from ..components import ComponentsError, load_components, load_critics
+    def __init__(self, model: str | Path | None, engine: EngineOptions, critics_path: str | Path | None = None,
+                 dp=None):
+        from ..components import load_components
         from ..distributed import SingleProcess
 
         self.dp = SingleProcess() if dp is None else dp  # the processes the tasks of this session are spread over
         device = _device(engine.device)
         self.comps = load_components(model, device=device)
         self.model_path = None if model is None else str(Path(model).expanduser())
-        self.critics = None
-        if critics and critics_path is not None:
-            self.critics = load_critics(critics_path, device=device)
-        elif critics:
-            # the critics of the folder if it has them, else the embedded model's (they take any image size)
-            try:
-                self.critics = load_critics(model, device=device)
-            except ComponentsError:
-                if model is None:
-                    raise
-                self.critics = load_critics(None, device=device)
+        self.critics_path = critics_path
+        self._critics = None
         settings = self.comps.settings
         self.solver = engine.solver or settings.get("default_solver", "dpmpp2m")
         if self.solver not in adpm.SOLVERS:
@@ -113,16 +106,56 @@ class Session:
         if not 1 <= self.steps <= 1000:
             raise UserInputError(f"--steps must be in 1..1000, got {self.steps}")
         w = settings.get("default_guidance_scale", 1.0) if engine.guidance_scale is None else engine.guidance_scale
-        self.guidance_scale = float(w)
         self.grad_spec = engine.grad
         self.grad = parse_grad(engine.grad)
-        self.schedule = adpm.VPSchedule.from_alphas_cumprod(self.comps.alphas_cumprod)
-        self.uncond = self.encode([""]) if self.guidance_scale != 1.0 else None
+        self._encode_kwargs = {}
+        if self.comps.family == "sd":
+            # SD 1.x/2.x and the embedded model: N times uniform over the training range (the figures' grid)
+            self.guidance_scale = float(w)
+            self.schedule = adpm.VPSchedule.from_alphas_cumprod(self.comps.alphas_cumprod)
+            self._times = self.schedule.default_timesteps(self.steps)
+            self.uncond = self.encode([""]) if self.guidance_scale != 1.0 else None
+        else:
+            # other families: the folder's scheduler, its grid set as the family's pipeline sets it
+            cfg_scale, self._encode_kwargs = self.comps.spec.guidance(self.comps, float(w), None)
+            self.guidance_scale = float(cfg_scale)
+            self.schedule = self.comps.scheduler
+            self._times = self.comps.scheduler_timesteps(self.steps).detach().cpu().double().numpy()
+            self.uncond = self.comps.negative_cond(1, **self._encode_kwargs) if self.guidance_scale != 1.0 else None
 
     # ------------------------------------------------------------------ settings
     @property
+    def critics(self):
+        """The critics a model folder ships (``critics/``: the digits model's guide, judge, safety filter),
+        loaded at first use: from ``critics_path``, else the folder's own, else the embedded model's."""
+        if self._critics is None:
+            from ..components import ComponentsError, load_critics
+
+            if self.critics_path is not None:
+                self._critics = load_critics(self.critics_path, device=self.device)
+            else:
+                try:
+                    self._critics = load_critics(self.model_path, device=self.device)
+                except ComponentsError:
+                    if self.model_path is None:
+                        raise
+                    self._critics = load_critics(None, device=self.device)
+        return self._critics
+
+    @property
+    def has_own_critics(self) -> bool:
+        """Whether the model ships critics (the embedded model, a folder with critics/) or some were given."""
+        return (self.critics_path is not None or self.model_path is None
+                or (Path(self.model_path) / "critics").is_dir())
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The denoising network (a UNet, or the SD3/Flux/PixArt transformer)."""
+        return self.comps.network
+
+    @property
     def unet(self) -> torch.nn.Module:
-        return self.comps.unet
+        return self.comps.network
 
     @property
     def device(self) -> torch.device:
@@ -138,20 +171,21 @@ class Session:
 
     def timesteps(self, start: int = 0) -> np.ndarray:
         """Model times of the sampling grid, from step ``start`` on."""
-        t = self.schedule.default_timesteps(self.steps)
+        t = self._times
         if not 0 <= start < len(t):
             raise UserInputError(f"--start-step must be in 0..{len(t) - 1} for {len(t)} steps, got {start}")
         return t[start:]
 
     # ------------------------------------------------------------------ text
     def check_prompt(self, prompt: str) -> None:
-        check_prompt_length(self.comps.tokenizer, prompt)
+        check_prompt_length(self.comps.prompt_tokenizer, prompt)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
+    def encode(self, prompts: list[str]):
+        """The conditioning of ``prompts``: a (B, L, D) tensor, or the family's dict of network arguments."""
         for p in prompts:
             self.check_prompt(p)
-        return self.comps.encode_prompt(list(prompts)).detach()
+        return conditions.detached(self.comps.encode_prompt(list(prompts), **self._encode_kwargs))
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
         return self.comps.noise(n, seed)
@@ -171,7 +205,7 @@ class Session:
         if grad is None and self.forward_mode is not None:
             with torch.no_grad():
                 return self.sample(x_start, cond, grad=self.forward_mode, start=start)
-        return adpm.sample(self.unet, x_start, schedule=self.schedule, timesteps=self.timesteps(start), cond=cond,
+        return adpm.sample(self.network, x_start, schedule=self.schedule, timesteps=self.timesteps(start), cond=cond,
                            uncond=self._uncond_for(cond), guidance_scale=self.guidance_scale, solver=self.solver,
                            grad=grad, prediction_type=self.comps.prediction_type)
 
@@ -179,22 +213,34 @@ class Session:
     def advance(self, x_T: torch.Tensor, cond: torch.Tensor, to_step: int) -> torch.Tensor:
         """The sampler's state x at step ``to_step`` (its first ``to_step`` steps from x_T, no graph)."""
         from ..model import Denoiser
-        from ..solvers import TimeGrid, make_solver
+        from ..solvers import make_solver
 
         self.timesteps(to_step)  # validates the index
-        den = Denoiser(self.unet, self.schedule, self.comps.prediction_type, self.guidance_scale, {})
-        solver = make_solver(self.solver, den, TimeGrid.from_timesteps(self.schedule, self.timesteps(0)))
-        x, hist = x_T, ()
+        grid = self.grid()
+        den = Denoiser(self.network, self.path, self.comps.prediction_type, self.guidance_scale, {})
+        solver = make_solver(self.solver, den, grid)
+        x, hist = grid.input_scale * x_T, ()
         for i in range(to_step):
             x, hist = solver.step(i, x, hist, cond, self._uncond_for(cond))
         return x
 
+    @property
+    def path(self):
+        """The continuous noise schedule (VP or flow matching) of the session's grid."""
+        return adpm.schedule_from_scheduler(self.schedule)
+
+    def grid(self, start: int = 0):
+        """The sampler's time grid from step ``start`` on, as ``adpm.sample`` builds it."""
+        if isinstance(self.schedule, adpm.NoiseSchedule):
+            return adpm.TimeGrid.from_timesteps(self.schedule, self.timesteps(start))
+        return adpm.grid_from_scheduler(self.schedule, self.path, self.timesteps(start))
+
     @torch.no_grad()
-    def generate(self, x_start: torch.Tensor, cond: torch.Tensor, *, start: int = 0, batch_size: int = 64) -> torch.Tensor:
+    def generate(self, x_start: torch.Tensor, cond, *, start: int = 0, batch_size: int = 64) -> torch.Tensor:
         """Images in [-1, 1] (no graph), in batches."""
         out = []
         for i in range(0, x_start.shape[0], batch_size):
-            c = cond if cond.shape[0] == 1 else cond[i:i + batch_size]
+            c = cond if conditions.count(cond) == 1 else conditions.rows(cond, slice(i, i + batch_size))
             out.append(self.decode(self.sample(x_start[i:i + batch_size], c, grad=None, start=start)).float())
         return torch.cat(out)
 
@@ -205,7 +251,7 @@ class Session:
         dp = self.dp
         if dp.world_size == 1 or x_start.shape[0] < dp.world_size:
             return self.generate(x_start, cond, start=start)
-        c = cond if cond.shape[0] == 1 else dp.shard(cond)
+        c = cond if conditions.count(cond) == 1 else conditions.shard(dp, cond)
         return dp.gather_shards(self.generate(dp.shard(x_start), c, start=start))
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -287,7 +333,7 @@ def read_image(path: str | Path, channels: int, size: tuple[int, int] | None, *,
 
 def image_shape(session: Session) -> tuple[int, int, int]:
     """(C, H, W) of the decoded images of a session's model."""
-    c, h, w = session.comps.latent_shape
+    c, h, w = session.comps.image_latent_shape
     if session.comps.vae is None:
         return c, h, w
     vae = session.comps.vae
@@ -299,17 +345,3 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak range 2)."""
     mse = (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
-
-
-def digit_words(session: Session) -> list[str]:
-    return list(session.comps.settings.get("words", []))
-
-
-def prompt_for_class(session: Session, digit: int) -> str:
-    """The canonical prompt of a digit on the embedded model ("a handwritten digit eight")."""
-    s = session.comps.settings
-    words = s.get("words")
-    templates = s.get("caption_templates")
-    if words and templates and 0 <= digit < len(words):
-        return templates[0].format(words[digit])
-    return ""

@@ -1,4 +1,5 @@
-"""Errors of the application commands: each carries the one line the CLI prints and an exit code."""
+"""Errors of the application commands: each carries the one line the CLI prints and an exit code; and
+:func:`exit_status`, the one place where any error becomes an exit status."""
 
 from __future__ import annotations
 
@@ -25,3 +26,17 @@ class Interrupted(TaskError):
     """SIGINT: the state was saved; ``--resume`` continues."""
 
     exit_code = 130
+
+
+def exit_status(error: BaseException) -> int:
+    """The one mapping from errors to the commands' exit status: a :class:`TaskError` carries its own; bad
+    input found elsewhere — a model folder (``ComponentsError``), a critic or a plug-in loss (``CriticError``,
+    a ``ValueError``), the engine's input checks (``ValueError``) or the file system
+    (``OSError``) — is 2; anything else is a bug: 1."""
+    from ..components import ComponentsError
+
+    if isinstance(error, TaskError):
+        return error.exit_code
+    if isinstance(error, (ComponentsError, ValueError, OSError)):
+        return 2
+    return 1

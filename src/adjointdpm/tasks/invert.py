@@ -1,9 +1,10 @@
-"""``invert``: a visual effect → a text embedding.
+"""``invert``: a visual effect (or any loss) → a text embedding.
 
 Targets show an effect: by default they are made from the model's own images of the initial (empty)
 prompt on fixed training noises, with ``effect`` applied (``thicken``: grey dilation, thicker strokes;
 ``outline``: dilation − erosion, hollow strokes; ``shift``: moved 2 px right and 1 px down); or they are
-image files (``targets``), one per training noise, exactly the model's image size.
+image files (``targets``: a folder of PNG/JPEG/WebP/BMP/TIFF files, sorted by name, one per training noise,
+resized to the model's image size).
 
 The conditioning embedding c (1, L, D), initialised from the empty prompt's, is optimised (AdamW) so
 that generations from the fixed noises match the targets:
@@ -14,6 +15,14 @@ The empty-prompt embedding used for classifier-free guidance stays fixed. Metric
 the training noises and on held-out noises (whose targets are the same effect applied to their own
 initial images), for the initial embedding (before) and the learned one (after); the learned
 embedding applied to the held-out noises is what ``after/`` shows (training noises first, then held-out).
+
+With a plug-in ``--loss`` the objective is that loss instead of the distance to targets (there are none),
+and the metric is the plug-in loss on the training and the held-out noises.
+
+Output: ``embedding.safetensors`` with ``prompt_embeds`` (1, L, D) and ``negative_prompt_embeds`` — what a
+diffusers pipeline takes as ``pipe(prompt_embeds=..., negative_prompt_embeds=...)`` — plus
+``initial_prompt_embeds`` and ``latents``, the training noises (``pipe(latents=...)`` gives after/'s first
+images).
 """
 
 from __future__ import annotations
@@ -25,11 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from .common import Session, image_shape, psnr, read_image
+from . import conditions
 from .errors import UserInputError
 from .loop import Evaluation, ParamGroup, Task
-from .stylize import dilate, outline
+from ..critics.morphology import dilate, outline
 
 EFFECTS = ("thicken", "outline", "shift")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def apply_effect(images: torch.Tensor, effect: str) -> torch.Tensor:
@@ -51,28 +62,33 @@ class InvertOptions:
     targets: str | None = None  # a folder of PNGs (sorted by name) or None: make them with `effect`
     n_train: int = 8
     n_heldout: int = 8
-    lr: float = 0.02
+    lr: float = 0.1
     init_prompt: str = ""
 
 
 class InvertTask(Task):
     name = "invert"
 
-    def __init__(self, session: Session, opts: InvertOptions, seed: int = 0):
-        if opts.targets is None and opts.effect not in EFFECTS:
+    def __init__(self, session: Session, opts: InvertOptions, seed: int = 0, loss=None):
+        """``loss``: a plug-in target (see :mod:`.objectives`) replacing the distance to targets."""
+        if loss is None and opts.targets is None and opts.effect not in EFFECTS:
             raise UserInputError(f"unknown --effect {opts.effect!r}; use one of {', '.join(EFFECTS)}")
-        self.s, self.o, self.seed, self.dp = session, opts, seed, session.dp
+        if loss is not None and opts.targets is not None:
+            raise UserInputError("give either --targets or --loss, not both")
+        self.session, self.opts, self.seed, self.dp, self.loss = session, opts, seed, session.dp, loss
         session.check_prompt(opts.init_prompt)
         self.shape = image_shape(session)
         self.file_targets = None
         if opts.targets is not None:
             folder = Path(opts.targets).expanduser()
-            files = sorted(folder.glob("*.png")) if folder.is_dir() else [folder]
+            files = (sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+                     if folder.is_dir() else [folder])
             files = [f for f in files if f.name != "grid.png"]
             if not files:
-                raise UserInputError(f"--targets {folder}: no PNG files found")
+                raise UserInputError(f"--targets {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
             c, h, w = self.shape
-            self.file_targets = torch.cat([read_image(f, c, (h, w), what="target image") for f in files]).to(session.device)
+            self.file_targets = torch.cat([read_image(f, c, (h, w), what="target image", resize=True)
+                                           for f in files]).to(session.device)
             self.n_train = len(files)
         else:
             self.n_train = opts.n_train
@@ -83,19 +99,22 @@ class InvertTask(Task):
                                  "use at least one per process")
 
     def describe(self) -> dict:
-        d = {**self.s.describe(), **asdict(self.o), "n_train": self.n_train}
+        d = {**self.session.describe(), **asdict(self.opts), "n_train": self.n_train,
+             **(self.loss.describe() if self.loss is not None else {})}
         if self.file_targets is not None:
             d["targets_checksum"] = float(self.file_targets.double().sum())
         return d
 
     def setup(self) -> None:
-        s, o = self.s, self.o
+        s, o = self.session, self.opts
         self.cond0 = s.encode([o.init_prompt])
-        self.cond = self.cond0.clone().requires_grad_(True)
+        self.cond, self.cond_leaves = conditions.trainable(self.cond0)
         self.train_noise = s.noise(self.n_train, self.seed)
         self.held_noise = s.noise(o.n_heldout, self.seed + 7919) if o.n_heldout else None
         with torch.no_grad():
-            if self.file_targets is not None:
+            if self.loss is not None:
+                self.train_targets = self.held_targets = None
+            elif self.file_targets is not None:
                 self.train_targets = self.file_targets
                 self.held_targets = None
             else:
@@ -104,13 +123,16 @@ class InvertTask(Task):
                                      if self.held_noise is not None else None)
 
     def param_groups(self):
-        return [ParamGroup("cond", {"cond": self.cond}, {"lr": self.o.lr, "weight_decay": 0.0})]
+        return [ParamGroup("cond", self.cond_leaves, {"lr": self.opts.lr, "weight_decay": 0.0})]
 
     def counted_modules(self):
-        return [self.s.unet]
+        return [self.session.unet]
 
     def objective(self, x0: torch.Tensor) -> torch.Tensor:
-        images = self.s.decode(x0)
+        images = self.session.decode(x0)
+        if self.loss is not None:
+            ids = self.dp.shard(torch.arange(self.n_train)).tolist()
+            return self.loss.loss(images.float(), prompts=[self.opts.init_prompt] * len(ids), indices=ids)
         targets = self.dp.shard(self.train_targets)
         return (images.float() - targets[: images.shape[0]]).pow(2).flatten(1).mean(1)
 
@@ -120,26 +142,36 @@ class InvertTask(Task):
         noise = self.dp.shard(self.train_noise)
         w = None if self.dp.world_size == 1 else torch.full(
             (noise.shape[0],), self.dp.loss_weight(self.n_train) / noise.shape[0], device=noise.device)
-        loss, per, x0 = self.s.sampled_loss(noise, self.cond, self.objective, weights=w)
+        loss, per, x0 = self.session.sampled_loss(noise, self.cond, self.objective, weights=w)
         return loss, {}
 
     def evaluate(self, stage: str) -> Evaluation:
-        s = self.s
-        cond = self.cond.detach()
+        s = self.session
+        cond = conditions.detached(self.cond)
         train = s.generate_all(self.train_noise, cond)
-        metrics = {"psnr_train": float(psnr(train, self.train_targets).mean()),
-                   "mse_train": float(F.mse_loss(train, self.train_targets))}
+        if self.loss is not None:
+            metrics = {"plugin_loss_train": self.loss.metrics(train, [self.opts.init_prompt] * len(train))["plugin_loss"]}
+        else:
+            metrics = {"psnr_train": float(psnr(train, self.train_targets).mean()),
+                       "mse_train": float(F.mse_loss(train, self.train_targets))}
         images = [train]
         if self.held_noise is not None:
             held = s.generate_all(self.held_noise, cond)
             images.append(held)
             if self.held_targets is not None:
                 metrics["psnr_heldout"] = float(psnr(held, self.held_targets).mean())
-        metrics["embedding_change"] = float((cond - self.cond0).norm() / self.cond0.norm().clamp_min(1e-12))
-        return Evaluation(torch.cat(images), metrics, nrow=max(self.n_train, self.o.n_heldout))
+            if self.loss is not None:
+                metrics["plugin_loss_heldout"] = self.loss.metrics(held, [self.opts.init_prompt] * len(held))["plugin_loss"]
+        metrics["embedding_change"] = conditions.relative_change(cond, self.cond0)
+        return Evaluation(torch.cat(images), metrics, nrow=max(self.n_train, self.opts.n_heldout))
 
     def summarize(self, before, after):
-        out = {"psnr_train_before": before["psnr_train"], "psnr_train_after": after["psnr_train"]}
+        if self.loss is not None:
+            return {"plugin_loss_train_before": before["plugin_loss_train"],
+                    "plugin_loss_train_after": after["plugin_loss_train"],
+                    "metrics_from": "the optimised plug-in loss only (on the training and the held-out noises)"}
+        out = {"psnr_train_before": before["psnr_train"], "psnr_train_after": after["psnr_train"],
+               "metrics_from": "the distance to the targets (held-out noises: never optimised)"}
         if "psnr_heldout" in after:
             out.update(psnr_heldout_before=before["psnr_heldout"], psnr_heldout_after=after["psnr_heldout"])
         return out
@@ -149,11 +181,15 @@ class InvertTask(Task):
 
         from ..images import save_images
 
+        files = {"embedding": "embedding.safetensors"}
+        if self.train_targets is not None:
+            files["targets"] = "targets/"
         if self.dp.is_main:  # (the embedding is the same in every process)
-            targets = [self.train_targets] + ([self.held_targets] if self.held_targets is not None else [])
-            save_images(torch.cat(targets), out / "targets", nrow=max(self.n_train, self.o.n_heldout))
-            tensors = {"cond": self.cond.detach().cpu().contiguous(), "init": self.cond0.cpu().contiguous()}
-            if self.s.uncond is not None:
-                tensors["uncond"] = self.s.uncond.cpu().contiguous()
+            if self.train_targets is not None:
+                targets = [self.train_targets] + ([self.held_targets] if self.held_targets is not None else [])
+                save_images(torch.cat(targets), out / "targets", nrow=max(self.n_train, self.opts.n_heldout))
+            tensors = {**conditions.pipeline_tensors(self.cond, self.session.uncond),
+                       **{f"initial_{k}": v for k, v in conditions.pipeline_tensors(self.cond0).items()},
+                       "latents": self.train_noise.cpu().contiguous()}
             save_file(tensors, str(out / "embedding.safetensors"))
-        return {"embedding": "embedding.safetensors", "targets": "targets/"}
+        return files

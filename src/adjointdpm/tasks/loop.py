@@ -18,6 +18,9 @@ does everything else, identically for all four:
 * outputs: ``before/`` and ``after/`` (one PNG per image plus ``grid.png``), ``comparison.png``
   (before above after), ``loss_curve.png`` and ``summary.json``.
 
+The parts live by concern: the task API in :mod:`.task`, the call budget in :mod:`.budget`, the checkpoint
+files in :mod:`.checkpoint`, the outputs in :mod:`.outputs`; this module is the loop itself.
+
 Several processes (``task.dp``, a :class:`~adjointdpm.distributed.DataParallel`; see the ``Scale-out``
 section of the README). Parameter groups are *replicated* (weights, a shared embedding: every process
 back-propagates its shard of the batch, the gradients are summed across processes before the step, so
@@ -31,103 +34,20 @@ gathered full tensors (a run resumes on any number of processes) and only the ma
 from __future__ import annotations
 
 import json
-import math
-import os
 import signal
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ..distributed import SingleProcess
+from .budget import CallCounter
+from .checkpoint import Checkpoint, atomic_write_json, check_writable, optimizer_from_files, sharded_optimizer_params, to_json
 from .errors import Interrupted, NonFiniteError, UserInputError
+from .outputs import plot_loss, run_summary, write_comparison, write_images
+from .task import Evaluation, ParamGroup, Task
 
-CHECKPOINT_DIR = "checkpoint"
-FORMAT_VERSION = 1
-
-
-# ------------------------------------------------------------------------------------- task API
-@dataclass
-class ParamGroup:
-    """Tensors optimised together (one optimiser parameter group); ``options`` are its optimiser
-    settings (lr, weight_decay, …). ``sharded``: one row per sample, split across processes (each
-    optimises its own rows); otherwise replicated (gradients summed across processes)."""
-
-    name: str
-    tensors: dict[str, torch.Tensor]
-    options: dict = field(default_factory=dict)
-    sharded: bool = False
-
-
-@dataclass
-class Evaluation:
-    """Images (B, C, H, W) in [-1, 1] of one state, and its metrics (JSON-able)."""
-
-    images: torch.Tensor
-    metrics: dict
-    nrow: int | None = None
-
-
-class Task:
-    """An application: what is optimised, the loss, and how a state is evaluated."""
-
-    name = "task"
-    dp = SingleProcess()  # the processes the task is spread over (set from the session by multi-process tasks)
-    sharded_state: tuple[str, ...] = ()  # names of state_tensors() that hold one row per sample (sharded)
-
-    def describe(self) -> dict:
-        """JSON-able settings that define the run (checked on --resume, written to summary.json)."""
-        raise NotImplementedError
-
-    def setup(self) -> None:
-        """Build the fixed data of the run (noises, targets, …); called once, before anything else."""
-
-    def param_groups(self) -> list[ParamGroup]:
-        raise NotImplementedError
-
-    def make_optimizer(self, groups: list[ParamGroup]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([{"params": list(g.tensors.values()), **g.options} for g in groups])
-
-    def compute_loss(self, iteration: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """The scalar loss to back-propagate and a dict of scalars to log."""
-        raise NotImplementedError
-
-    def before_step(self, iteration: int) -> None:
-        """After backward, before the optimiser step (e.g. zero the gradients of finished samples)."""
-
-    def after_step(self, iteration: int) -> None:
-        """After the optimiser step, without grad (e.g. projection onto a constraint set)."""
-
-    def evaluate(self, stage: str) -> Evaluation:
-        """Images and metrics of the current state; ``stage`` is "before" or "after"."""
-        raise NotImplementedError
-
-    def finished(self) -> bool:
-        """True when there is nothing left to optimise (e.g. every attacked sample succeeded)."""
-        return False
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Task state other than the parameters that a resumed run needs (e.g. a 'done' mask)."""
-        return {}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
-
-    def counted_modules(self) -> list[torch.nn.Module]:
-        """Networks whose calls count towards the budget (the denoiser)."""
-        return []
-
-    def summarize(self, before: dict, after: dict) -> dict:
-        """Extra summary entries derived from the before/after metrics."""
-        return {}
-
-    def write_artifacts(self, out: Path) -> dict:
-        """Write task outputs (learned weights, embedding, …); return {name: relative path}. Called on
-        every process (it may gather); only the main process (``self.dp.is_main``) writes."""
-        return {}
+__all__ = ["CallCounter", "Checkpoint", "Evaluation", "LoopConfig", "ParamGroup", "Task", "check_writable", "run"]
 
 
 @dataclass
@@ -151,200 +71,6 @@ class LoopConfig:
             raise UserInputError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.budget is not None and self.budget < 1:
             raise UserInputError(f"--budget must be >= 1 model call, got {self.budget}")
-
-
-# ------------------------------------------------------------------------------ model-call count
-class CallCounter:
-    """Counts forward calls of the given networks and the backward passes through their outputs."""
-
-    def __init__(self, modules: list[torch.nn.Module]):
-        self.forward = 0
-        self.backward = 0
-        self.enabled = True
-        # forwards are counted when they start: a checkpoint's recomputation stops early, before the
-        # forward returns, and must still be charged
-        self._handles = [m.register_forward_pre_hook(self._on_call) for m in modules]
-        self._handles += [m.register_forward_hook(self._on_forward) for m in modules]
-
-    def _on_call(self, module, args):
-        if self.enabled:
-            self.forward += 1
-
-    def _on_forward(self, module, args, output):
-        if not self.enabled:
-            return
-        out = output
-        if isinstance(out, (tuple, list)) and out:
-            out = out[0]
-        out = getattr(out, "sample", out)
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(self._on_backward)
-
-    def _on_backward(self, grad):
-        if self.enabled:
-            self.backward += 1
-
-    @property
-    def total(self) -> int:
-        return self.forward + self.backward
-
-    @contextmanager
-    def paused(self):
-        was, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = was
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
-# ------------------------------------------------------------------------------------ file I/O
-def check_writable(out: Path) -> Path:
-    """Create ``out`` and check a file can be written there; one clear error otherwise."""
-    out = Path(out).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise UserInputError(f"cannot write to --out {out}: {reason}") from None
-    return out
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor) and o.numel() == 1:
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save
-
-    clean = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(clean))
-
-
-def _sharded_optimizer_params(opt: torch.optim.Optimizer, groups: list[ParamGroup]) -> dict[int, torch.Tensor]:
-    """{state_dict index: parameter} of the optimiser's parameters that belong to sharded groups."""
-    sharded = {id(t) for g in groups if g.sharded for t in g.tensors.values()}
-    params = [p for group in opt.param_groups for p in group["params"]]
-    return {i: p for i, p in enumerate(params) if id(p) in sharded}
-
-
-def _is_row_state(val, param) -> bool:
-    return param is not None and isinstance(val, torch.Tensor) and val.dim() >= 1 and val.shape == param.shape
-
-
-def _optimizer_to_files(sd: dict, reshard=None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimiser state_dict into tensors (for safetensors) and the JSON rest; ``reshard(idx, val)``
-    maps a tensor (e.g. gathers the rows of a sharded parameter's state)."""
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for key, val in st.items():
-            if isinstance(val, torch.Tensor):
-                tensors[f"optim/{idx}/{key}"] = val if reshard is None else reshard(idx, val)
-            else:
-                scalars.setdefault(str(idx), {})[key] = val
-    groups = []
-    for g in sd["param_groups"]:
-        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
-    return tensors, {"scalars": scalars, "param_groups": groups}
-
-
-def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict, reshard=None) -> dict:
-    state: dict[int, dict] = {}
-    for name, val in tensors.items():
-        if not name.startswith("optim/"):
-            continue
-        _, idx, key = name.split("/", 2)
-        state.setdefault(int(idx), {})[key] = val if reshard is None else reshard(int(idx), val)
-    for idx, vals in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(vals)
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        if "betas" in g and isinstance(g["betas"], list):
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    return {"state": state, "param_groups": groups}
-
-
-class Checkpoint:
-    """``DIR/checkpoint/``: ``state-<iteration>.safetensors`` (all tensors) + ``checkpoint.json``."""
-
-    def __init__(self, out: Path):
-        self.folder = Path(out) / CHECKPOINT_DIR
-
-    @property
-    def index(self) -> Path:
-        return self.folder / "checkpoint.json"
-
-    def exists(self) -> bool:
-        return self.index.is_file()
-
-    def save(self, iteration: int, groups: list[ParamGroup], opt: torch.optim.Optimizer, task: Task, meta: dict) -> None:
-        """Called on every process (sharded tensors are gathered, in the same order everywhere); the main
-        process writes."""
-        dp = task.dp
-        tensors: dict[str, torch.Tensor] = {}
-        for g in groups:
-            for name, t in g.tensors.items():
-                tensors[f"param/{g.name}/{name}"] = dp.gather_shards(t) if g.sharded else t
-        for name, t in task.state_tensors().items():
-            tensors[f"task/{name}"] = dp.gather_shards(t) if name in task.sharded_state else t
-        tensors["rng/torch"] = torch.get_rng_state()
-        rows = _sharded_optimizer_params(opt, groups)
-        opt_tensors, opt_meta = _optimizer_to_files(
-            opt.state_dict(), lambda i, v: dp.gather_shards(v) if _is_row_state(v, rows.get(i)) else v)
-        tensors.update(opt_tensors)
-        if not dp.is_main:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fname = f"state-{iteration:06d}.safetensors"
-        _save_safetensors(self.folder / fname, tensors)
-        atomic_write_json(self.index, {"format": FORMAT_VERSION, "iteration": iteration, "tensors": fname,
-                                       "optimizer": opt_meta, **meta})
-        for old in self.folder.glob("state-*.safetensors"):
-            if old.name != fname:
-                old.unlink(missing_ok=True)
-        # temporary files of a process killed mid-write (never read: checkpoint.json names complete files only)
-        for tmp in self.folder.glob(".*.tmp-*"):
-            if not tmp.name.endswith(f".tmp-{os.getpid()}"):
-                tmp.unlink(missing_ok=True)
-
-    def load(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        from safetensors.torch import load_file
-
-        try:
-            meta = json.loads(self.index.read_text())
-            tensors = load_file(str(self.folder / meta["tensors"]))
-        except (OSError, ValueError, KeyError) as e:
-            raise UserInputError(f"cannot read the checkpoint in {self.folder}: {e}") from None
-        if meta.get("format") != FORMAT_VERSION:
-            raise UserInputError(f"checkpoint {self.index} has format {meta.get('format')}, expected {FORMAT_VERSION}")
-        return meta, tensors
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -398,7 +124,7 @@ class _SigintGuard:
 
 def _compatible(saved: dict, current: dict) -> list[str]:
     keys = sorted(set(saved) | set(current))
-    return [k for k in keys if json.dumps(saved.get(k), default=_json_default) != json.dumps(current.get(k), default=_json_default)]
+    return [k for k in keys if json.dumps(saved.get(k), default=to_json) != json.dumps(current.get(k), default=to_json)]
 
 
 def run(task: Task, cfg: LoopConfig) -> dict:
@@ -419,7 +145,7 @@ def run(task: Task, cfg: LoopConfig) -> dict:
     sharded = [t for g in groups if g.sharded for t in g.tensors.values()]
     opt = task.make_optimizer(groups)
     counter = CallCounter(task.counted_modules())
-    settings = json.loads(json.dumps(task.describe(), default=_json_default))
+    settings = json.loads(json.dumps(task.describe(), default=to_json))
     state = {"history": [], "skipped": [], "calls_forward": 0, "calls_backward": 0, "seconds": 0.0,
              "before": None, "settings": settings, "seed": cfg.seed}
     iteration = 0
@@ -439,7 +165,7 @@ def run(task: Task, cfg: LoopConfig) -> dict:
             with counter.paused(), torch.no_grad():
                 ev = task.evaluate("before")
             if main:
-                _write_images(ev, out / "before")
+                write_images(ev, out / "before")
             state["before"] = ev.metrics
 
         last_cost = None
@@ -517,11 +243,11 @@ def run(task: Task, cfg: LoopConfig) -> dict:
         with counter.paused(), torch.no_grad():
             ev = task.evaluate("after")
         files = task.write_artifacts(out)
-        summary = _summary(task, cfg, state, iteration, reason, ev.metrics, files)
+        summary = run_summary(task, cfg, state, iteration, reason, ev.metrics, files)
         if main:
-            _write_images(ev, out / "after")
-            _write_comparison(out, state["before"], ev)
-            _plot_loss(state["history"], out / "loss_curve.png", task.name)
+            write_images(ev, out / "after")
+            write_comparison(out, state["before"], ev)
+            plot_loss(state["history"], out / "loss_curve.png", task.name)
             atomic_write_json(out / "summary.json", summary)
         return summary
     finally:
@@ -556,7 +282,7 @@ def _restore(groups, opt, task, meta, tensors) -> None:
                 if src is None or src.shape != t.shape:
                     raise UserInputError(f"--resume: the checkpoint has no tensor {key} of shape {tuple(t.shape)}")
                 t.copy_(src)
-    rows = _sharded_optimizer_params(opt, groups)
+    rows = sharded_optimizer_params(opt, groups)
 
     def reshard(i, val):  # the rows of a sharded parameter's state (the full tensor in the checkpoint)
         p = rows.get(i)
@@ -564,7 +290,7 @@ def _restore(groups, opt, task, meta, tensors) -> None:
             return dp.shard(val)
         return val
 
-    opt.load_state_dict(_optimizer_from_files(tensors, meta["optimizer"], reshard))
+    opt.load_state_dict(optimizer_from_files(tensors, meta["optimizer"], reshard))
     task.load_state_tensors({k[5:]: (dp.shard(v) if k[5:] in task.sharded_state else v)
                              for k, v in tensors.items() if k.startswith("task/")})
     if "rng/torch" in tensors:
@@ -588,80 +314,3 @@ def _stop_nonfinite(problem, iteration, groups, opt, task, ckpt, state):
     raise NonFiniteError(
         f"iteration {iteration}: {_describe(problem)}; stopped, {saved}; "
         "lower the learning rate, or pass --on-nonfinite skip")
-
-
-def _write_images(ev: Evaluation, folder: Path) -> None:
-    from ..images import save_images
-
-    save_images(ev.images, folder, nrow=ev.nrow)
-
-
-def _write_comparison(out: Path, before_metrics: dict, after: Evaluation) -> None:
-    """``comparison.png``: the before grid above the after grid (both read back from disk)."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        top = np.asarray(Image.open(out / "before" / "grid.png"))
-        bottom = np.asarray(Image.open(out / "after" / "grid.png"))
-    except OSError:
-        return
-    if top.ndim != bottom.ndim:
-        return
-    width = max(top.shape[1], bottom.shape[1])
-
-    def pad(a):
-        p = np.full((a.shape[0], width) + a.shape[2:], 255, dtype=np.uint8)
-        p[:, : a.shape[1]] = a
-        return p
-
-    gap = np.full((8, width) + top.shape[2:], 255, dtype=np.uint8)
-    Image.fromarray(np.concatenate([pad(top), gap, pad(bottom)])).save(out / "comparison.png")
-
-
-def _finite_losses(history: list[dict]) -> list[float]:
-    return [h["loss"] for h in history if math.isfinite(h["loss"])]
-
-
-def _summary(task, cfg, state, iteration, reason, after, files) -> dict:
-    losses = _finite_losses(state["history"])
-    return {
-        "task": task.name,
-        "settings": state["settings"],
-        "seed": cfg.seed,
-        "iterations": iteration,
-        "stopped_by": reason,
-        "budget": cfg.budget,
-        "model_calls": {"forward": state["calls_forward"], "backward": state["calls_backward"],
-                        "total": state["calls_forward"] + state["calls_backward"]},
-        "seconds": round(state["seconds"], 2),
-        "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
-                 "min": min(losses) if losses else None, "history": state["history"]},
-        "skipped_steps": state["skipped"],
-        "before": state["before"],
-        "after": after,
-        **task.summarize(state["before"], after),
-        "files": {"before": "before/", "after": "after/", "comparison": "comparison.png",
-                  "loss_curve": "loss_curve.png", "checkpoint": f"{CHECKPOINT_DIR}/", **files},
-    }
-
-
-def _plot_loss(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    its = [h["iteration"] for h in history if math.isfinite(h["loss"])]
-    ax.plot(its, _finite_losses(history), marker="o", ms=2.5, lw=1.2)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    calls = history[-1]["calls"] if history else 0
-    ax.set_title(f"{title}: loss ({calls} model calls)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)

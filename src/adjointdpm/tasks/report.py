@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .reproduce import LABELS
 
+LABELS = {"adjoint": "AdjointDPM (adjoint, backsolve)", "exact": "exact discrete adjoint", "backprop": "naive backprop",
+          "checkpoint": "checkpointed backprop", "truncated": "truncated backprop (K=1)",
+          "onestep": "one-step x̂₀ guidance", "reversible": "reversible EDICT (DOODL)",
+          "adjoint-stored": "AdjointDPM (adjoint, stored states)"}
 README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
 

@@ -27,10 +27,7 @@ from .loop import LoopConfig, check_writable, run
 
 APPS = ("guide", "audit", "stylize", "invert")
 BASELINES = ("exact", "backprop", "checkpoint", "truncated", "onestep")
-LABELS = {"adjoint": "AdjointDPM (adjoint, backsolve)", "exact": "exact discrete adjoint", "backprop": "naive backprop",
-          "checkpoint": "checkpointed backprop", "truncated": "truncated backprop (K=1)",
-          "onestep": "one-step x̂₀ guidance", "reversible": "reversible EDICT (DOODL)",
-          "adjoint-stored": "AdjointDPM (adjoint, stored states)"}
+
 
 
 @dataclass
@@ -55,7 +52,7 @@ class Scale:
 SCALES = {
     "full": Scale(
         steps=20, solver="dpmpp2m",
-        guide=dict(n=16, lr=0.1, optimizer="normalized", augment=8, view_noise=0.3, stop_loss=0.1, iters=20),
+        guide=dict(n=16, lr=0.1, optimizer="normalized", views=8, view_noise=0.3, stop_loss=0.1, iters=20),
         guide_digits=(8, 9), baseline_digits=(8,),
         audit=dict(n=100, eps=0.2, step_size=0.05, iters=6),
         safety=dict(n=48, eps=0.2, step_size=0.05, iters=6),
@@ -79,12 +76,12 @@ SCALES = {
 # ------------------------------------------------------------------------------------ running
 class Runner:
     def __init__(self, out: Path, scale: Scale, model, progress: bool, app: str, log=None):
-        self.out, self.sc, self.model, self.progress, self.app = out, scale, model, progress, app
+        self.out, self.preset, self.model, self.progress, self.app = out, scale, model, progress, app
         self.log = log or (lambda msg: None)
 
     def session(self, grad: str, solver: str | None = None, steps: int | None = None) -> Session:
-        return Session(self.model, EngineOptions(grad=grad, solver=solver or self.sc.solver, steps=steps or self.sc.steps,
-                                                 guidance_scale=self.sc.guidance.get(self.app)))
+        return Session(self.model, EngineOptions(grad=grad, solver=solver or self.preset.solver, steps=steps or self.preset.steps,
+                                                 guidance_scale=self.preset.guidance.get(self.app)))
 
     def run(self, folder: str, grad: str, make_task, iters: int, budget: int | None, seed: int = 0) -> dict:
         s = self.session(grad, solver="ddim" if grad == "reversible" else None)
@@ -102,21 +99,29 @@ class Runner:
         """AdjointDPM first, then every baseline at the model calls AdjointDPM used."""
         rows = [self.run(f"{app}/adjoint{tag}", "adjoint", make_task, iters, None)]
         budget = rows[0]["model_calls"]["total"]
-        for grad in (*self.sc.baselines, *extra):
+        for grad in (*self.preset.baselines, *extra):
             rows.append(self.run(f"{app}/{grad}{tag}", grad, make_task, 10**6, budget))
         return rows
 
 
-def run_guide(r: Runner) -> dict:
+def digit_guide_task(s: Session, digit: int, seed: int = 0, **options):
+    """A guide run toward one digit on the digits model (its guide classifier, judged by its judge)."""
+    from .choose import guide_objective
     from .guide import GuideOptions, GuideTask
 
-    o = dict(r.sc.guide)
+    target, judge, prompt = guide_objective(s, loss=None, classifier=None, clip=None, clip_prompt=None,
+                                            target_class=digit, judge=None, prompt=None)
+    return GuideTask(s, GuideOptions(prompt=prompt, **options), target, judge, seed=seed)
+
+
+def run_guide(r: Runner) -> dict:
+    o = dict(r.preset.guide)
     iters = o.pop("iters")
     res = {"digits": {}, "baselines": {}}
-    for d in r.sc.guide_digits:
-        make = lambda s, d=d: GuideTask(s, GuideOptions(target_class=d, **o), seed=0)  # noqa: E731
-        if d in r.sc.baseline_digits:
-            rows = r.compare("guide", make, iters, r.sc.guide_extra, tag=f"_{d}")
+    for d in r.preset.guide_digits:
+        make = lambda s, d=d: digit_guide_task(s, d, **o)  # noqa: E731
+        if d in r.preset.baseline_digits:
+            rows = r.compare("guide", make, iters, r.preset.guide_extra, tag=f"_{d}")
             res["baselines"][d] = rows
             res["digits"][d] = rows[0]
         else:
@@ -124,31 +129,45 @@ def run_guide(r: Runner) -> dict:
     return res
 
 
-def run_audit(r: Runner) -> dict:
+def digit_audit_task(s: Session, attack: str, seed: int, **options):
     from .audit import AuditOptions, AuditTask
+    from .choose import audit_attack
 
-    o = dict(r.sc.audit)
+    opts = AuditOptions(**options)
+    return AuditTask(s, opts, audit_attack(s, attack=attack, classifier=None, margin=opts.margin, judge=None), seed=seed)
+
+
+def run_audit(r: Runner) -> dict:
+    o = dict(r.preset.audit)
     iters = o.pop("iters")
-    rows = r.compare("audit", lambda s: AuditTask(s, AuditOptions(attack="classifier", **o), seed=0), iters)
-    so = dict(r.sc.safety)
+    rows = r.compare("audit", lambda s: digit_audit_task(s, "classifier", 0, **o), iters)
+    so = dict(r.preset.safety)
     s_iters = so.pop("iters")
-    safety = r.run("audit/safety_adjoint", "adjoint", lambda s: AuditTask(s, AuditOptions(attack="safety", **so), seed=1),
-                   s_iters, None)
+    safety = r.run("audit/safety_adjoint", "adjoint", lambda s: digit_audit_task(s, "safety", 1, **so), s_iters, None)
     return {"baselines": rows, "safety": safety}
 
 
-def run_stylize(r: Runner) -> dict:
+def digit_stylize_task(s: Session, **options):
+    from .choose import stylize_objective
     from .stylize import StylizeOptions, StylizeTask
 
-    o = dict(r.sc.stylize)
+    objective, judge, prompts, named, ref = stylize_objective(
+        s, loss=None, backbone=None, content_weight=options.get("content_weight", 1.0), judge=None, prompt=None,
+        reference=options.pop("reference", None))
+    return StylizeTask(s, StylizeOptions(reference=ref, **options), objective, judge, seed=0, prompts=prompts,
+                       references=named)
+
+
+def run_stylize(r: Runner) -> dict:
+    o = dict(r.preset.stylize)
     iters = o.pop("iters")
-    return {"baselines": r.compare("stylize", lambda s: StylizeTask(s, StylizeOptions(**o), seed=0), iters)}
+    return {"baselines": r.compare("stylize", lambda s: digit_stylize_task(s, **dict(o)), iters)}
 
 
 def run_invert(r: Runner) -> dict:
     from .invert import InvertOptions, InvertTask
 
-    o = dict(r.sc.invert)
+    o = dict(r.preset.invert)
     iters = o.pop("iters")
     return {"baselines": r.compare("invert", lambda s: InvertTask(s, InvertOptions(**o), seed=0), iters)}
 
@@ -156,16 +175,15 @@ def run_invert(r: Runner) -> dict:
 def run_gradcheck(r: Runner) -> dict:
     """Cosine of each mode's ∂L/∂x_T to the exact gradient (guide loss, digit 8), per step count."""
     from .common import grad_label
-    from .guide import GuideOptions, GuideTask
     from .loop import CallCounter
 
     modes = ("exact", "backprop", "checkpoint", "adjoint", "adjoint-stored", "truncated", "onestep")
     table = []
-    for steps in r.sc.gradcheck_steps:
+    for steps in r.preset.gradcheck_steps:
         grads, costs = {}, {}
         for grad in modes:
             s = r.session(grad, steps=steps)
-            task = GuideTask(s, GuideOptions(n=r.sc.gradcheck_n, target_class=8), seed=0)
+            task = digit_guide_task(s, 8, n=r.preset.gradcheck_n, optimizer="adamw", lr=0.05, views=4, view_noise=0.0)
             task.setup()
             counter = CallCounter([s.unet])
             t0 = time.perf_counter()
@@ -180,7 +198,7 @@ def run_gradcheck(r: Runner) -> dict:
             table.append({"steps": steps, "method": grad, "label": costs[grad][2], "cos_mean": float(cos.mean()),
                           "cos_min": float(cos.min()), "calls": costs[grad][0], "seconds": round(costs[grad][1], 2)})
     r.log(f"[gradcheck] {len(table)} gradients")
-    return {"rows": table, "n": r.sc.gradcheck_n, "guidance_scale": r.session("exact").guidance_scale}
+    return {"rows": table, "n": r.preset.gradcheck_n, "guidance_scale": r.session("exact").guidance_scale}
 
 
 RUNNERS = {"guide": run_guide, "audit": run_audit, "stylize": run_stylize, "invert": run_invert,

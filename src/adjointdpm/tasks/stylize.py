@@ -1,22 +1,22 @@
 """``stylize``: fine-tune the weights so generations carry the style of ONE reference image.
 
-Loss on a minibatch of (prompt, noise) pairs from a fixed training pool:
+Loss on a minibatch of (prompt, noise) pairs from a fixed training pool, by a *style objective*
+(:class:`~.objectives.BackboneStyle` on a vision backbone folder, the digits model's guide trunk in
+:mod:`adjointdpm.embedded.objectives`, or a plug-in ``--loss``):
 
-    L = (1/4) Σ_l ‖G_l(image) − G_l(ref)‖² / s_l  +  λ ‖φ(image) − φ(image₀)‖² / ‖φ(image₀)‖²
+    L = (1/L) Σ_l ‖G_l(image) − G_l(ref)‖² / s_l  +  λ ‖φ(image) − φ(image₀)‖² / ‖φ(image₀)‖²
 
-* G_l: Gram matrices (A Aᵀ / HW) of the feature network's activations after each of its four
-  convolutions, at the image's own resolution (greyscale); for colour models the 3×3 Gram of the RGB
-  pixels is added. s_l: the layer's mean distance for the untuned model's images of the training pool,
-  so the untuned model's style loss is 1 and the two terms are on one scale. The feature network is the guide classifier's convolutional trunk (the judge,
-  which scores the result, is never used for training).
-* φ: the guide's penultimate features (content), image₀ the untuned model's image from the same
-  prompt and noise (computed once, without grad).
+G_l: Gram matrices of the feature network's layers; s_l: the layer's mean distance for the untuned
+model's images of the training pool (the untuned model's style loss is 1, the two terms on one scale);
+φ: the network's content features, image₀ the untuned model's image from the same prompt and noise.
 
 Full weights (``lora_rank = 0``) or peft LoRA adapters on the attention projections and the
-ResNet convolutions (``lora_rank = r``); gradients by the engine (default: the adjoint).
-Metrics on fresh prompts and noises: style loss before/after, and the judge's accuracy on the prompt's
-digit (kept ≥ 85 % of the untuned model's is the bar), plus the judge-label agreement with the untuned
-model on the same noises.
+ResNet convolutions (``lora_rank = r``). Metrics on fresh prompts and noises: the objective's (style loss
+before/after) and the judge's (on the digits model its accuracy on the prompt's digit, kept ≥ 85 % of
+the untuned model's is the bar, and its label agreement with the untuned model on the same noises).
+
+Outputs diffusers loads: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(OUT)``) for a
+LoRA, a ``unet/`` folder (``UNet2DConditionModel.from_pretrained(OUT / "unet")``) for full weights.
 
 Several processes: data parallelism. Every process draws the same minibatch, back-propagates its shard's
 share of the mean loss (``DataParallel.loss_weight``), and the loop sums the weight gradients across
@@ -24,7 +24,7 @@ processes before the step, so the weights stay identical; the untuned and evalua
 generated in shards and gathered.
 
 References: ``outline`` (a real digit drawn hollow: the 1-pixel outer contour of its strokes), ``skimage:NAME`` (a texture from
-``skimage.data``, e.g. ``skimage:brick``), or a path to an image file (resized to the model's size).
+``skimage.data``, e.g. ``skimage:brick``), or a path to any image file (resized to the model's size).
 """
 
 from __future__ import annotations
@@ -34,64 +34,35 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..embedded.critics import prepare
-from .common import Session, image_shape, prompt_for_class, read_image
+from ..critics.morphology import dilate, erode, hollow, outline  # noqa: F401 (re-exported)
+from .common import Session, image_shape, read_image
+from . import conditions
 from .errors import UserInputError
 from .loop import Evaluation, ParamGroup, Task
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 @dataclass
 class StylizeOptions:
-    reference: str = "outline"
-    lora_rank: int = 0  # 0: full weights
-    lr: float = 3e-4
+    reference: str | None = "outline"  # None or "none": no reference image (a plug-in loss)
+    lora_rank: int = 4  # 0: full weights
+    lr: float = 3e-3
     content_weight: float = 1.0
-    n_train: int = 32
+    n_train: int = 16
     batch: int = 8
     n_eval: int = 32
-    prompt: str | None = None  # default: the in-vocabulary digit prompts (embedded), else ""
+    prompt: str = ""  # one prompt for every pair (when no prompt list is given)
 
 
 # ------------------------------------------------------------------------------------- references
-def _ink(x: torch.Tensor) -> torch.Tensor:
-    return (x + 1) / 2
-
-
-def dilate(x: torch.Tensor, k: int = 3) -> torch.Tensor:
-    """Grey dilation of images in [-1, 1] (bright strokes grow)."""
-    return F.max_pool2d(x, k, stride=1, padding=k // 2)
-
-
-def erode(x: torch.Tensor, k: int = 3) -> torch.Tensor:
-    return -F.max_pool2d(-x, k, stride=1, padding=k // 2)
-
-
-def outline(x: torch.Tensor) -> torch.Tensor:
-    """Morphological gradient (dilate − erode) of images in [-1, 1]: hollow, outlined strokes."""
-    ink = (_ink(dilate(x)) - _ink(erode(x))).clamp(0, 1)
-    return ink * 2 - 1
-
-
-def hollow(x: torch.Tensor) -> torch.Tensor:
-    """Crisp outlined strokes: the 1-pixel outer contour of the ink mask (ink > half), white on black,
-    the stroke itself left dark (a hollow digit)."""
-    mask = (x > 0).to(x.dtype) * 2 - 1
-    edge = (dilate(mask) > 0) & (mask < 0)
-    return edge.to(x.dtype) * 2 - 1
-
-
-def reference_image(spec: str, shape: tuple[int, int, int]) -> torch.Tensor:
-    """(1, C, H, W) reference in [-1, 1] from 'outline', 'skimage:NAME' or an image path."""
+def reference_image(spec: str, shape: tuple[int, int, int], named: dict | None = None) -> torch.Tensor:
+    """(1, C, H, W) reference in [-1, 1] from a name in ``named`` ({name: shape -> image}, e.g. the digits
+    model's 'outline'), 'skimage:NAME' or an image path."""
     c, h, w = shape
-    if spec == "outline":
-        from ..embedded.data import load_digit_images
-
-        x, y = load_digit_images(max(h, w) if max(h, w) <= 64 else 16)
-        ref = hollow(x[(y == 0).nonzero()[0]])
-        ref = F.interpolate(ref, size=(h, w), mode="bilinear", antialias=True) if ref.shape[-2:] != (h, w) else ref
-        return ref.repeat(1, c, 1, 1)
+    if named and spec in named:
+        return named[spec](shape)
     if spec.startswith("skimage:"):
         import numpy as np
         import skimage.data
@@ -115,56 +86,13 @@ def reference_image(spec: str, shape: tuple[int, int, int]) -> torch.Tensor:
     return read_image(spec, c, (h, w), what="--reference image", resize=True)
 
 
-# ------------------------------------------------------------------------------------- the losses
-class StyleLoss(torch.nn.Module):
-    """Relative Gram-matrix distance to a reference, on the guide's convolutional activations."""
-
-    def __init__(self, guide: torch.nn.Module, reference: torch.Tensor):
-        super().__init__()
-        self.guide = guide
-        self.layers = [i for i, m in enumerate(guide.body) if isinstance(m, torch.nn.SiLU)][:4]
-        self.colour = reference.shape[1] == 3
-        with torch.no_grad():
-            self.ref = [g.detach() for g in self.grams(reference)]
-
-    def grams(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        if self.colour:
-            p = x.flatten(2)
-            out.append(p @ p.transpose(1, 2) / p.shape[-1])
-        h = x.mean(1, keepdim=True) if x.shape[1] != 1 else x
-        last = self.layers[-1]
-        for i, m in enumerate(self.guide.body):
-            h = m(h)
-            if i in self.layers:
-                a = h.flatten(2)
-                out.append(a @ a.transpose(1, 2) / a.shape[-1])
-            if i == last:
-                break
-        return out
-
-    def layer_distances(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [(g - r).pow(2).flatten(1).sum(1) for g, r in zip(self.grams(x), self.ref)]
-
-    @torch.no_grad()
-    def calibrate(self, images: torch.Tensor) -> None:
-        """Scale each layer so that the untuned model's images (``images``) score 1 on average."""
-        self.scale = [d.mean().clamp_min(1e-12) for d in self.layer_distances(images)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dists = self.layer_distances(x)
-        scale = getattr(self, "scale", None) or [r.pow(2).sum() for r in self.ref]
-        return sum(d / s for d, s in zip(dists, scale)) / len(dists)
-
-
-def content_features(guide: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return guide.body(prepare(x))
-
-
 class StylizeTask(Task):
     name = "stylize"
 
-    def __init__(self, session: Session, opts: StylizeOptions, seed: int = 0):
+    def __init__(self, session: Session, opts: StylizeOptions, objective, judge=None, seed: int = 0,
+                 prompts=None, references: dict | None = None):
+        """``objective(reference)`` builds the style objective for the reference image; ``prompts(n, offset)``
+        gives (prompts, labels or None) of the pool (default: ``opts.prompt`` for all, no labels)."""
         if opts.lora_rank < 0:
             raise UserInputError(f"--lora-rank must be >= 0 (0: full weights), got {opts.lora_rank}")
         if min(opts.n_train, opts.batch, opts.n_eval) < 1:
@@ -174,51 +102,45 @@ class StylizeTask(Task):
         self.dp = session.dp
         if opts.batch < self.dp.world_size:
             raise UserInputError(f"--batch ({opts.batch}) must be at least the number of processes ({self.dp.world_size})")
-        self.s, self.o, self.seed = session, opts, seed
-        digits = session.comps.settings.get("in_vocabulary_digits")
-        if opts.prompt is not None:
-            session.check_prompt(opts.prompt)
-            self.digits = None
-        else:
-            self.digits = list(digits) if digits else None
+        self.session, self.opts, self.judge, self.seed = session, opts, judge, seed
+        session.check_prompt(opts.prompt)
+        self.prompt_list = prompts or (lambda n, offset: ([opts.prompt] * n, None))
         self.shape = image_shape(session)
-        self.ref = reference_image(opts.reference, self.shape).to(session.device)
+        self.ref = (None if opts.reference in (None, "none") else
+                    reference_image(opts.reference, self.shape, references).to(session.device))
+        self.objective = objective(self.ref)
 
     def describe(self) -> dict:
-        return {**self.s.describe(), **asdict(self.o)}
-
-    def _prompts(self, n: int, offset: int) -> tuple[list[str], list[int] | None]:
-        if self.digits is None:
-            return [self.o.prompt or ""] * n, None
-        labels = [self.digits[(i + offset) % len(self.digits)] for i in range(n)]
-        return [prompt_for_class(self.s, d) for d in labels], labels
+        return {**self.session.describe(), **asdict(self.opts), **self.objective.describe(),
+                **(self.judge.describe() if self.judge is not None else {})}
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         uniq = sorted(set(prompts))
-        table = self.s.encode(uniq)
-        return table[torch.tensor([uniq.index(p) for p in prompts])]
+        for p in uniq:
+            self.session.check_prompt(p)
+        table = self.session.encode(uniq)
+        return conditions.rows(table, torch.tensor([uniq.index(p) for p in prompts]))
 
     def setup(self) -> None:
-        s, o = self.s, self.o
-        guide = s.critics.guide
-        self.style = StyleLoss(guide, self.ref)
-        prompts, _ = self._prompts(o.n_train, 0)
-        self.train_cond = self._encode(prompts)
+        s, o = self.session, self.opts
+        self.train_prompts, _ = self.prompt_list(o.n_train, 0)
+        self.train_cond = self._encode(self.train_prompts)
         self.train_noise = s.noise(o.n_train, self.seed)
-        eval_prompts, labels = self._prompts(o.n_eval, 3)
-        self.eval_cond = self._encode(eval_prompts)
+        self.eval_prompts, labels = self.prompt_list(o.n_eval, 3)
+        self.eval_cond = self._encode(self.eval_prompts)
         self.eval_noise = s.noise(o.n_eval, self.seed + 104729)  # fresh noises, never trained on
         self.eval_labels = None if labels is None else torch.tensor(labels, device=s.device)
         with torch.no_grad():
             train_images = s.generate_all(self.train_noise, self.train_cond)
-            self.style.calibrate(train_images)  # the untuned model scores 1 on its training pool
-            self.train_content = content_features(guide, train_images)
+            self.objective.calibrate(train_images)  # the untuned model scores 1 on its training pool
             self.eval_untuned = s.generate_all(self.eval_noise, self.eval_cond)
-            self.untuned_judge = s.critics.judge(self.eval_untuned).argmax(-1)
-        unet = s.unet
+            labeller = getattr(self.judge, "labels", None)
+            self.untuned_labels = labeller(self.eval_untuned) if labeller is not None else None
+        unet = s.network
         if o.lora_rank > 0:
             from peft import LoraConfig
 
+            _lora_saver(s.comps.pipeline_config.get("_class_name"), s.comps.unet is not None)  # fail before training
             torch.manual_seed(self.seed)
             unet.add_adapter(LoraConfig(r=o.lora_rank, lora_alpha=o.lora_rank, init_lora_weights="gaussian",
                                         target_modules=LORA_TARGETS))
@@ -230,56 +152,86 @@ class StylizeTask(Task):
             raise UserInputError("no trainable weights were found (LoRA found no target modules?)")
 
     def param_groups(self):
-        return [ParamGroup("lora" if self.o.lora_rank > 0 else "unet", self.params,
-                           {"lr": self.o.lr, "weight_decay": 0.0})]
+        return [ParamGroup("lora" if self.opts.lora_rank > 0 else "unet", self.params,
+                           {"lr": self.opts.lr, "weight_decay": 0.0})]
 
     def counted_modules(self):
-        return [self.s.unet]
+        return [self.session.unet]
 
     def _objective(self, idx: torch.Tensor):
+        prompts = [self.train_prompts[i] for i in idx.tolist()]
+
         def objective(x0):
-            images = self.s.decode(x0)
-            style = self.style(images)
-            phi = content_features(self.s.critics.guide, images)
-            ref = self.train_content[idx]
-            content = (phi - ref).pow(2).sum(1) / ref.pow(2).sum(1).clamp_min(1e-8)
-            return style + self.o.content_weight * content
+            return self.objective.loss(self.session.decode(x0).float(), prompts=prompts, indices=idx.tolist())
         return objective
 
     def compute_loss(self, iteration, generator):
-        idx = torch.randperm(self.o.n_train, generator=generator)[: self.o.batch].to(self.s.device)
+        o = self.opts
+        idx = torch.randperm(o.n_train, generator=generator)[: o.batch].to(self.session.device)
         idx = self.dp.shard(idx)  # this process's share of the minibatch, weighted by its share of the mean loss
-        w = torch.full((idx.numel(),), self.dp.loss_weight(self.o.batch) / idx.numel(), device=self.s.device)
-        loss, per, x0 = self.s.sampled_loss(self.train_noise[idx], self.train_cond[idx], self._objective(idx), weights=w)
+        w = torch.full((idx.numel(),), self.dp.loss_weight(o.batch) / idx.numel(), device=self.session.device)
+        loss, per, x0 = self.session.sampled_loss(self.train_noise[idx], conditions.rows(self.train_cond, idx), self._objective(idx),
+                                                  weights=w)
         return loss, {}
 
     def evaluate(self, stage: str) -> Evaluation:
-        s, c = self.s, self.s.critics
+        s = self.session
         images = s.generate_all(self.eval_noise, self.eval_cond)
-        judge = c.judge(images).argmax(-1)
-        metrics = {
-            "style_loss": float(self.style(images).mean()),
-            "judge_agreement_with_untuned": float((judge == self.untuned_judge).float().mean()),
-            "mean_abs_change": float((images - self.eval_untuned).abs().mean()),
-        }
-        if self.eval_labels is not None:
-            metrics["judge_accuracy"] = float((judge == self.eval_labels).float().mean())
+        metrics = {**self.objective.metrics(images),
+                   "mean_abs_change": float((images - self.eval_untuned).abs().mean())}
+        if self.judge is not None:
+            metrics.update(self.judge.metrics(images, prompts=self.eval_prompts, labels=self.eval_labels))
+            if self.untuned_labels is not None:
+                metrics["judge_agreement_with_untuned"] = float((self.judge.labels(images) == self.untuned_labels).float().mean())
         return Evaluation(images, metrics, nrow=min(8, len(images)))
 
     def summarize(self, before, after):
-        out = {"style_loss_before": before["style_loss"], "style_loss_after": after["style_loss"]}
+        out = {"metrics_from": ("the objective and the judge (independent, never optimised)" if self.judge is not None
+                                else "the optimised objective only (no --judge given: not an independent evaluation)")}
+        if "style_loss" in after:
+            out.update(style_loss_before=before["style_loss"], style_loss_after=after["style_loss"])
         if "judge_accuracy" in after:  # the bar: >= 0.85 of the untuned model's accuracy
             b = before["judge_accuracy"]
             out["judge_accuracy_kept"] = after["judge_accuracy"] / b if b > 0 else None
         return out
 
     def write_artifacts(self, out):
-        from safetensors.torch import save_file
-
+        """A LoRA as diffusers' ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out)``), full
+        weights as the pipeline's ``unet/`` (or ``transformer/``) folder (``from_pretrained(out / "unet")``)."""
         from ..images import save_images
 
-        name = "lora.safetensors" if self.o.lora_rank > 0 else "unet.safetensors"
-        if self.dp.is_main:  # (the weights are the same in every process)
+        if not self.dp.is_main:  # (the weights are the same in every process)
+            return {}
+        from safetensors.torch import save_file
+
+        save_file({"latents": self.eval_noise.cpu().contiguous()}, str(out / "eval_latents.safetensors"))
+        files = {"eval_latents": "eval_latents.safetensors"}  # the noises of after/ (its prompts: settings.prompt)
+        if self.ref is not None:
             save_images(self.ref, out / "reference", zoom=4)
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(out / name))
-        return {"weights": name, "reference": "reference/"}
+            files["reference"] = "reference/"
+        network = self.session.network
+        part = "unet" if self.session.comps.unet is not None else "transformer"  # the pipeline's component name
+        if self.opts.lora_rank > 0:
+            from peft.utils import get_peft_model_state_dict
+
+            saver = _lora_saver(self.session.comps.pipeline_config.get("_class_name"), part == "unet")
+            layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(network).items()}
+            saver.save_lora_weights(out, **{f"{part}_lora_layers": layers,
+                                            f"{part}_lora_adapter_metadata": network.peft_config["default"].to_dict()},
+                                    weight_name=LORA_FILE, safe_serialization=True)
+            return {"lora": LORA_FILE, **files}
+        network.save_pretrained(out / part, safe_serialization=True)
+        return {part: f"{part}/", **files}
+
+
+def _lora_saver(pipeline_class: str | None, is_unet: bool):
+    """The diffusers pipeline class whose ``save_lora_weights`` writes this family's LoRA format."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class or "", None)
+    if cls is not None and hasattr(cls, "save_lora_weights"):
+        return cls
+    if is_unet:
+        return diffusers.StableDiffusionPipeline  # the embedded model and SD 1.x/2.x layouts
+    raise UserInputError(f"diffusers has no LoRA format for {pipeline_class} (it cannot load one back); "
+                         "use --lora-rank 0 to fine-tune the full weights, written as a transformer/ folder")

@@ -1,0 +1,310 @@
+"""Stochastic samplers (DDPM, η-DDIM, Euler ancestral, SDE-DPM-Solver++(2M), LCM / FlowMatchEuler's
+stochastic step, trailing one/few-step grids): given the same injected noises each equals its diffusers
+scheduler's loop; exact and checkpoint equal back-propagation for x_T, every injected noise, the
+conditioning and the weights; back-propagation equals finite differences; a seeded run equals the run
+with its noises stored, and same-seed runs are bit-identical; bad input gets one clear error.
+
+The diffusers loops are driven with our noise tensor: ``variance_noise=noise[i]`` where ``step`` takes
+it (DDIMScheduler, DPMSolverMultistepScheduler); elsewhere (DDPM, EulerAncestral, LCM, FlowMatchEuler)
+the scheduler module's ``randn_tensor`` is monkeypatched to return noise[i] at step i.
+"""
+
+import importlib
+
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, LCMScheduler)
+
+import adjointdpm as adpm
+from _tiny_networks import FAMILIES
+from adjointdpm.conditioning import floating_leaves, map_floating
+from conftest import SD_BETAS
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _sched(cls, n, **kw):
+    s = cls(**kw)
+    s.set_timesteps(n)
+    return s
+
+
+# name -> (family, scheduler factory, solver, eta, how the loop injects the noise)
+CASES = {
+    "ddpm": ("sdxl", lambda n: _sched(DDPMScheduler, n, **SD_BETAS, clip_sample=False), "ddpm", 0.0, "patch"),
+    "ddpm_large": ("sdxl", lambda n: _sched(DDPMScheduler, n, **SD_BETAS, clip_sample=False, variance_type="fixed_large",
+                                            timestep_spacing="trailing"), "ddpm", 0.0, "patch"),
+    "ddim_eta1": ("sdxl", lambda n: _sched(DDIMScheduler, n, **SD_BETAS, clip_sample=False, set_alpha_to_one=False,
+                                           steps_offset=1), "ddim", 1.0, "variance_noise"),
+    "ddim_eta05": ("sdxl", lambda n: _sched(DDIMScheduler, n, **SD_BETAS, clip_sample=False), "ddim", 0.5,
+                   "variance_noise"),
+    "euler_ancestral": ("sdxl", lambda n: _sched(EulerAncestralDiscreteScheduler, n, **SD_BETAS), "euler_ancestral",
+                        0.0, "patch"),
+    "euler_ancestral_trailing": ("sdxl", lambda n: _sched(EulerAncestralDiscreteScheduler, n, **SD_BETAS,
+                                                          timestep_spacing="trailing"), "euler_ancestral", 0.0, "patch"),
+    "dpmpp2m_sde": ("sdxl", lambda n: _sched(DPMSolverMultistepScheduler, n, **SD_BETAS,
+                                             algorithm_type="sde-dpmsolver++"), "dpmpp2m_sde", 0.0, "variance_noise"),
+    "dpmpp2m_sde_karras_heun": ("sdxl", lambda n: _sched(DPMSolverMultistepScheduler, n, **SD_BETAS,
+                                                         algorithm_type="sde-dpmsolver++", use_karras_sigmas=True,
+                                                         solver_type="heun"), "dpmpp2m_sde", 0.0, "variance_noise"),
+    "lcm": ("sdxl", lambda n: _sched(LCMScheduler, n, **SD_BETAS), "lcm", 0.0, "patch"),
+    # a small timestep_scaling makes the boundary condition c_skip x + c_out x̂₀ visible (c_skip ≈ 0 at 10)
+    "lcm_boundary": ("sdxl", lambda n: _sched(LCMScheduler, n, **SD_BETAS, timestep_scaling=0.002), "lcm", 0.0,
+                     "patch"),
+    "flow_dpmpp2m_sde": ("sd3", lambda n: _sched(DPMSolverMultistepScheduler, n, use_flow_sigmas=True,
+                                                 prediction_type="flow_prediction", flow_shift=3.0,
+                                                 algorithm_type="sde-dpmsolver++"), "dpmpp2m_sde", 0.0, "variance_noise"),
+    "flow_stochastic_euler": ("sd3", lambda n: _sched(FlowMatchEulerDiscreteScheduler, n, shift=3.0,
+                                                      stochastic_sampling=True), "lcm", 0.0, "patch"),
+}
+#: the module whose randn_tensor a scheduler draws with
+MODULES = {DDPMScheduler: "scheduling_ddpm", EulerAncestralDiscreteScheduler: "scheduling_euler_ancestral_discrete",
+           LCMScheduler: "scheduling_lcm", FlowMatchEulerDiscreteScheduler: "scheduling_flow_match_euler_discrete"}
+
+
+def _setup(name, batch=2, seed=1):
+    family = FAMILIES[name]
+    net = family.network()
+    x, cond, uncond = family.inputs(torch.Generator().manual_seed(seed), batch)
+    return family, net, x, cond, uncond
+
+
+def _noise(steps, x, seed=9):
+    return torch.randn(steps, *x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def _diffusers_loop(monkeypatch, family, net, scheduler, x_T, cond, uncond, noise, eta, how):
+    """The pipeline loop with noise[i] injected at step i (see the module docstring)."""
+    current = {"i": 0}
+    if how == "patch":
+        module = importlib.import_module(f"diffusers.schedulers.{MODULES[type(scheduler)]}")
+        monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: noise[current["i"]].clone())
+    x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            current["i"] = i
+            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            out = family.call(net, x_in, t, cond, uncond, family.guidance)
+            extra = {}
+            if how == "variance_noise":
+                extra["variance_noise"] = noise[i]
+            if isinstance(scheduler, DDIMScheduler):
+                extra["eta"] = eta
+            x = scheduler.step(out, t, x, **extra).prev_sample
+    return x
+
+
+def _sample(family, net, x, cond, uncond, scheduler, solver, eta, noise, grad):
+    w = family.guidance
+    return adpm.sample(net, x, schedule=scheduler, timesteps=scheduler.timesteps, cond=cond,
+                       uncond=uncond if w != 1 else None, guidance_scale=w, solver=solver, eta=eta, noise=noise,
+                       grad=grad)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("steps", [1, 4])
+def test_forward_equals_the_diffusers_loop_with_the_same_noise(monkeypatch, case, steps):
+    name, make, solver, eta, how = CASES[case]
+    family, net, x, cond, uncond = _setup(name)
+    noise = _noise(steps, x)
+    reference = _diffusers_loop(monkeypatch, family, net, make(steps), x, cond, uncond, noise, eta, how)
+    ours = _sample(family, net, x, cond, uncond, make(steps), solver, eta, noise, None)
+    assert _rel(ours, reference) <= 1e-5, f"{case}/{steps}: {_rel(ours, reference):.2e}"
+    if steps > 1 and case != "ddim_eta05":  # the noise matters (η = 0.5 is checked by the η = 1 case)
+        other = _sample(family, net, x, cond, uncond, make(steps), solver, eta, _noise(steps, x, seed=10), None)
+        assert _rel(other, reference) > 1e-3
+
+
+def test_one_step_turbo_and_lcm_are_deterministic():
+    """One trailing Euler-ancestral step from t = 999 lands on σ = 0, one LCM step returns the denoised
+    estimate: the injected noise has no effect (SD-Turbo / SDXL-Turbo / LCM one-step use)."""
+    family, net, x, cond, uncond = _setup("sdxl")
+    for case in ("euler_ancestral_trailing", "lcm"):
+        _, make, solver, eta, _ = CASES[case]
+        a = _sample(family, net, x, cond, uncond, make(1), solver, eta, 1, None)
+        b = _sample(family, net, x, cond, uncond, make(1), solver, eta, 2, None)
+        assert torch.equal(a, b), case
+    assert float(make(1).timesteps[0]) >= 998
+
+
+def test_eta_one_ddim_is_ddpm_on_the_same_grid():
+    family, net, x, cond, uncond = _setup("sdxl")
+    scheduler = CASES["ddpm"][1](5)
+    noise = _noise(5, x)
+    ddpm = _sample(family, net, x, cond, uncond, scheduler, "ddpm", 0.0, noise, None)
+    ddim = _sample(family, net, x, cond, uncond, scheduler, "ddim", 1.0, noise, None)
+    assert _rel(ddim, ddpm) <= 1e-8  # DDPM's variance floor (1e-20) at the last step is the only difference
+    deterministic = _sample(family, net, x, cond, uncond, scheduler, "ddim", 0.0, None, None)
+    assert _rel(deterministic, ddpm) > 1e-2
+
+
+# ------------------------------------------------------------------------------------------ gradients
+def _gradients(family, net, x, cond, uncond, scheduler, solver, eta, noise, grad, weight):
+    net.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    noise = noise.clone().requires_grad_()
+    cond = map_floating(lambda t: t.clone().requires_grad_(), cond)
+    uncond = map_floating(lambda t: t.clone().requires_grad_(), uncond)
+    x0 = _sample(family, net, x, cond, uncond, scheduler, solver, eta, noise, grad)
+    (x0 * weight).sum().backward()
+    leaves = [x, noise, *floating_leaves(cond)] + (floating_leaves(uncond) if family.guidance != 1 else [])
+    grads = [leaf.grad for leaf in leaves]
+    grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    return grads
+
+
+GRAD_CASES = ["ddpm", "ddim_eta05", "euler_ancestral", "dpmpp2m_sde", "lcm_boundary", "flow_dpmpp2m_sde", "flow_stochastic_euler"]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_exact_and_checkpoint_equal_backprop_for_noises_and_every_tensor(case):
+    name, make, solver, eta, _ = CASES[case]
+    family, net, x, cond, uncond = _setup(name)
+    steps = 3
+    noise = _noise(steps, x)
+    weight = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+    ref = _gradients(family, net, x, cond, uncond, make(steps), solver, eta, noise, "backprop", weight)
+    assert all(g is not None for g in ref)
+    assert ref[1][: steps - 1].abs().sum() > 0, "the injected noises reach the sample"
+    for mode in ("exact", "checkpoint"):
+        got = _gradients(family, net, x, cond, uncond, make(steps), solver, eta, noise, mode, weight)
+        for i, (a, b) in enumerate(zip(got, ref)):
+            assert a is not None, f"{mode}: input {i} received no gradient"
+            assert _rel(a, b) <= 1e-8, f"{mode}: input {i}: {_rel(a, b):.2e}"
+
+
+def test_truncated_gives_the_exact_gradient_of_the_last_noises_and_none_before():
+    name, make, solver, eta, _ = CASES["dpmpp2m_sde"]
+    family, net, x, cond, uncond = _setup(name)
+    steps, k = 4, 2
+    noise = _noise(steps, x)
+    weight = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+    ref = _gradients(family, net, x, cond, uncond, make(steps), solver, eta, noise, "backprop", weight)
+    got = _gradients(family, net, x, cond, uncond, make(steps), solver, eta, noise, adpm.Truncated(k=k), weight)
+    assert torch.count_nonzero(got[1][: steps - k]) == 0
+    assert _rel(got[1][steps - k:], ref[1][steps - k:]) <= 1e-8
+    assert got[0].abs().sum() > 0  # the straight-through estimate for x_T still applies
+
+
+def test_backprop_equals_finite_differences_on_ddpm():
+    name, make, solver, eta, _ = CASES["ddpm"]
+    family, net, x, cond, uncond = _setup(name, batch=1)
+    steps = 3
+    noise = _noise(steps, x)
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(x.shape, dtype=x.dtype, generator=gen)
+    grads = _gradients(family, net, x, cond, uncond, make(steps), solver, eta, noise, "backprop", weight)
+
+    def loss(dx, dz):
+        with torch.no_grad():
+            return (_sample(family, net, x + dx, cond, uncond, make(steps), solver, eta, noise + dz, None) * weight).sum()
+
+    vx, vz = torch.randn(x.shape, dtype=x.dtype, generator=gen), torch.randn(noise.shape, dtype=x.dtype, generator=gen)
+    h = 1e-5
+    fd_x = (loss(h * vx, 0) - loss(-h * vx, 0)) / (2 * h)
+    fd_z = (loss(0, h * vz) - loss(0, -h * vz)) / (2 * h)
+    assert abs(fd_x - (grads[0] * vx).sum()) <= 1e-6 * max(1.0, abs(fd_x))
+    assert abs(fd_z - (grads[1] * vz).sum()) <= 1e-6 * max(1.0, abs(fd_z))
+
+
+def test_seeded_noise_is_regenerated_and_equals_the_stored_stream():
+    name, make, solver, eta, _ = CASES["euler_ancestral"]
+    family, net, x, cond, uncond = _setup(name)
+    steps = 3
+    weight = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+
+    def run(noise, grad):
+        net.zero_grad(set_to_none=True)
+        xs = x.clone().requires_grad_()
+        c = map_floating(lambda t: t.clone().requires_grad_(), cond)
+        x0 = _sample(family, net, xs, c, uncond, make(steps), solver, eta, noise, grad)
+        if grad is None:
+            return x0, None
+        (x0 * weight).sum().backward()
+        return x0.detach(), [xs.grad, *[leaf.grad for leaf in floating_leaves(c)],
+                             torch.cat([p.grad.flatten() for p in net.parameters()])]
+
+    seeded, seeded_grads = run(7, "exact")
+    stored, stored_grads = run(adpm.noise_tensor(7, steps, x), "exact")
+    assert torch.equal(seeded, stored)
+    for a, b in zip(seeded_grads, stored_grads):
+        assert _rel(a, b) <= 1e-12
+    _, backprop_grads = run(7, "backprop")
+    for a, b in zip(seeded_grads, backprop_grads):
+        assert _rel(a, b) <= 1e-8
+    # same seed, bit-identical; a seeded generator is a seed; another seed is another sample
+    assert torch.equal(run(7, None)[0], seeded)
+    by_generator = [run(torch.Generator().manual_seed(3), None)[0] for _ in range(2)]
+    assert torch.equal(*by_generator)
+    assert _rel(run(8, None)[0], seeded) > 1e-3
+    # no noise: a seed from torch's global generator, reproducible under torch.manual_seed
+    torch.manual_seed(11)
+    first = run(None, None)[0]
+    torch.manual_seed(11)
+    assert torch.equal(run(None, None)[0], first)
+
+
+def test_a_resumed_stream_continues_where_it_stopped():
+    like = torch.zeros(2, 4, dtype=torch.float64)
+    full = adpm.noise_tensor(5, 6, like)
+    assert torch.equal(adpm.noise_tensor(5, 4, like, offset=2), full[2:])
+    assert torch.equal(adpm.SeededNoise(5, offset=3).noise_at(1, like), full[4])
+
+
+def test_a_noise_tensor_computed_from_a_leaf():
+    """DNO-style parametrisations (noise = f(leaf)): backprop and checkpoint carry the gradient to the leaf
+    and agree; exact, which differentiates leaf tensors only, says so."""
+    name, make, solver, eta, _ = CASES["lcm"]
+    family, net, x, cond, uncond = _setup(name)
+    grads = []
+    for mode in ("backprop", "checkpoint"):
+        base = _noise(3, x).requires_grad_()
+        x0 = _sample(family, net, x, cond, uncond, make(3), solver, eta, 0.5 * base, mode)
+        x0.square().sum().backward()
+        grads.append(base.grad)
+    assert grads[0].abs().sum() > 0 and _rel(grads[1], grads[0]) <= 1e-8
+    base = _noise(3, x).requires_grad_()
+    with pytest.raises(ValueError, match="not a leaf"):
+        _sample(family, net, x, cond, uncond, make(3), solver, eta, 0.5 * base, "exact")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _call(case="ddpm", steps=2, **overrides):
+    name, make, solver, eta, _ = CASES[case]
+    family, net, x, cond, uncond = _setup(name)
+    args = dict(schedule=make(steps), timesteps=make(steps).timesteps, cond=cond, uncond=uncond,
+                guidance_scale=family.guidance, solver=solver, eta=eta, noise=_noise(steps, x))
+    args.update(overrides)
+    return lambda: adpm.sample(net, x, **args)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (dict(solver="dpmpp2m", noise=3), ValueError, "solver='dpmpp2m' is deterministic and injects none"),
+    (dict(solver="ddim", eta=0.0, noise=3), ValueError, "is deterministic"),
+    (dict(noise=torch.zeros(3, 2, 4, 8, 8, dtype=torch.float64)), ValueError, r"need \(2, 2, 4, 8, 8\)"),
+    (dict(noise=torch.zeros(2, 2, 4, 8, 8)), TypeError, "use noise.to"),
+    (dict(noise="seed"), TypeError, "noise must be an int seed"),
+    (dict(noise=-1), ValueError, "non-negative integer"),
+    (dict(solver="ddim", eta=1.5), ValueError, r"eta must lie in \[0, 1\]"),
+    (dict(eta=0.5), ValueError, "eta applies to solver='ddim' only"),
+    (dict(grad="adjoint"), ValueError, "use grad='exact', 'backprop', 'checkpoint' or 'truncated'"),
+    (dict(grad="reversible", solver="ddim", eta=1.0), ValueError, "grad='reversible' differentiates deterministic"),
+    (dict(schedule=_sched(DDPMScheduler, 2, **SD_BETAS)), ValueError, "set clip_sample=False"),
+    (dict(schedule=_sched(DDPMScheduler, 2, **SD_BETAS, clip_sample=False, variance_type="learned_range")),
+     ValueError, "variance_type"),
+    (dict(solver="heun"), ValueError, "eta applies to solver='ddim' only|is deterministic"),
+])
+def test_bad_input(overrides, error, message):
+    with pytest.raises(error, match=message):
+        _call(**overrides)()
+
+
+def test_flow_refusals():
+    sched = CASES["flow_stochastic_euler"][1](2)
+    with pytest.raises(ValueError, match="stochastic_sampling=True but solver='ddim' is deterministic"):
+        _call("flow_stochastic_euler", solver="ddim", noise=None, schedule=sched, timesteps=sched.timesteps)()
+    with pytest.raises(ValueError, match="infinite where α = 0"):
+        _call("flow_stochastic_euler", solver="euler_ancestral")()
