@@ -203,3 +203,19 @@ def test_model_families_with_nested_conditioning(name):
     for got in others:
         for a, b in zip(got, ref):
             assert rel(a, b) <= 1e-10
+
+
+@pytest.mark.parametrize("case", ["ddpm", "dpmpp2m_sde"])
+def test_stochastic_samplers_and_their_noises(case):
+    """Injected noises that require grad: the kept graphs hand their gradient back like every other input."""
+    from test_stochastic import CASES, _gradients, _noise, _setup
+
+    name, make, solver, eta, _ = CASES[case]
+    family, net, x, cond, uncond = _setup(name)
+    noise = _noise(3, x)
+    weight = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+    ref = _gradients(family, net, x, cond, uncond, make(3), solver, eta, noise, "backprop", weight)
+    for memory in ("64KiB", math.inf):
+        got = _gradients(family, net, x, cond, uncond, make(3), solver, eta, noise, adpm.Exact(memory=memory), weight)
+        for a, b in zip(got, ref):
+            assert rel(a, b) <= 1e-10
