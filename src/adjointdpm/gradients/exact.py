@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
 from .base import CustomBackwardMode, check_step_cotangent
 from .budget import SavedActivations, network_calls, parse_memory, steps_to_keep
 from .kept_steps import GraphLeaves, StepGraph
