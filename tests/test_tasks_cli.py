@@ -227,3 +227,22 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, latent):
         cli(["guide", "--model", tmp_path / "missing", "--out", tmp_path / "o9", "--debug"], capsys)
     with pytest.raises(Exception):
         cli(["sample", "--model", tmp_path / "empty", "--out", tmp_path / "o9", "--prompt", "x", "--debug"], capsys)
+
+
+def test_memory_budget_keeps_the_exact_gradient(tmp_path, capsys):
+    """--memory-budget inf keeps every step's graph: the same run, loss for loss, as the default exact mode, in
+    fewer model calls."""
+    runs = {}
+    for name, extra in (("flat", []), ("kept", ["--memory-budget", "inf"])):
+        out = tmp_path / name
+        code, _, err = cli(["guide", "--out", out, "--target-class", "3", "--n", "2", "--iters", "2", *EXACT, *extra],
+                           capsys)
+        assert code == 0, err
+        runs[name] = _summary(out)
+    assert runs["kept"]["settings"]["grad"] == "exact(memory=inf)"
+    losses = {k: [h["loss"] for h in r["loss"]["history"]] for k, r in runs.items()}
+    calls = {k: r["loss"]["history"][-1]["calls"] for k, r in runs.items()}
+    assert losses["kept"] == pytest.approx(losses["flat"], rel=1e-5)
+    assert calls["kept"] < calls["flat"]  # the kept graphs are replayed, not recomputed
+    code, _, err = cli(["guide", "--out", tmp_path / "bad", "--grad", "adjoint", "--memory-budget", "1GiB", *TINY], capsys)
+    assert code == 2 and "--memory-budget applies to --grad exact" in err and err.count("\n") == 1

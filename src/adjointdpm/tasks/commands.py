@@ -24,6 +24,9 @@ from .common import GRAD_HELP
 MODEL = typer.Option(None, "--model", "-m", help="Local diffusers folder (SD 1.x/2.x layout) (default: the embedded digits model).")
 OUT = typer.Option(..., "--out", "-o", help="Output folder (created): before/, after/, grids, loss_curve.png, summary.json, checkpoint/.")
 GRAD = typer.Option("exact", "--grad", help=GRAD_HELP)
+MEMORY = typer.Option(None, "--memory-budget", help="With --grad exact: keep the autograd graphs of as many sampling "
+                      "steps as fit in this much memory (e.g. 8GiB, inf) instead of recomputing them: as fast as "
+                      "back-propagation where memory allows, the same gradient [default: recompute every step].")
 SOLVER = typer.Option(None, "--solver", help="ODE solver: ddim | dpmpp2m | heun (default: the model's).")
 STEPS = typer.Option(None, "--steps", help="Sampling steps (default: the model's).")
 GUIDANCE = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; on the embedded model audit, stylize and invert use 1, their recipe).")
@@ -73,6 +76,17 @@ def _processes(device: str):
     from .common import _device
 
     return from_environment(_device(device))
+
+
+def with_memory_budget(grad: str, memory_budget: str | None) -> str:
+    """``--grad exact`` with ``--memory-budget B`` is the mode ``exact:memory=B``."""
+    if memory_budget is None:
+        return grad
+    if not str(grad).startswith("exact"):
+        from .errors import UserInputError
+
+        raise UserInputError(f"--memory-budget applies to --grad exact (it keeps exact's step graphs), not {grad!r}")
+    return f"{grad}{',' if ':' in grad else ':'}memory={memory_budget}"
 
 
 def _session(model, grad, solver, steps, guidance_scale, device, critics, dp):
@@ -159,7 +173,7 @@ def guide(
     optimizer: str = typer.Option("normalized", "--optimizer", help="normalized (x -= lr * g / rms(g), per noise) | adamw."),
     stop_loss: Optional[float] = typer.Option(None, "--stop-loss", help="A noise whose loss falls below this is done (0: never) (default: 0.1 for classifiers, 0 otherwise)."),
     iters: int = typer.Option(20, "--iters", help="Optimisation iterations."),
-    model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
+    model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
     checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
     critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
@@ -177,6 +191,7 @@ def guide(
                             optimizer=optimizer, stop_loss=stop_loss)
         return GuideTask(s, opts, target, judge_obj, seed=seed)
 
+    grad = with_memory_budget(grad, memory_budget)
     _run_application(make_task, ["judge_accuracy", "frechet_to_class", "critic_accuracy", "clip_score", "plugin_loss",
                                  "judge_clip_score"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
                      model, grad, solver, steps, guidance_scale, device, critics, debug)
@@ -194,7 +209,7 @@ def audit(
     step_size: float = typer.Option(0.05, "--step-size", help="RMS size of one normalised gradient step."),
     margin: float = typer.Option(0.02, "--margin", help="Safety attack: margin below the thresholds."),
     iters: int = typer.Option(6, "--iters", help="Maximum attack iterations."),
-    model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
+    model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
     checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
     critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
@@ -208,6 +223,7 @@ def audit(
         target = audit_attack(s, attack=attack, classifier=classifier, margin=margin, judge=judge)
         return AuditTask(s, AuditOptions(n=n, eps=eps, step_size=step_size, margin=margin, prompt=prompt), target, seed=seed)
 
+    grad = with_memory_budget(grad, memory_budget)
     _run_application(make_task, ["success_rate", "judge_keeps_label"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
                      model, grad, solver, steps, recipe_guidance("audit", model, guidance_scale), device, critics, debug)
 
@@ -227,7 +243,7 @@ def stylize(
     n_eval: int = typer.Option(32, "--n-eval", help="Fresh (prompt, noise) pairs for the metrics."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One prompt for all pairs (default: the digit prompts; '' on other models)."),
     iters: int = typer.Option(10, "--iters", help="Optimisation iterations."),
-    model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
+    model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
     checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
     critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
@@ -244,6 +260,7 @@ def stylize(
                               batch=batch, n_eval=n_eval, prompt=prompt or "")
         return StylizeTask(s, opts, objective, judge_obj, seed=seed, prompts=prompts, references=named)
 
+    grad = with_memory_budget(grad, memory_budget)
     _run_application(make_task, ["style_loss", "judge_accuracy", "plugin_loss"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
                      model, grad, solver, steps, recipe_guidance("stylize", model, guidance_scale), device, critics, debug)
 
@@ -259,7 +276,7 @@ def invert(
     lr: float = typer.Option(0.1, "--lr", help="AdamW learning rate for the embedding."),
     init_prompt: str = typer.Option("", "--init-prompt", help="Prompt whose embedding initialises the search (default: empty)."),
     iters: int = typer.Option(10, "--iters", help="Optimisation iterations."),
-    model: Optional[Path] = MODEL, grad: str = GRAD, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
+    model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
     checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
     critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
@@ -274,6 +291,7 @@ def invert(
                                            n_train=n_train, n_heldout=n_heldout, lr=lr, init_prompt=init_prompt),
                           seed=seed, loss=invert_loss(s, loss=loss))
 
+    grad = with_memory_budget(grad, memory_budget)
     _run_application(make_task, ["psnr_train", "psnr_heldout", "plugin_loss_train", "plugin_loss_heldout"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
                      model, grad, solver, steps, recipe_guidance("invert", model, guidance_scale), device, critics, debug)
 
