@@ -167,12 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     return _sweep_command(args)
 
 
-def _budget_command(args) -> int:
-    from .budget import BudgetConfig, budget_table, plot_budget, run_budget
-    from .common import PRESETS, embedded_available, write_json
+def _model_specs(names: list[str], notes: list[str]) -> list:
+    """The model presets named; the embedded model is left out, with a note, where it is not available."""
+    from .common import PRESETS, embedded_available
 
-    specs, notes = [], []
-    for name in _csv(args.models):
+    specs = []
+    for name in names:
         if name not in PRESETS:
             raise SystemExit(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
         if PRESETS[name].kind == "embedded":
@@ -182,6 +182,15 @@ def _budget_command(args) -> int:
                 print("note:", notes[-1])
                 continue
         specs.append(PRESETS[name])
+    return specs
+
+
+def _budget_command(args) -> int:
+    from .budget import BudgetConfig, budget_table, plot_budget, run_budget
+    from .common import write_json
+
+    notes = []
+    specs = _model_specs(_csv(args.models), notes)
     fractions = tuple(float(f) / 100 for f in _csv(args.fractions))
     cfg = BudgetConfig(models=specs, steps=args.steps, solver=args.solver, wrt=_csv(args.wrt), fractions=fractions,
                        repeats=args.repeats, threads=args.threads, notes=notes)
@@ -196,7 +205,7 @@ def _budget_command(args) -> int:
 
 
 def _sweep_command(args) -> int:
-    from .common import PRESETS, embedded_available, write_json
+    from .common import write_json
     from .modes import ALL_MODES
     from .report import plot_sweep, sweep_tables, targets_table
     from .sweep import SweepConfig, run_sweep
@@ -214,17 +223,7 @@ def _sweep_command(args) -> int:
             args.steps = "10,25"
             names = [n for n in names if n != "embedded"]
             notes.append("--quick: N ∈ {10, 25}, random UNet only")
-    specs = []
-    for name in names:
-        if name not in PRESETS:
-            raise SystemExit(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
-        if PRESETS[name].kind == "embedded":
-            ok, why = embedded_available()
-            if not ok:
-                notes.append(f"embedded digits model skipped: {why}")
-                print("note:", notes[-1])
-                continue
-        specs.append(PRESETS[name])
+    specs = _model_specs(names, notes)
     cfg = SweepConfig(suite=suite, models=specs, solvers=solvers, steps=_ints(args.steps), modes=modes,
                       wrt=_csv(args.wrt), repeats=args.repeats, mem_limit_gib=args.mem_limit_gib,
                       threads=args.threads, mmap_threshold=args.mmap_threshold,

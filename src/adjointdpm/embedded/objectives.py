@@ -15,6 +15,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ..tasks.objectives import StyleObjective
 from .critics import feature_stats, frechet_distance, prepare
 
 DIGITS = range(10)
@@ -244,9 +245,8 @@ def content_features(guide: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return guide.body(prepare(x))
 
 
-class DigitStyle:
-    """stylize: the guide trunk's Gram style loss + λ · relative distance of the guide's penultimate features
-    to the untuned image's (content)."""
+class DigitStyle(StyleObjective):
+    """stylize: the guide trunk's Gram style loss; content = the guide's penultimate features."""
 
     kind = "digits"
 
@@ -257,20 +257,8 @@ class DigitStyle:
     def describe(self) -> dict:
         return {"critic": "digits guide trunk (Gram matrices)"}
 
-    @torch.no_grad()
-    def calibrate(self, train_images):
-        self.style.calibrate(train_images)
-        self.train_content = content_features(self.guide, train_images)
-
-    def loss(self, images, *, prompts, indices):
-        phi = content_features(self.guide, images)
-        ref = self.train_content[torch.as_tensor(indices, device=phi.device)]
-        content = (phi - ref).pow(2).sum(1) / ref.pow(2).sum(1).clamp_min(1e-8)
-        return self.style(images) + self.content_weight * content
-
-    @torch.no_grad()
-    def metrics(self, images) -> dict:
-        return {"style_loss": float(self.style(images).mean())}
+    def content(self, images):
+        return content_features(self.guide, images)
 
 
 def outline_reference(shape: tuple[int, int, int]) -> torch.Tensor:

@@ -234,9 +234,33 @@ class SafetyAttack(ClassifierAttack):
 
 
 # ------------------------------------------------------------------------------------- stylize
-class BackboneStyle:
-    """stylize: Gram style loss on a vision backbone + λ · relative distance of its last hidden state to the
-    untuned image's (content)."""
+class StyleObjective:
+    """stylize: a Gram style loss + λ · relative distance of the image's content features to the untuned
+    image's. Subclasses set ``style`` and ``content_weight`` and say what the content features are."""
+
+    kind = "style"
+
+    def content(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def calibrate(self, train_images):
+        self.style.calibrate(train_images)
+        self.train_content = self.content(train_images)
+
+    def loss(self, images, *, prompts, indices):
+        phi = self.content(images)
+        ref = self.train_content[torch.as_tensor(indices, device=phi.device)]
+        content = (phi - ref).pow(2).sum(1) / ref.pow(2).sum(1).clamp_min(1e-8)
+        return self.style(images) + self.content_weight * content
+
+    @torch.no_grad()
+    def metrics(self, images) -> dict:
+        return {"style_loss": float(self.style(images).mean())}
+
+
+class BackboneStyle(StyleObjective):
+    """stylize: Gram style loss on a vision backbone; content = its last hidden state."""
 
     kind = "backbone"
 
@@ -249,20 +273,8 @@ class BackboneStyle:
     def describe(self) -> dict:
         return {"critic": f"backbone {self.backbone.path} (Gram matrices)"}
 
-    @torch.no_grad()
-    def calibrate(self, train_images):
-        self.style.calibrate(train_images)
-        self.train_content = self.backbone.content(train_images)
-
-    def loss(self, images, *, prompts, indices):
-        phi = self.backbone.content(images)
-        ref = self.train_content[torch.as_tensor(indices, device=phi.device)]
-        content = (phi - ref).pow(2).sum(1) / ref.pow(2).sum(1).clamp_min(1e-8)
-        return self.style(images) + self.content_weight * content
-
-    @torch.no_grad()
-    def metrics(self, images) -> dict:
-        return {"style_loss": float(self.style(images).mean())}
+    def content(self, images):
+        return self.backbone.content(images)
 
 
 class PluginStyle(PluginTarget):
