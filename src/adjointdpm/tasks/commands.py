@@ -27,7 +27,7 @@ GRAD = typer.Option("exact", "--grad", help=GRAD_HELP)
 MEMORY = typer.Option(None, "--memory-budget", help="With --grad exact: keep the autograd graphs of as many sampling "
                       "steps as fit in this much memory (e.g. 8GiB, inf) instead of recomputing them: as fast as "
                       "back-propagation where memory allows, the same gradient [default: recompute every step].")
-SOLVER = typer.Option(None, "--solver", help="ODE solver: ddim | dpmpp2m | heun (default: the model's).")
+SOLVER = typer.Option(None, "--solver", help="Sampler: ddim | dpmpp2m | heun (probability-flow ODE), or stochastic: ddpm | euler_ancestral | dpmpp2m_sde | lcm (default: the model's).")
 STEPS = typer.Option(None, "--steps", help="Sampling steps (default: the model's).")
 GUIDANCE = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; on the embedded model audit, stylize and invert use 1, their recipe).")
 SEED = typer.Option(0, "--seed", help="Seed of the noises (and of each iteration's randomness).")
@@ -166,6 +166,7 @@ def guide(
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay for the noise."),
     renorm: bool = typer.Option(True, "--renorm/--no-renorm", help="Put x_T back on the Gaussian shell after each step (DOODL)."),
     optimize_cond: bool = typer.Option(False, "--optimize-cond", help="Also optimise the prompt embedding (shared by the batch)."),
+    optimize_noises: bool = typer.Option(False, "--optimize-noises", help="With a stochastic --solver (ddpm, euler_ancestral, dpmpp2m_sde, lcm): also optimise every step's injected noise (written as noises in latents.safetensors)."),
     cond_lr: float = typer.Option(0.01, "--cond-lr", help="Learning rate for the prompt embedding."),
     start_step: int = typer.Option(0, "--start-step", help="Optimise the sampler's state at this step instead of x_T (0 = x_T)."),
     views: Optional[int] = typer.Option(None, "--views", "--augment", help="Random affine views per image in the loss (cutouts); 0: none (default: 8 for critics, 0 for --loss)."),
@@ -187,6 +188,7 @@ def guide(
         target, judge_obj, text = guide_objective(s, loss=loss, classifier=classifier, clip=clip, clip_prompt=clip_prompt,
                                                   target_class=target_class, judge=judge, prompt=prompt)
         opts = GuideOptions(prompt=text, n=n, lr=lr, weight_decay=weight_decay, renorm=renorm, optimize_cond=optimize_cond,
+                            optimize_noises=optimize_noises,
                             cond_lr=cond_lr, start_step=start_step, views=views, view_noise=view_noise,
                             optimizer=optimizer, stop_loss=stop_loss)
         return GuideTask(s, opts, target, judge_obj, seed=seed)

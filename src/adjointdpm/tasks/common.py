@@ -100,14 +100,22 @@ class Session:
         self._critics = None
         settings = self.comps.settings
         self.solver = engine.solver or settings.get("default_solver", "dpmpp2m")
-        if self.solver not in adpm.SOLVERS:
-            raise UserInputError(f"unknown --solver {self.solver!r}; use one of {', '.join(adpm.SOLVERS)}")
+        known = [*adpm.SOLVERS, *adpm.STOCHASTIC_SOLVER_NAMES]
+        if self.solver not in known:
+            raise UserInputError(f"unknown --solver {self.solver!r}; use one of {', '.join(known)}")
+        # stochastic solvers draw their injected noises from one seeded stream (the same at every call, so a
+        # resumed run continues identically) unless a task optimises them
+        self.stochastic = self.solver in adpm.STOCHASTIC_SOLVER_NAMES
+        self.default_noise = adpm.SeededNoise(0) if self.stochastic else None
         self.steps = int(settings.get("default_steps", 20) if engine.steps is None else engine.steps)
         if not 1 <= self.steps <= 1000:
             raise UserInputError(f"--steps must be in 1..1000, got {self.steps}")
         w = settings.get("default_guidance_scale", 1.0) if engine.guidance_scale is None else engine.guidance_scale
         self.grad_spec = engine.grad
         self.grad = parse_grad(engine.grad)
+        if self.stochastic and (isinstance(self.grad, OneStep) or self.grad.name in ("adjoint", "reversible")):
+            raise UserInputError(f"--solver {self.solver} injects noise: --grad {engine.grad} is defined for the "
+                                 "deterministic samplers only; use --grad exact, backprop, checkpoint or truncated")
         self._encode_kwargs = {}
         if self.comps.family == "sd":
             # SD 1.x/2.x and the embedded model: N times uniform over the training range (the figures' grid)
@@ -200,14 +208,17 @@ class Session:
         but the reversible one, which samples with EDICT's coupled chain."""
         return self.grad if getattr(self.grad, "name", None) == "reversible" else None
 
-    def sample(self, x_start: torch.Tensor, cond: torch.Tensor, *, grad=None, start: int = 0) -> torch.Tensor:
-        """x_0 (latent) from a state at step ``start`` with an engine gradient mode (None: no graph)."""
+    def sample(self, x_start: torch.Tensor, cond, *, grad=None, start: int = 0, noise=None) -> torch.Tensor:
+        """x_0 (latent) from a state at step ``start`` with an engine gradient mode (None: no graph).
+
+        ``noise``: a stochastic solver's injected noises (N, B, …) (default: the session's seeded stream)."""
         if grad is None and self.forward_mode is not None:
             with torch.no_grad():
                 return self.sample(x_start, cond, grad=self.forward_mode, start=start)
         return adpm.sample(self.network, x_start, schedule=self.schedule, timesteps=self.timesteps(start), cond=cond,
                            uncond=self._uncond_for(cond), guidance_scale=self.guidance_scale, solver=self.solver,
-                           grad=grad, prediction_type=self.comps.prediction_type)
+                           grad=grad, prediction_type=self.comps.prediction_type,
+                           noise=(self.default_noise if noise is None else noise) if self.stochastic else None)
 
     @torch.no_grad()
     def advance(self, x_T: torch.Tensor, cond: torch.Tensor, to_step: int) -> torch.Tensor:
@@ -216,6 +227,8 @@ class Session:
         from ..solvers import make_solver
 
         self.timesteps(to_step)  # validates the index
+        if self.stochastic:
+            raise UserInputError(f"--start-step needs a deterministic --solver (ddim, dpmpp2m, heun), not {self.solver}")
         grid = self.grid()
         den = Denoiser(self.network, self.path, self.comps.prediction_type, self.guidance_scale, {})
         solver = make_solver(self.solver, den, grid)
@@ -236,12 +249,14 @@ class Session:
         return adpm.grid_from_scheduler(self.schedule, self.path, self.timesteps(start))
 
     @torch.no_grad()
-    def generate(self, x_start: torch.Tensor, cond, *, start: int = 0, batch_size: int = 64) -> torch.Tensor:
-        """Images in [-1, 1] (no graph), in batches."""
+    def generate(self, x_start: torch.Tensor, cond, *, start: int = 0, batch_size: int = 64,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [-1, 1] (no graph), in batches (``noise``: (N, B, …) injected noises of a stochastic solver)."""
         out = []
         for i in range(0, x_start.shape[0], batch_size):
             c = cond if conditions.count(cond) == 1 else conditions.rows(cond, slice(i, i + batch_size))
-            out.append(self.decode(self.sample(x_start[i:i + batch_size], c, grad=None, start=start)).float())
+            z = None if noise is None else noise[:, i:i + batch_size]
+            out.append(self.decode(self.sample(x_start[i:i + batch_size], c, grad=None, start=start, noise=z)).float())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -257,8 +272,8 @@ class Session:
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return self.comps.decode(x0)
 
-    def sampled_loss(self, x_start: torch.Tensor, cond: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor],
-                     *, weights: torch.Tensor | None = None, start: int = 0):
+    def sampled_loss(self, x_start: torch.Tensor, cond, objective: Callable[[torch.Tensor], torch.Tensor],
+                     *, weights: torch.Tensor | None = None, start: int = 0, noise: torch.Tensor | None = None):
         """Sample x_0 from ``x_start`` with this session's gradient mode and apply ``objective``.
 
         ``objective(x0_latent) -> (B,)`` per-sample losses (it decodes itself); ``weights`` (B,)
@@ -273,7 +288,7 @@ class Session:
 
             per, x0 = onestep_backward(self, x_start, cond, objective, w, start=start)
             return (per * w).sum().detach(), per, x0
-        x0 = self.sample(x_start, cond, grad=self.grad, start=start)
+        x0 = self.sample(x_start, cond, grad=self.grad, start=start, noise=noise)
         per = objective(x0)
         return (per * w.to(per.dtype)).sum(), per.detach(), x0.detach()
 

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import adjointdpm as adpm
+
 from ..critics.views import random_affine
 from .common import Session
 from . import conditions
@@ -44,6 +46,7 @@ class GuideOptions:
     weight_decay: float = 0.0
     renorm: bool = True
     optimize_cond: bool = False
+    optimize_noises: bool = False  # with a stochastic solver: optimise every injected noise too (DNO)
     cond_lr: float = 0.01
     start_step: int = 0
     views: int | None = None  # random affine views per image (the paper's cutouts); None: the target's default
@@ -89,6 +92,15 @@ class GuideTask(Task):
         self.radius = (torch.full((n,), d ** 0.5, device=x.device) if o.start_step == 0
                        else x.flatten(1).norm(dim=1)).to(x.dtype)
         self.cond, self.cond_leaves = conditions.trainable(self.cond0, o.optimize_cond)
+        self.noise = None
+        if o.optimize_noises:
+            if not s.stochastic:
+                raise UserInputError("--optimize-noises needs a stochastic --solver (ddpm, euler_ancestral, "
+                                     f"dpmpp2m_sde, lcm), not {s.solver}")
+            if o.start_step or self.dp.world_size > 1:
+                raise UserInputError("--optimize-noises runs in one process from x_T (no --start-step)")
+            # the injected noises of every step, (N, B, …): a leaf optimised beside x_T
+            self.noise = adpm.noise_tensor(self.seed + 1, s.steps, x).requires_grad_(True)
         self.best_x = self.x.detach().clone()
         self.best_loss = torch.full((n,), float("inf"), device=x.device)
         self.done = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -97,7 +109,7 @@ class GuideTask(Task):
 
     @property
     def keeps_best(self) -> bool:
-        return self.opts.keep_best and not self.opts.optimize_cond
+        return self.opts.keep_best and not (self.opts.optimize_cond or self.opts.optimize_noises)
 
     def result_x(self) -> torch.Tensor:
         """The optimised state: per sample the best iterate seen (keep_best), else the last one."""
@@ -123,6 +135,8 @@ class GuideTask(Task):
                              {"lr": o.lr, "weight_decay": o.weight_decay}, sharded=True)]
         if o.optimize_cond:
             groups.append(ParamGroup("cond", self.cond_leaves, {"lr": o.cond_lr, "weight_decay": 0.0}))
+        if o.optimize_noises:
+            groups.append(ParamGroup("noises", {"noise": self.noise}, {"lr": o.lr, "weight_decay": o.weight_decay}))
         return groups
 
     def make_optimizer(self, groups):
@@ -181,7 +195,7 @@ class GuideTask(Task):
         x = self.x if idx.numel() == n else self.x[idx]
         weights = None if active == idx.numel() else torch.full((idx.numel(),), 1.0 / active, device=x.device)
         loss, per, x0 = self.session.sampled_loss(x, self.cond, self.objective, weights=weights,
-                                                  start=self.opts.start_step)
+                                                  start=self.opts.start_step, noise=self.noise)
         logs = {"active": float(active)}
         with torch.no_grad():
             per = per.to(self.best_loss.dtype)  # per-sample losses of the current x
@@ -203,13 +217,17 @@ class GuideTask(Task):
         if self.opts.renorm:
             norm = self.x.flatten(1).norm(dim=1).clamp_min(1e-12)
             self.x.mul_((self.radius / norm).view(-1, *([1] * (self.x.dim() - 1))))
+            if self.noise is not None:  # every injected noise back on the sphere of its dimension
+                z = self.noise.flatten(2)
+                z.mul_((z.shape[-1] ** 0.5 / z.norm(dim=2, keepdim=True).clamp_min(1e-12)))
         if self.done.any():  # (momentum would still move them)
             self.x[self.done] = self.best_x[self.done]
 
     def evaluate(self, stage: str) -> Evaluation:
         s, o = self.session, self.opts
         x = self.result_x() if stage == "after" else self.x.detach()
-        images = self.dp.gather_shards(s.generate(x, conditions.detached(self.cond), start=o.start_step))
+        noise = None if self.noise is None else self.noise.detach()
+        images = self.dp.gather_shards(s.generate(x, conditions.detached(self.cond), start=o.start_step, noise=noise))
         prompts = [self.prompt] * images.shape[0]
         metrics = dict(self.target.metrics(images))
         if self.judge is not None:
@@ -235,6 +253,8 @@ class GuideTask(Task):
         from safetensors.torch import save_file
 
         tensors = {"latents": self.dp.gather_shards(self.result_x()).cpu().contiguous()}
+        if self.noise is not None:  # adpm.sample(…, solver=…, noise=t["noises"]) re-samples the result
+            tensors["noises"] = self.noise.detach().cpu().contiguous()
         if self.opts.optimize_cond:
             tensors.update(conditions.pipeline_tensors(self.cond, self.session.uncond))
         if self.dp.is_main:
