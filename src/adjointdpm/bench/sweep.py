@@ -132,7 +132,7 @@ def job_timing(job: dict) -> dict:
     torch.manual_seed(0)
     setup = build_setup(spec, torch.float32)
     solver, steps, wrt, modes = job["solver"], job["steps"], job["wrt"], job["modes"]
-    refs = {fam: torch.load(path) for fam, path in job["references"].items() if path and os.path.exists(path)}
+    refs = {fam: torch.load(path, weights_only=True) for fam, path in job["references"].items() if path and os.path.exists(path)}
     _warm_up(setup, solver)
     times = {m: [] for m in modes}
     cpu_times = {m: [] for m in modes}

@@ -133,10 +133,10 @@ def main(args) -> int:
                 result["rows"].append(row)
                 print(_line(row), flush=True)
             if Path(paths.get("plain", "")).exists():
-                plain = torch.load(paths["plain"])
+                plain = torch.load(paths["plain"], weights_only=True)
                 for row in result["rows"]:
                     if row["size"] == size and Path(paths[row["variant"]]).exists():
-                        row["grad_vs_plain"] = compare(torch.load(paths[row["variant"]]), plain)
+                        row["grad_vs_plain"] = compare(torch.load(paths[row["variant"]], weights_only=True), plain)
     result["wall_s"] = time.time() - started
     write_json(args.out, result)
     print()
