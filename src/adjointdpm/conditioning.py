@@ -54,13 +54,14 @@ def map_floating(fn: Callable[[torch.Tensor], torch.Tensor], tree: Tree) -> Tree
     return replace_floating(tree, [fn(leaf) for leaf in floating_leaves(tree)])
 
 
-def tensors_with_paths(tree: Tree, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the tree, named like cond["added_cond_kwargs"]["time_ids"]."""
+def tensors_with_paths(tree: Tree, prefix: str = "", key: str | None = None) -> Iterator[tuple[str, str | None, torch.Tensor]]:
+    """(name, key, tensor) for every tensor of the tree, named like cond["added_cond_kwargs"]["time_ids"]; key is
+    its innermost dict key (None for a tensor tree)."""
     if isinstance(tree, torch.Tensor):
-        yield prefix, tree
+        yield prefix, key, tree
     elif isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from tensors_with_paths(value, f"{prefix}[{key!r}]")
+        for k, value in tree.items():
+            yield from tensors_with_paths(value, f"{prefix}[{k!r}]", k)
 
 
 def _expand(value: torch.Tensor, batch: int) -> torch.Tensor:
@@ -96,16 +97,6 @@ def guidance_pair(uncond: Tree, cond: Tree, batch: int, unbatched: frozenset[str
                 out[key] = guidance_pair(uncond.get(key, value), value, batch, unbatched)
         return out
     return cond
-
-
-def select_rows(tree: Tree, rows: slice, batch: int, unbatched: frozenset[str] = frozenset()) -> Tree:
-    """The rows ``rows`` of every tensor of ``tree`` that has the batch dimension ``batch`` (batch-1 tensors and
-    ``unbatched`` keys are shared by every row and kept whole)."""
-    if isinstance(tree, torch.Tensor):
-        return tree[rows] if tree.ndim >= 1 and tree.shape[0] == batch and batch != 1 else tree
-    if isinstance(tree, dict):
-        return {k: v if k in unbatched else select_rows(v, rows, batch, unbatched) for k, v in tree.items()}
-    return tree
 
 
 def batch_size(tree: Tree, unbatched: frozenset[str] = frozenset()) -> int:

@@ -50,6 +50,10 @@ class Solver:
         """(ε̂, x̂₀) at grid point i."""
         return self.denoiser.eps_and_x0(x, self.grid.point(i), cond, uncond)
 
+    def drift(self, i: int, x, cond, uncond) -> torch.Tensor:
+        """dz/dτ in the grid's coordinates at grid point i (ε̂ for ρ, ε̂ − x̂₀ for κ)."""
+        return self.grid.drift(*self.predict(i, x, cond, uncond))
+
     def step(self, i: int, x, hist: History, cond, uncond) -> tuple[torch.Tensor, History]:
         raise NotImplementedError
 
@@ -97,7 +101,7 @@ class Heun(Solver):
         c, c_next = g.scale_at(i), g.scale_at(i + 1)
         step = g.tau_at(i + 1) - g.tau_at(i)
         z = x / c
-        f = g.drift(*self.predict(i, x, cond, uncond))
+        f = self.drift(i, x, cond, uncond)
         z_pred = z + step * f
         if g.sigma_at(i + 1) == 0.0:  # Euler into the clean sample, as diffusers' Heun does
             return c_next * z_pred, ()

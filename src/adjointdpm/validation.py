@@ -30,8 +30,8 @@ def check_sample_inputs(model, x_T, cond, uncond, guidance_scale: float, style: 
     for name, tree in (("cond", cond), ("uncond", uncond)):
         if tree is not None and not isinstance(tree, (torch.Tensor, dict)):
             raise TypeError(f"{name} must be a tensor or a dict of the network's keyword arguments, got {type(tree).__name__}")
-        for path, t in tensors_with_paths(tree, name):
-            _check_conditioning_tensor(path, t, x_T, batch, top_level=path == name)
+        for path, key, t in tensors_with_paths(tree, name):
+            _check_conditioning_tensor(path, key, t, x_T, batch)
     _check_pair(cond, uncond)
     if guidance_scale != 1.0:
         if uncond is None or cond is None:
@@ -51,19 +51,18 @@ def check_sample_inputs(model, x_T, cond, uncond, guidance_scale: float, style: 
         _check_model_matches(model, x_T, cond, style)
     check_tensor("x_T", x_T)
     for name, tree in (("cond", cond), ("uncond", uncond)):
-        for path, t in tensors_with_paths(tree, name):
+        for path, _, t in tensors_with_paths(tree, name):
             if t.is_floating_point():
                 check_tensor(path, t)
 
 
-def _check_conditioning_tensor(name: str, t: torch.Tensor, x_T, batch: int, top_level: bool) -> None:
-    if top_level:
+def _check_conditioning_tensor(name: str, key: str | None, t: torch.Tensor, x_T, batch: int) -> None:
+    if key is None:  # cond given as a tensor: the embeddings themselves
         check_tensor(name, t, finite=False)
     if t.device != x_T.device:
         raise ValueError(f"{name} is on {t.device} but x_T is on {x_T.device}; move both to one device with .to()")
     if t.is_floating_point() and t.ndim >= 2 and t.dtype != x_T.dtype:
         raise TypeError(f"{name} is {t.dtype} but x_T is {x_T.dtype}; use one dtype, e.g. {name}.to(x_T.dtype)")
-    key = name.rsplit("[", 1)[-1].strip("]'\"")
     if key not in UNBATCHED_KEYS and t.ndim >= 1 and t.shape[0] not in (1, batch):
         raise ValueError(f"{name} has batch {t.shape[0]} but x_T has batch {batch}; give {name} batch 1 or {batch}")
 

@@ -111,11 +111,9 @@ class Adjoint(CustomBackwardMode):
     def _drift_vjp(self, solver, k, y, a, weight, acc, target_weight=None):
         """f(y, ρ_k) and weight·(−aᵀ ∂f/∂y); adds weight·(−aᵀ ∂f/∂(c, θ)) to the buffers
         (target_weight·(−aᵀ ∂f/∂(c, θ)) instead, if given)."""
-        grid = solver.grid
-        denoiser, scale, point = solver.denoiser, grid.scale_at(k), grid.point(k)
+        scale = solver.grid.scale_at(k)
         (f,), (y_bar,) = acc.vjp(
-            lambda y, cond, uncond: (grid.drift(*denoiser.eps_and_x0(scale * y, point, cond, uncond)),),
-            [y], [-weight * a], target_weight,
+            lambda y, cond, uncond: (solver.drift(k, scale * y, cond, uncond),), [y], [-weight * a], target_weight
         )
         return f, _or_zeros(y_bar, a)
 

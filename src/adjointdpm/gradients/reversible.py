@@ -85,7 +85,7 @@ class Reversible(CustomBackwardMode):
     def pull_back(self, solver, record, grad_x0, acc):
         x, y = record
         p, q = float(self.p), 1.0 - float(self.p)
-        eps = drift_function(solver)
+        drift = solver.drift
         x_bar, y_bar = grad_x0, torch.zeros_like(grad_x0)
         for i in reversed(range(solver.num_steps)):
             a, b = step_coefficients(solver.grid, i)
@@ -95,12 +95,12 @@ class Reversible(CustomBackwardMode):
             x_total = x_bar + q * y_bar
             x_mid_bar, y_mid_bar = p * x_total, p * y_bar + q * x_total
             # y' = a y + b ε̂(x'): one call at x', with graph
-            (e_x,), (g,) = acc.vjp(lambda v, c, u: (eps(v, i, c, u),), [x_mid], [b * y_mid_bar])
+            (e_x,), (g,) = acc.vjp(lambda v, c, u: (drift(i, v, c, u),), [x_mid], [b * y_mid_bar])
             if g is not None:
                 x_mid_bar = x_mid_bar + g
             y = (y_mid - b * e_x) / a
             # x' = a x + b ε̂(y): one call at the reconstructed y, with graph
-            (e_y,), (g,) = acc.vjp(lambda v, c, u: (eps(v, i, c, u),), [y], [b * x_mid_bar])
+            (e_y,), (g,) = acc.vjp(lambda v, c, u: (drift(i, v, c, u),), [y], [b * x_mid_bar])
             x = (x_mid - b * e_y) / a
             y_bar = a * y_mid_bar if g is None else a * y_mid_bar + g
             x_bar = a * x_mid_bar
@@ -121,22 +121,12 @@ def step_coefficients(grid, i: int) -> tuple[float, float]:
     return c_next / c, c_next * (grid.tau_at(i + 1) - grid.tau_at(i))
 
 
-def drift_function(solver):
-    """f(x, i, cond, uncond): the drift dz/dτ at grid point i."""
-    grid, denoiser = solver.grid, solver.denoiser
-
-    def f(x, i, cond, uncond):
-        return grid.drift(*denoiser.eps_and_x0(x, grid.point(i), cond, uncond))
-
-    return f
-
-
 def edict_step(solver, i: int, x, y, cond, uncond, p: float):
     """One EDICT step (x_i, y_i) → (x_{i+1}, y_{i+1}); differentiable if its inputs are."""
     a, b = step_coefficients(solver.grid, i)
-    eps = drift_function(solver)
-    x_mid = a * x + b * eps(y, i, cond, uncond)
-    y_mid = a * y + b * eps(x_mid, i, cond, uncond)
+    drift = solver.drift
+    x_mid = a * x + b * drift(i, y, cond, uncond)
+    y_mid = a * y + b * drift(i, x_mid, cond, uncond)
     x_next = p * x_mid + (1 - p) * y_mid
     return x_next, p * y_mid + (1 - p) * x_next
 
@@ -144,11 +134,11 @@ def edict_step(solver, i: int, x, y, cond, uncond, p: float):
 def edict_invert_step(solver, i: int, x_next, y_next, cond, uncond, p: float):
     """The inverse of ``edict_step``: (x_{i+1}, y_{i+1}) → (x_i, y_i)."""
     a, b = step_coefficients(solver.grid, i)
-    eps = drift_function(solver)
+    drift = solver.drift
     y_mid = (y_next - (1 - p) * x_next) / p
     x_mid = (x_next - (1 - p) * y_mid) / p
-    y = (y_mid - b * eps(x_mid, i, cond, uncond)) / a
-    return (x_mid - b * eps(y, i, cond, uncond)) / a, y
+    y = (y_mid - b * drift(i, x_mid, cond, uncond)) / a
+    return (x_mid - b * drift(i, y, cond, uncond)) / a, y
 
 
 def edict_sample(solver, x_T, cond, uncond, p: float = 0.93):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..conditioning import batch_size
+from ..conditioning import batch_size, map_floating
 from ..model import UNBATCHED_KEYS
 
 #: conditioning keys that are embeddings of the prompt (trainable), with the pipeline argument that takes them
@@ -40,9 +40,7 @@ def shard(dp, cond):
 
 
 def detached(cond):
-    if isinstance(cond, torch.Tensor):
-        return cond.detach()
-    return {k: detached(v) if isinstance(v, (dict, torch.Tensor)) else v for k, v in cond.items()}
+    return map_floating(torch.Tensor.detach, cond)
 
 
 def trainable(cond, requires_grad: bool = True):
