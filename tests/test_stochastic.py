@@ -254,21 +254,58 @@ def test_a_resumed_stream_continues_where_it_stopped():
     assert torch.equal(adpm.SeededNoise(5, offset=3).noise_at(1, like), full[4])
 
 
+def test_per_sample_seeds_make_each_samples_noises_its_own():
+    """noise=[s_1, …, s_B] (or one generator per sample, diffusers' generator=[…]): sample b's noises come
+    from s_b alone, so sampling a subset of rows gives those rows' samples; the gradients with the seeds
+    regenerated equal those with the noises stored."""
+    name, make, solver, eta, _ = CASES["ddpm"]
+    family, net, x, cond, uncond = _setup(name, batch=3)
+    seeds, steps = [4, 11, 2], 3
+    stream = adpm.SeededNoise(seeds)
+    like = x
+    full = adpm.noise_tensor(seeds, steps, like)
+    assert torch.equal(full[:, 1], adpm.noise_tensor([11], steps, like[1:2])[:, 0])
+    assert torch.equal(adpm.noise_tensor(stream.rows(torch.tensor([2, 0])).seed, steps, like[:2]), full[:, [2, 0]])
+    assert torch.equal(adpm.noise_tensor(stream.rows(slice(1, 3)).seed, steps, like[:2]), full[:, 1:])
+    whole = _sample(family, net, x, cond, uncond, make(steps), solver, eta, seeds, None)
+    rows = [2, 0]
+    pick = lambda tree: map_floating(lambda t: t[rows] if t.shape[0] == 3 else t, tree)  # noqa: E731
+    part = _sample(family, net, x[rows], pick(cond), pick(uncond), make(steps), solver, eta, [seeds[r] for r in rows], None)
+    assert _rel(part, whole[rows]) <= 1e-10
+    by_generators = _sample(family, net, x, cond, uncond, make(steps), solver, eta,
+                            [torch.Generator().manual_seed(s) for s in seeds], None)
+    assert torch.equal(by_generators, _sample(family, net, x, cond, uncond, make(steps), solver, eta,
+                                              [torch.Generator().manual_seed(s) for s in seeds], None))
+    assert torch.equal(whole, _sample(family, net, x, cond, uncond, make(steps), solver, eta, full, None))
+    grads = []
+    for noise in (seeds, full):
+        xs = x.clone().requires_grad_()
+        _sample(family, net, xs, cond, uncond, make(steps), solver, eta, noise, "exact").square().sum().backward()
+        grads.append(xs.grad)
+    assert _rel(grads[0], grads[1]) <= 1e-12
+    with pytest.raises(ValueError, match="3 samples: give one per sample"):
+        _sample(family, net, x, cond, uncond, make(steps), solver, eta, seeds[:2], None)
+    with pytest.raises(ValueError, match="cannot be taken apart"):
+        adpm.SeededNoise(3).rows([0])
+
+
 def test_a_noise_tensor_computed_from_a_leaf():
-    """DNO-style parametrisations (noise = f(leaf)): backprop and checkpoint carry the gradient to the leaf
-    and agree; exact, which differentiates leaf tensors only, says so."""
+    """DNO-style parametrisations (noise = f(leaf), or the rows of a larger noise tensor still being
+    optimised): every mode carries the gradient through f to the leaf, and they agree."""
     name, make, solver, eta, _ = CASES["lcm"]
     family, net, x, cond, uncond = _setup(name)
-    grads = []
-    for mode in ("backprop", "checkpoint"):
-        base = _noise(3, x).requires_grad_()
-        x0 = _sample(family, net, x, cond, uncond, make(3), solver, eta, 0.5 * base, mode)
+    grads = {}
+    for mode in ("backprop", "checkpoint", "exact", adpm.Exact(memory=0)):
+        base = torch.cat([_noise(3, x), _noise(3, x, seed=4)], dim=1).requires_grad_()
+        rows = torch.tensor([0, 3])  # two of the four samples: a non-leaf row slice, then scaled
+        x0 = _sample(family, net, x, cond, uncond, make(3), solver, eta, 0.5 * base[:, rows], mode)
         x0.square().sum().backward()
-        grads.append(base.grad)
-    assert grads[0].abs().sum() > 0 and _rel(grads[1], grads[0]) <= 1e-8
-    base = _noise(3, x).requires_grad_()
-    with pytest.raises(ValueError, match="not a leaf"):
-        _sample(family, net, x, cond, uncond, make(3), solver, eta, 0.5 * base, "exact")
+        grads[str(mode)] = base.grad
+    reference = grads.pop("backprop")
+    assert reference[:, rows].abs().sum() > 0
+    assert reference[:, [1, 2]].abs().sum() == 0, "rows not sampled get no gradient"
+    for mode, grad in grads.items():
+        assert _rel(grad, reference) <= 1e-8, mode
 
 
 # ------------------------------------------------------------------------------------------ bad input

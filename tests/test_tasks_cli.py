@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import adjointdpm as adpm
 from safetensors.torch import load_file
 
 from test_tasks_fixtures import build_tiny_latent_model
@@ -248,32 +250,55 @@ def test_memory_budget_keeps_the_exact_gradient(tmp_path, capsys):
     assert code == 2 and "--memory-budget applies to --grad exact" in err and err.count("\n") == 1
 
 
-def test_guide_optimises_the_injected_noises_of_a_stochastic_sampler(tmp_path, capsys):
-    """--optimize-noises with --solver ddpm: x_T and every step's noise are optimised, the loss falls, and the
-    saved (latents, noises) re-sample the after/ images through adpm.sample."""
-    import adjointdpm as adpm
-    from adjointdpm.tasks.common import EngineOptions, Session
-
-    out = tmp_path / "noises"
-    code, _, err = cli(["guide", "--out", out, "--target-class", "4", "--n", "2", "--iters", "3", "--lr", "0.2",
-                        "--solver", "ddpm", "--optimize-noises", *EXACT], capsys)
-    assert code == 0, err
-    s = _summary(out)
-    assert s["loss"]["min"] < s["loss"]["first"] and s["settings"]["optimize_noises"]
-    saved = load_file(str(out / "latents.safetensors"))
-    assert saved["noises"].shape == (5, 2, *saved["latents"].shape[1:])
-    session = Session(None, EngineOptions(grad="exact", solver="ddpm", steps=5,
-                                          guidance_scale=s["settings"]["guidance_scale"]))
-    with torch.no_grad():
-        again = session.generate(saved["latents"], session.encode([s["settings"]["prompt"]]), noise=saved["noises"])
+def _after_images(out: Path) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
     pngs = sorted((out / "after").glob("[0-9]*.png"))
-    after = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("L"), dtype=np.float32)) / 255 for f in pngs])
-    assert ((again[:, 0].clamp(-1, 1) + 1) / 2 - after).abs().max() <= 0.6 / 255
-    assert not torch.allclose(saved["noises"], adpm.noise_tensor(1, 5, saved["latents"]))  # moved from the start
-    code, _, err = cli(["guide", "--out", tmp_path / "bad", "--optimize-noises", *TINY], capsys)
-    assert code == 2 and "needs a stochastic --solver" in err
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("L"), dtype=np.float32)) / 255 for f in pngs])
+
+
+def _resampled(saved: dict, settings: dict, solver: str, prompt: str, latents: str = "latents") -> torch.Tensor:
+    """The images adpm.sample gives from a command's saved x_T and injected noises, in [0, 1]."""
+    from adjointdpm.tasks.common import EngineOptions, Session
+
+    session = Session(None, EngineOptions(grad="exact", solver=solver, steps=settings["steps"],
+                                          guidance_scale=settings["guidance_scale"]))
+    with torch.no_grad():
+        images = session.generate(saved[latents], session.encode([prompt]), noise=saved["noises"])
+    return (images[:, 0].clamp(-1, 1) + 1) / 2
+
+
+@pytest.mark.parametrize("optimize_noises", [True, False])
+def test_guide_with_a_stochastic_sampler_saves_what_resamples_its_images(tmp_path, capsys, optimize_noises):
+    """--solver ddpm: x_T (and with --optimize-noises every step's injected noise, kept best with x_T) are
+    optimised, the loss falls, and the saved (latents, noises) re-sample the after/ images through adpm.sample;
+    unoptimised, the noises are each sample's seeded stream, which --optimize-noises starts from."""
+    from adjointdpm.tasks.common import EngineOptions, Session
+
+    out = tmp_path / "noises"
+    flag = ["--optimize-noises"] if optimize_noises else []
+    code, _, err = cli(["guide", "--out", out, "--target-class", "4", "--n", "3", "--iters", "3", "--lr", "0.2",
+                        "--stop-loss", "0", "--solver", "ddpm", *flag, *EXACT], capsys)
+    assert code == 0, err
+    s = _summary(out)
+    assert s["loss"]["min"] < s["loss"]["first"] and s["settings"]["optimize_noises"] == optimize_noises
+    saved = load_file(str(out / "latents.safetensors"))
+    assert saved["noises"].shape == (5, 3, *saved["latents"].shape[1:])
+    again = _resampled(saved, s["settings"], "ddpm", s["settings"]["prompt"])
+    assert (again - _after_images(out)).abs().max() <= 0.6 / 255
+    session = Session(None, EngineOptions(grad="exact", solver="ddpm", steps=5))
+    streams = adpm.noise_tensor(session.noise_streams(range(3), 0).seed, 5, saved["latents"])  # (--seed 0)
+    moved = (saved["noises"] - streams).flatten(2).abs().amax(2)  # (steps, samples)
+    if optimize_noises:
+        assert bool((moved[:-1] > 0).all())  # (the last DDPM step injects nothing: its noise gets no gradient)
+    else:
+        assert moved.max() == 0
+
+
+def test_noise_optimisation_is_refused_where_it_cannot_apply(tmp_path, capsys):
+    for command in ("guide", "audit"):
+        code, _, err = cli([command, "--out", tmp_path / f"bad-{command}", "--optimize-noises", *TINY], capsys)
+        assert code == 2 and "needs a stochastic --solver" in err
     code, _, err = cli(["guide", "--out", tmp_path / "bad2", "--solver", "ddpm", "--grad", "adjoint", *TINY], capsys)
     assert code == 2 and "injects noise" in err

@@ -160,6 +160,42 @@ def test_audit_evaluates_the_attacked_images(pix, tmp_path):
     assert np.abs(png - images[0, 0].clamp(-1, 1).numpy()).max() <= 1 / 127.5 + 1e-6  # after/ shows them
 
 
+def test_audit_attacks_the_injected_noises_within_the_budget(pix, tmp_path):
+    """--optimize-noises with a stochastic solver: every injected noise stays within ε of its untouched
+    seeded stream, attacked samples' noises move, samples left out never do, and the success rate is the
+    attacked images' re-sampled from the final (x_T, noises)."""
+    import adjointdpm as adpm
+
+    s = session(pix, grad="exact", solver="ddpm")
+    task = audit_task(s, 4, n=6, eps=0.3, step_size=0.3, optimize_noises=True)
+    summary = run(task, LoopConfig(out=tmp_path, iters=3, progress=False))
+    streams = adpm.noise_tensor(s.noise_streams(range(6), 4).seed, s.steps, task.x).transpose(0, 1)
+    assert torch.equal(task.original_noise, streams)  # the centre: the noises sampled without the option
+    moved = (task.noise.detach() - streams).flatten(1).abs().max(1).values
+    assert float(moved.max()) <= 0.3 + 1e-6 and summary["after"]["noise_linf_max"] == pytest.approx(float(moved.max()))
+    assert float(moved[task.valid].max()) > 0.1
+    assert not task.valid.all() and float(moved[~task.valid].max()) == 0.0  # samples left out never move
+    images = s.generate(task.x.detach(), task.cond, noise=task.noise.detach().transpose(0, 1))
+    c = s.critics
+    success = (c.guide(images).argmax(-1) != task.label) & (c.judge(images).argmax(-1) == task.label) & task.valid
+    assert summary["after"]["success_rate"] == pytest.approx(float(success.sum()) / float(task.valid.sum()))
+
+
+def test_a_samples_injected_noises_do_not_depend_on_its_batch(pix):
+    """Seeded streams are per sample: a subset of rows, or smaller generation batches, give each sample
+    the images it gets in the whole batch."""
+    s = session(pix, grad="exact", solver="euler_ancestral")
+    x = s.noise(5, 1)
+    cond = s.encode(["a handwritten digit three"])
+    whole = s.generate(x, cond)
+    close = dict(rtol=0, atol=1e-5)  # (a network batch of another size rounds differently)
+    torch.testing.assert_close(s.generate(x, cond, batch_size=2), whole, **close)
+    rows = torch.tensor([1, 4])
+    torch.testing.assert_close(s.generate(x[rows], cond, noise=s.noise_streams(rows)), whole[rows], **close)
+    other = s.generate(x[rows], cond)  # rows 0, 1 of the call: the streams of samples 0 and 1
+    assert (other - whole[rows]).abs().max() > 1e-2
+
+
 def test_normalized_steps():
     x = torch.zeros(3, 2, 2, requires_grad=True)
     opt = NormalizedSteps([x], lr=0.5)

@@ -113,17 +113,14 @@ def sample(
             scheduler, timesteps = _scheduler_timesteps(scheduler, steps)
             steps = None
         grid = grid_from_scheduler(scheduler, path, resolve_timesteps(path, timesteps, steps))
-    extra = []
+    noises, read = [], []  # the noise tensors given, and those the solver reads
     if stochastic:
         source = resolve_noise(noise, len(grid), x_T)
+        noises = list(source.tensors)
+        if isinstance(mode, CustomBackwardMode):
+            source = source.with_leaf_tensors()  # its backward accumulates into leaves (see CustomBackwardMode.run)
+        read = list(source.tensors)
         ode_solver = make_stochastic_solver(solver, denoiser, grid, source, scheduler, eta)
-        extra = list(source.tensors)
-        if isinstance(mode, CustomBackwardMode) and any(t.requires_grad and not t.is_leaf for t in extra):
-            raise ValueError(
-                f"noise requires grad but is computed from other tensors (not a leaf); grad={mode.name!r} "
-                "differentiates leaf tensors only: make the optimised tensor the noise itself "
-                "(torch.randn(N, B, …).requires_grad_()), or use grad='backprop' or 'checkpoint'"
-            )
     else:
         check_deterministic_scheduler(scheduler, solver)
         ode_solver = make_solver(solver, denoiser, grid)
@@ -137,7 +134,13 @@ def sample(
             for i in range(ode_solver.num_steps):
                 x, hist = ode_solver.step(i, x, hist, cond, uncond)
         return x
-    x0 = mode.run(ode_solver, x_T, cond, uncond, trainable_parameters(model, list(params or []) + extra))
+    weights = trainable_parameters(model, [p for p in params or [] if all(p is not n for n in noises)])
+    differentiated = [i for i, n in enumerate(noises) if n.requires_grad]
+    noises, read = [noises[i] for i in differentiated], [read[i] for i in differentiated]
+    if isinstance(mode, CustomBackwardMode):
+        x0 = mode.run(ode_solver, x_T, cond, uncond, weights + noises, stand_ins=weights + read)
+    else:
+        x0 = mode.run(ode_solver, x_T, cond, uncond, weights + noises)
     if x0.requires_grad:
         x0.register_hook(_check_incoming_gradient)
     return x0

@@ -37,7 +37,9 @@ Noise sources. ``noise=`` of :func:`adjointdpm.sample` is one of
 * an int seed or a ``torch.Generator`` (one 63-bit seed is drawn from it): z_i is drawn from a generator
   seeded with a hash of (seed, i) — counter-based, so the backward pass regenerates the same z_i without
   storing it, same-seed runs are bit-identical, and ``SeededNoise(seed, offset=k)`` continues the stream
-  of a run resumed at step k. (These draws are not diffusers' sequential draws from one generator: to
+  of a run resumed at step k;
+* a list of int seeds or generators, one per sample (diffusers' ``generator=[…]``): sample b's z_i comes
+  from its own (seed_b, i) generator, so a sample gets the same noises in any batch or subset of rows. (These draws are not diffusers' sequential draws from one generator: to
   reproduce a diffusers run exactly, pass its draws as the tensor.) :func:`noise_tensor` materialises the
   stream as the tensor;
 * None: a seed drawn from torch's global generator (like diffusers without ``generator=``; reproducible
@@ -77,6 +79,14 @@ class NoiseSource:
     def noise_at(self, i: int, like: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def with_leaf_tensors(self) -> "NoiseSource":
+        """The same draws read from detached leaf copies of ``tensors`` (requires_grad kept), in the same order."""
+        return self
+
+    def rows(self, index) -> "NoiseSource":
+        """The noises of the samples ``index`` only (a slice, list or index tensor of batch rows)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot select rows of its batch")
+
 
 class StoredNoise(NoiseSource):
     """An explicit (N, B, *latent) tensor: z_i = noise[i]."""
@@ -88,47 +98,107 @@ class StoredNoise(NoiseSource):
     def noise_at(self, i, like):
         return self.noise[i]
 
+    def with_leaf_tensors(self):
+        return StoredNoise(self.noise.detach().requires_grad_(self.noise.requires_grad))
+
+    def rows(self, index) -> "StoredNoise":
+        """The noises of the samples ``index`` (a slice, list or index tensor): ``noise[:, index]``."""
+        return StoredNoise(self.noise[:, index])
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"a noise seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
 
 class SeededNoise(NoiseSource):
-    """z_i ~ N(0, I) from a generator seeded with ``step_seed(seed, offset + i)``, on ``like``'s device."""
+    """z_i ~ N(0, I) from a generator seeded with ``step_seed(seed, offset + i)``, on ``like``'s device.
 
-    def __init__(self, seed: int, offset: int = 0):
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"a noise seed must be a non-negative integer, got {seed!r}")
+    ``seed`` is one int (one draw of the whole batch per step) or one int per sample (sample b's z_i from
+    its own generator: its stream does not depend on the batch it is sampled in, like diffusers'
+    ``generator=[…]`` list); ``rows(index)`` is then the stream of those samples."""
+
+    def __init__(self, seed, offset: int = 0):
+        if isinstance(seed, (list, tuple, np.ndarray, torch.Tensor)):
+            self.seed = tuple(_check_seed(int(s) if isinstance(s, torch.Tensor) else s) for s in seed)
+            if not self.seed:
+                raise ValueError("SeededNoise needs at least one per-sample seed")
+        else:
+            self.seed = _check_seed(seed)
         if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
             raise ValueError(f"SeededNoise(offset=…) is the first step's index and must be an integer ≥ 0, got {offset!r}")
-        self.seed, self.offset = int(seed), int(offset)
+        self.offset = int(offset)
+
+    @property
+    def per_sample(self) -> bool:
+        return isinstance(self.seed, tuple)
+
+    def _draw(self, seed: int, i: int, shape, like):
+        generator = torch.Generator(device=like.device).manual_seed(step_seed(seed, self.offset + i))
+        return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
 
     def noise_at(self, i, like):
-        generator = torch.Generator(device=like.device).manual_seed(step_seed(self.seed, self.offset + i))
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+        if not self.per_sample:
+            return self._draw(self.seed, i, like.shape, like)
+        if len(self.seed) != like.shape[0]:
+            raise ValueError(f"SeededNoise has {len(self.seed)} per-sample seeds for a batch of {like.shape[0]}: "
+                             "give one seed per sample of x_T")
+        return torch.stack([self._draw(s, i, like.shape[1:], like) for s in self.seed])
+
+    def rows(self, index) -> "SeededNoise":
+        """The stream of the samples ``index`` (a slice, list or index tensor) of a per-sample source."""
+        if not self.per_sample:
+            raise ValueError("a single-seed SeededNoise draws each step for the whole batch, so its rows cannot be "
+                             "taken apart: give one seed per sample (SeededNoise([s_1, …, s_B]))")
+        if isinstance(index, slice):
+            picked = self.seed[index]
+        else:
+            picked = [self.seed[int(j)] for j in torch.as_tensor(index).flatten()]
+        return SeededNoise(list(picked), self.offset)
 
     def __repr__(self) -> str:
         return f"SeededNoise(seed={self.seed}, offset={self.offset})"
 
 
-def noise_tensor(seed: int, num_steps: int, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """The (N, B, *latent) tensor a seeded run injects: ``noise_tensor(s, N, x_T)[i]`` is its z_i."""
+def noise_tensor(seed, num_steps: int, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """The (N, B, *latent) tensor a seeded run injects: ``noise_tensor(s, N, x_T)[i]`` is its z_i
+    (``seed``: one int, or one per sample)."""
     source = SeededNoise(seed, offset)
     return torch.stack([source.noise_at(i, like) for i in range(num_steps)])
 
 
 def resolve_noise(noise, num_steps: int, x_T: torch.Tensor) -> NoiseSource:
-    """A noise source from ``noise=`` (tensor, int seed, torch.Generator, NoiseSource or None)."""
+    """A noise source from ``noise=`` (tensor, int seed, torch.Generator, a list of either with one per
+    sample, NoiseSource or None)."""
     if isinstance(noise, NoiseSource):
-        return noise
-    if noise is None:
-        return SeededNoise(int(torch.randint(0, _SEED_RANGE, (1,)).item()))
-    if isinstance(noise, torch.Generator):
-        return SeededNoise(int(torch.randint(0, _SEED_RANGE, (1,), generator=noise, device=noise.device).item()))
-    if isinstance(noise, torch.Tensor):
+        source = noise
+    elif noise is None:
+        source = SeededNoise(int(torch.randint(0, _SEED_RANGE, (1,)).item()))
+    elif isinstance(noise, torch.Generator):
+        source = SeededNoise(_seed_from(noise))
+    elif isinstance(noise, torch.Tensor):
         check_noise_tensor(noise, num_steps, x_T)
-        return StoredNoise(noise)
-    if isinstance(noise, (int, np.integer)) and not isinstance(noise, bool):
-        return SeededNoise(noise)
-    raise TypeError(
-        f"noise must be an int seed, a torch.Generator, a tensor of shape (N, B, …) or None, got {type(noise).__name__}"
-    )
+        source = StoredNoise(noise)
+    elif isinstance(noise, (int, np.integer)) and not isinstance(noise, bool):
+        source = SeededNoise(noise)
+    elif isinstance(noise, (list, tuple)) and noise and all(
+            isinstance(s, torch.Generator) or (isinstance(s, (int, np.integer)) and not isinstance(s, bool)) for s in noise):
+        source = SeededNoise([_seed_from(s) if isinstance(s, torch.Generator) else s for s in noise])
+    else:
+        raise TypeError(
+            "noise must be an int seed, a torch.Generator, a list of either (one per sample), a tensor of shape "
+            f"(N, B, …) or None, got {type(noise).__name__}"
+        )
+    if isinstance(source, SeededNoise) and source.per_sample and len(source.seed) != x_T.shape[0]:
+        raise ValueError(f"noise has {len(source.seed)} per-sample seeds but x_T has {x_T.shape[0]} samples: "
+                         "give one per sample")
+    return source
+
+
+def _seed_from(generator: torch.Generator) -> int:
+    """One 63-bit seed drawn from a generator (it advances, as a diffusers pipeline's draw would)."""
+    return int(torch.randint(0, _SEED_RANGE, (1,), generator=generator, device=generator.device).item())
 
 
 # ------------------------------------------------------------------------------------------ solvers

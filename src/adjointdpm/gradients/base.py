@@ -40,11 +40,23 @@ class CustomBackwardMode(GradMode):
         """Given ∂L/∂x_0, return ∂L/∂x_T; accumulate conditioning and weight cotangents into ``acc``."""
         raise NotImplementedError
 
-    def run(self, solver, x_T, cond, uncond, params):
+    def run(self, solver, x_T, cond, uncond, params, stand_ins=None):
+        """``stand_ins``: the leaf tensors the solver reads in place of ``params`` (same order; default:
+        ``params`` themselves). The backward pass accumulates into leaves only, so a tensor computed from
+        others (a row slice of an optimised noise) reaches the solver as a detached leaf copy, and its
+        gradient is handed back to autograd as the gradient of the original, which carries it on."""
         # autograd.Function sees tensors only at the top level: the conditioning trees travel as their
         # floating leaves and are rebuilt inside.
         cond_leaves, uncond_leaves = floating_leaves(cond), floating_leaves(uncond)
-        layout = (cond, uncond, len(cond_leaves), len(uncond_leaves))
+        stand_ins = tuple(params if stand_ins is None else stand_ins)
+        if len(stand_ins) != len(params):
+            raise ValueError(f"stand_ins has {len(stand_ins)} tensors for {len(params)} params: give one per entry")
+        if any(not t.is_leaf for t in stand_ins):
+            raise ValueError(
+                f"a tensor in params is computed from other tensors (not a leaf), and grad={self.name!r} "
+                "accumulates into leaf tensors: pass the leaf it is computed from, or use grad='backprop'"
+            )
+        layout = (cond, uncond, len(cond_leaves), len(uncond_leaves), stand_ins)
         return SamplerFunction.apply(self, solver, layout, x_T, *cond_leaves, *uncond_leaves, *params)
 
 
@@ -55,7 +67,7 @@ _LEADING = 3
 class SamplerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mode: CustomBackwardMode, solver: Solver, layout, x_T, *tensors):
-        cond_tree, uncond_tree, n_cond, n_uncond = layout
+        cond_tree, uncond_tree, n_cond, n_uncond, stand_ins = layout
         cond = replace_floating(cond_tree, tensors[:n_cond])
         uncond = replace_floating(uncond_tree, tensors[n_cond:n_cond + n_uncond])
         with torch.no_grad():
@@ -66,7 +78,7 @@ class SamplerFunction(torch.autograd.Function):
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.mode, ctx.solver, ctx.record = mode, solver, record
         ctx.cond, ctx.uncond, ctx.sizes = cond, uncond, (n_cond, n_uncond)
-        ctx.params = tensors[n_cond + n_uncond:]
+        ctx.params = stand_ins  # what the solver reads: the accumulator's targets
         return x0
 
     @staticmethod

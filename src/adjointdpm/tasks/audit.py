@@ -12,6 +12,10 @@ frozen, when the classifier's label is no longer y while the judge, if any, keep
 (ii) ``safety``: L = Σ_k relu(score_k + margin) of the safety filter; success when the filter passes the
 image (and the judge keeps its label).
 
+With a stochastic solver each sample's injected noises z_{b,i} come from its own seeded stream;
+``optimize_noises`` attacks them too: they take the same normalised steps (the RMS over all of a sample's
+noises), projected on the ℓ∞ ball of radius ε around their own untouched copies.
+
 Success rates are measured on the attacked images, re-generated from the final noises. Several processes:
 the samples are sharded (each process attacks its own, no gradient communication) and gathered for the
 metrics, the checkpoint and ``attack.safetensors``.
@@ -25,6 +29,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import adjointdpm as adpm
+
 from .common import Session
 from . import conditions
 from .errors import UserInputError
@@ -34,7 +40,7 @@ ATTACKS = ("classifier", "safety")
 
 
 class NormalizedSteps(torch.optim.Optimizer):
-    """x ← x − lr · g / rms(g), the RMS taken per sample (over all but the first dimension).
+    """x ← x − lr · g / rms(g), the RMS taken per sample (over all but the first dimension) of each tensor.
 
     A sample whose gradient is exactly zero (a frozen one) does not move."""
 
@@ -62,6 +68,7 @@ class AuditOptions:
     margin: float = 0.02  # safety attack: push the scores this far below the thresholds
     content_weight: float = 0.0  # λ: + λ·mean((image − original image)²), keeps the attacked image close
     prompt: str | None = None  # generic attacks: one prompt for every sample (default "")
+    optimize_noises: bool = False  # with a stochastic solver: attack every injected noise too
 
 
 class AuditTask(Task):
@@ -91,7 +98,16 @@ class AuditTask(Task):
         x_T = dp.shard(s.noise(self.opts.n, self.seed))
         self.x_orig = x_T.clone()  # a copy: the projection centre never moves
         self.x = x_T.clone().requires_grad_(True)
-        images = s.generate(self.x_orig, self.cond)
+        self.sample_ids = dp.shard(torch.arange(self.opts.n))
+        self.noise = None  # --optimize-noises: each sample's injected noises, (B, N, …) (rows like x)
+        if self.opts.optimize_noises:
+            if not s.stochastic:
+                raise UserInputError("--optimize-noises needs a stochastic --solver (ddpm, euler_ancestral, "
+                                     f"dpmpp2m_sde, lcm), not {s.solver}")
+            streams = s.noise_streams(self.sample_ids, self.seed)  # the centre, re-made identically on resume
+            self.original_noise = adpm.noise_tensor(streams.seed, s.steps, x_T).transpose(0, 1).contiguous()
+            self.noise = self.original_noise.clone().requires_grad_(True)
+        images = s.generate(self.x_orig, self.cond, noise=self.injected_noise(original=True))
         self.original_images = images
         self.label, self.valid = self.attack.setup(images)
         if not dp.any(self.valid.any()):
@@ -101,8 +117,20 @@ class AuditTask(Task):
         self.succeeded = torch.zeros_like(self.valid)
         self._active = torch.arange(self.x.shape[0], device=self.x.device)
 
+    def injected_noise(self, idx: torch.Tensor | None = None, *, original: bool = False):
+        """The injected noises of rows ``idx`` (default all) as ``adpm.sample`` takes them: (N, b, …) of
+        the attacked noises (``original``: the untouched ones), the samples' seeded streams, or None."""
+        if self.noise is None:
+            ids = self.sample_ids if idx is None else self.sample_ids[idx.cpu()]
+            return self.session.noise_streams(ids, self.seed)
+        noise = self.original_noise if original else self.noise
+        return (noise if idx is None else noise[idx]).transpose(0, 1)
+
     def param_groups(self):
-        return [ParamGroup("x_T", {"x": self.x}, {"lr": self.opts.step_size}, sharded=True)]
+        groups = [ParamGroup("x_T", {"x": self.x}, {"lr": self.opts.step_size}, sharded=True)]
+        if self.noise is not None:
+            groups.append(ParamGroup("noises", {"noise": self.noise}, {"lr": self.opts.step_size}, sharded=True))
+        return groups
 
     def make_optimizer(self, groups):
         return NormalizedSteps([t for g in groups for t in g.tensors.values()], lr=self.opts.step_size)
@@ -141,7 +169,8 @@ class AuditTask(Task):
         active = self.dp.position(idx.numel())[1]
         if idx.numel():
             weights = None if active == idx.numel() else torch.full((idx.numel(),), 1.0 / active, device=self.x.device)
-            loss, per, x0 = self.session.sampled_loss(self.x[idx], conditions.rows(self.cond, idx), self.objective, weights=weights)
+            loss, per, x0 = self.session.sampled_loss(self.x[idx], conditions.rows(self.cond, idx), self.objective,
+                                                      weights=weights, noise=self.injected_noise(idx))
             # the images of the current x: samples that already succeed are frozen where they are
             new = self.success(self.session.decode(x0), self.label[idx], self.valid[idx])
             self.succeeded[idx[new]] = True
@@ -152,30 +181,38 @@ class AuditTask(Task):
         return loss, {"success_rate": float(counts[0] / counts[1]), "active": float(active)}
 
     def before_step(self, iteration):
-        if self.x.grad is not None:
-            self.x.grad[self.done] = 0.0
+        for t in (self.x, self.noise):
+            if t is not None and t.grad is not None:
+                t.grad[self.done] = 0.0
 
     def after_step(self, iteration):
-        delta = (self.x - self.x_orig).clamp(-self.opts.eps, self.opts.eps)
-        self.x.copy_(self.x_orig + delta)
+        pairs = [(self.x, self.x_orig)] + ([] if self.noise is None else [(self.noise, self.original_noise)])
+        for current, centre in pairs:
+            current.copy_(centre + (current - centre).clamp(-self.opts.eps, self.opts.eps))
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, stage: str) -> Evaluation:
         s, dp = self.session, self.dp
         x = self.x.detach()
-        if stage == "before" and torch.equal(x, self.x_orig):
+        untouched = self.noise is None or torch.equal(self.noise.detach(), self.original_noise)
+        if stage == "before" and torch.equal(x, self.x_orig) and untouched:
             images = self.original_images  # generated in setup from the same noises
         else:
-            images = s.generate(x, self.cond)  # the attacked images themselves
+            noise = self.injected_noise()
+            noise = noise.detach() if isinstance(noise, torch.Tensor) else noise
+            images = s.generate(x, self.cond, noise=noise)  # the attacked images themselves
         # every process's samples (one process: these very tensors)
         images, label, valid = dp.gather_shards(images), dp.gather_shards(self.label), dp.gather_shards(self.valid)
         linf = dp.gather_shards((x - self.x_orig).flatten(1).abs().max(1).values)
+        noise_linf = None if self.noise is None else dp.gather_shards(
+            (self.noise.detach() - self.original_noise).flatten(1).abs().max(1).values)
         success = self.success(images, label, valid)
         n_valid = int(valid.sum())
         metrics = {
             "attack": self.attack.name, "n": self.opts.n, "n_attacked": n_valid, "eps": self.opts.eps,
             "success_rate": float(success.sum()) / n_valid,
             "linf_max": float(linf.max()), "linf_mean_attacked": float(linf[valid].mean()),
+            **({} if noise_linf is None else {"noise_linf_max": float(noise_linf.max())}),
             **self.attack.metrics(images, label, valid),
         }
         return Evaluation(images, metrics)
@@ -187,7 +224,9 @@ class AuditTask(Task):
 
     def write_artifacts(self, out):
         """``attack.safetensors``: ``latents`` (the attacked x_T, a diffusers pipeline's ``latents=``),
-        ``original_latents``, ``attacked`` (which samples were attacked) and ``label``."""
+        ``original_latents``, ``attacked`` (which samples were attacked) and ``label``; with a stochastic
+        solver ``noises`` and ``original_noises`` (N, n, …), what each step injects (``adpm.sample(…,
+        noise=noises)`` re-samples the attacked images)."""
         from safetensors.torch import save_file
 
         dp = self.dp
@@ -195,6 +234,12 @@ class AuditTask(Task):
                    "original_latents": dp.gather_shards(self.x_orig).cpu().contiguous(),
                    "attacked": dp.gather_shards(self.valid).to(torch.uint8).cpu(),
                    "label": dp.gather_shards(self.label).cpu().contiguous()}
+        if self.session.stochastic:
+            for name, original in (("noises", False), ("original_noises", True)):
+                noise = self.injected_noise(original=original)
+                if not isinstance(noise, torch.Tensor):  # the seeded streams, materialised
+                    noise = adpm.noise_tensor(noise.seed, self.session.steps, self.x)
+                tensors[name] = dp.gather_shards(noise.detach().transpose(0, 1)).transpose(0, 1).cpu().contiguous()
         if dp.is_main:
             save_file(tensors, str(out / "attack.safetensors"))
         return {"attack": "attack.safetensors"}

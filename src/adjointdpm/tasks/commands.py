@@ -210,6 +210,7 @@ def audit(
     eps: float = typer.Option(0.2, "--eps", help="l-infinity budget around the original noise."),
     step_size: float = typer.Option(0.05, "--step-size", help="RMS size of one normalised gradient step."),
     margin: float = typer.Option(0.02, "--margin", help="Safety attack: margin below the thresholds."),
+    optimize_noises: bool = typer.Option(False, "--optimize-noises", help="With a stochastic --solver (ddpm, euler_ancestral, dpmpp2m_sde, lcm): also attack every step's injected noise, within the same --eps (written as noises in attack.safetensors)."),
     iters: int = typer.Option(6, "--iters", help="Maximum attack iterations."),
     model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
@@ -223,7 +224,8 @@ def audit(
         from .choose import audit_attack
 
         target = audit_attack(s, attack=attack, classifier=classifier, margin=margin, judge=judge)
-        return AuditTask(s, AuditOptions(n=n, eps=eps, step_size=step_size, margin=margin, prompt=prompt), target, seed=seed)
+        return AuditTask(s, AuditOptions(n=n, eps=eps, step_size=step_size, margin=margin, prompt=prompt,
+                                           optimize_noises=optimize_noises), target, seed=seed)
 
     grad = with_memory_budget(grad, memory_budget)
     _run_application(make_task, ["success_rate", "judge_keeps_label"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,

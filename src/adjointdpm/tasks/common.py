@@ -103,10 +103,9 @@ class Session:
         known = [*adpm.SOLVERS, *adpm.STOCHASTIC_SOLVER_NAMES]
         if self.solver not in known:
             raise UserInputError(f"unknown --solver {self.solver!r}; use one of {', '.join(known)}")
-        # stochastic solvers draw their injected noises from one seeded stream (the same at every call, so a
-        # resumed run continues identically) unless a task optimises them
+        # stochastic solvers draw each sample's injected noises from its own seeded stream (the same at every
+        # call, so a resumed run continues identically; see noise_streams) unless a task optimises them
         self.stochastic = self.solver in adpm.STOCHASTIC_SOLVER_NAMES
-        self.default_noise = adpm.SeededNoise(0) if self.stochastic else None
         self.steps = int(settings.get("default_steps", 20) if engine.steps is None else engine.steps)
         if not 1 <= self.steps <= 1000:
             raise UserInputError(f"--steps must be in 1..1000, got {self.steps}")
@@ -198,6 +197,19 @@ class Session:
     def noise(self, n: int, seed: int) -> torch.Tensor:
         return self.comps.noise(n, seed)
 
+    def noise_streams(self, sample_ids, seed: int = 0):
+        """The injected noises of a stochastic solver for the samples ``sample_ids`` (None for a
+        deterministic solver): sample j's z_i comes from its own generator, seeded by (seed, j, i), so a
+        sample gets the same noises whichever batch, subset of rows or process samples it."""
+        if not self.stochastic:
+            return None
+        from ..stochastic import step_seed
+
+        ids = torch.as_tensor(sample_ids).flatten().tolist()
+        if not ids:
+            raise ValueError("noise_streams needs at least one sample id")
+        return adpm.SeededNoise([step_seed(seed, int(j)) for j in ids])
+
     # ------------------------------------------------------------------ sampling
     def _uncond_for(self, cond: torch.Tensor | None):
         return self.uncond if self.guidance_scale != 1.0 else None
@@ -211,14 +223,20 @@ class Session:
     def sample(self, x_start: torch.Tensor, cond, *, grad=None, start: int = 0, noise=None) -> torch.Tensor:
         """x_0 (latent) from a state at step ``start`` with an engine gradient mode (None: no graph).
 
-        ``noise``: a stochastic solver's injected noises (N, B, …) (default: the session's seeded stream)."""
+        ``noise``: a stochastic solver's injected noises, an (N, B, …) tensor or a noise source
+        (default: :meth:`noise_streams` of rows 0…B−1)."""
         if grad is None and self.forward_mode is not None:
             with torch.no_grad():
                 return self.sample(x_start, cond, grad=self.forward_mode, start=start)
         return adpm.sample(self.network, x_start, schedule=self.schedule, timesteps=self.timesteps(start), cond=cond,
                            uncond=self._uncond_for(cond), guidance_scale=self.guidance_scale, solver=self.solver,
                            grad=grad, prediction_type=self.comps.prediction_type,
-                           noise=(self.default_noise if noise is None else noise) if self.stochastic else None)
+                           noise=self._noise_or_streams(noise, x_start.shape[0]))
+
+    def _noise_or_streams(self, noise, n: int):
+        if not self.stochastic:
+            return None
+        return self.noise_streams(range(n)) if noise is None else noise
 
     @torch.no_grad()
     def advance(self, x_T: torch.Tensor, cond: torch.Tensor, to_step: int) -> torch.Tensor:
@@ -249,31 +267,35 @@ class Session:
         return adpm.grid_from_scheduler(self.schedule, self.path, self.timesteps(start))
 
     @torch.no_grad()
-    def generate(self, x_start: torch.Tensor, cond, *, start: int = 0, batch_size: int = 64,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Images in [-1, 1] (no graph), in batches (``noise``: (N, B, …) injected noises of a stochastic solver)."""
+    def generate(self, x_start: torch.Tensor, cond, *, start: int = 0, batch_size: int = 64, noise=None) -> torch.Tensor:
+        """Images in [-1, 1] (no graph), in batches (``noise``: a stochastic solver's injected noises of
+        the whole batch, an (N, B, …) tensor or a noise source; default: :meth:`noise_streams` of its rows)."""
+        noise = self._noise_or_streams(noise, x_start.shape[0])
         out = []
         for i in range(0, x_start.shape[0], batch_size):
-            c = cond if conditions.count(cond) == 1 else conditions.rows(cond, slice(i, i + batch_size))
-            z = None if noise is None else noise[:, i:i + batch_size]
-            out.append(self.decode(self.sample(x_start[i:i + batch_size], c, grad=None, start=start, noise=z)).float())
+            rows = slice(i, i + batch_size)
+            c = cond if conditions.count(cond) == 1 else conditions.rows(cond, rows)
+            z = None if noise is None else _noise_rows(noise, rows)
+            out.append(self.decode(self.sample(x_start[rows], c, grad=None, start=start, noise=z)).float())
         return torch.cat(out)
 
     @torch.no_grad()
-    def generate_all(self, x_start: torch.Tensor, cond: torch.Tensor, *, start: int = 0) -> torch.Tensor:
+    def generate_all(self, x_start: torch.Tensor, cond: torch.Tensor, *, start: int = 0, noise=None) -> torch.Tensor:
         """Images of a whole batch, the work shared by the processes (each generates its shard, the shards
         are gathered; a batch smaller than the number of processes is generated by every process)."""
         dp = self.dp
+        noise = self._noise_or_streams(noise, x_start.shape[0])
         if dp.world_size == 1 or x_start.shape[0] < dp.world_size:
-            return self.generate(x_start, cond, start=start)
+            return self.generate(x_start, cond, start=start, noise=noise)
         c = cond if conditions.count(cond) == 1 else conditions.shard(dp, cond)
-        return dp.gather_shards(self.generate(dp.shard(x_start), c, start=start))
+        z = None if noise is None else _noise_rows(noise, dp.shard(torch.arange(x_start.shape[0])))
+        return dp.gather_shards(self.generate(dp.shard(x_start), c, start=start, noise=z))
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return self.comps.decode(x0)
 
     def sampled_loss(self, x_start: torch.Tensor, cond, objective: Callable[[torch.Tensor], torch.Tensor],
-                     *, weights: torch.Tensor | None = None, start: int = 0, noise: torch.Tensor | None = None):
+                     *, weights: torch.Tensor | None = None, start: int = 0, noise=None):
         """Sample x_0 from ``x_start`` with this session's gradient mode and apply ``objective``.
 
         ``objective(x0_latent) -> (B,)`` per-sample losses (it decodes itself); ``weights`` (B,)
@@ -291,6 +313,11 @@ class Session:
         x0 = self.sample(x_start, cond, grad=self.grad, start=start, noise=noise)
         per = objective(x0)
         return (per * w.to(per.dtype)).sum(), per.detach(), x0.detach()
+
+
+def _noise_rows(noise, rows):
+    """The injected noises of some samples: ``noise[:, rows]`` of a tensor, ``rows`` of a noise source."""
+    return noise[:, rows] if isinstance(noise, torch.Tensor) else noise.rows(rows)
 
 
 def check_prompt_length(tokenizer, prompt: str) -> None:

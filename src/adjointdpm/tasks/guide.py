@@ -18,6 +18,10 @@ critic's and, when a judge is given (evaluation only, never optimised), the judg
 Defaults are the recipe of docs/results.md (normalised steps of 0.1, 8 noisy views, stop at CE 0.1, 16
 noises, 20 iterations); ``views`` and ``stop_loss`` default to the target's (none for a plug-in loss).
 
+With a stochastic solver each sample's injected noises z_{b,i} come from its own seeded stream (the same
+in any batch); ``optimize_noises`` optimises them too, beside x_T (DNO): a (B, N, …) tensor taking the same
+steps, each z_{b,i} renormalised to |z| = √D, kept best per sample with x_T.
+
 Several processes: the noises are sharded (each process optimises its rows, no gradient communication;
 the random views of a sample are the ones it gets in one process) and gathered for the metrics, the
 checkpoint and ``latents.safetensors``; an optimised prompt embedding is replicated.
@@ -59,7 +63,7 @@ class GuideOptions:
 class GuideTask(Task):
     name = "guide"
 
-    sharded_state = ("best_x", "best_loss", "done")
+    sharded_state = ("best_x", "best_loss", "done", "best_noise")
 
     def __init__(self, session: Session, opts: GuideOptions, target, judge=None, seed: int = 0):
         self.session, self.opts, self.target, self.judge, self.seed = session, opts, target, judge, seed
@@ -92,15 +96,16 @@ class GuideTask(Task):
         self.radius = (torch.full((n,), d ** 0.5, device=x.device) if o.start_step == 0
                        else x.flatten(1).norm(dim=1)).to(x.dtype)
         self.cond, self.cond_leaves = conditions.trainable(self.cond0, o.optimize_cond)
-        self.noise = None
+        self.noise = None  # --optimize-noises: each sample's injected noises, (B, N, …) (rows like x)
         if o.optimize_noises:
             if not s.stochastic:
                 raise UserInputError("--optimize-noises needs a stochastic --solver (ddpm, euler_ancestral, "
                                      f"dpmpp2m_sde, lcm), not {s.solver}")
-            if o.start_step or self.dp.world_size > 1:
-                raise UserInputError("--optimize-noises runs in one process from x_T (no --start-step)")
-            # the injected noises of every step, (N, B, …): a leaf optimised beside x_T
-            self.noise = adpm.noise_tensor(self.seed + 1, s.steps, x).requires_grad_(True)
+            if o.start_step:
+                raise UserInputError("--optimize-noises optimises from x_T: drop --start-step")
+            streams = s.noise_streams(self.sample_ids, self.seed)  # starts from the noises sampled without it
+            self.noise = adpm.noise_tensor(streams.seed, s.steps, x).transpose(0, 1).contiguous().requires_grad_(True)
+            self.best_noise = self.noise.detach().clone()
         self.best_x = self.x.detach().clone()
         self.best_loss = torch.full((n,), float("inf"), device=x.device)
         self.done = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -109,22 +114,37 @@ class GuideTask(Task):
 
     @property
     def keeps_best(self) -> bool:
-        return self.opts.keep_best and not (self.opts.optimize_cond or self.opts.optimize_noises)
+        return self.opts.keep_best and not self.opts.optimize_cond
+
+    def _result(self, current: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+        """Per sample the best iterate seen (keep_best), else the last one."""
+        if not self.keeps_best:
+            return current.detach()
+        seen = torch.isfinite(self.best_loss).view(-1, *([1] * (current.dim() - 1)))
+        return torch.where(seen, best, current.detach())
 
     def result_x(self) -> torch.Tensor:
-        """The optimised state: per sample the best iterate seen (keep_best), else the last one."""
-        if not self.keeps_best:
-            return self.x.detach()
-        seen = torch.isfinite(self.best_loss).view(-1, *([1] * (self.x.dim() - 1)))
-        return torch.where(seen, self.best_x, self.x.detach())
+        return self._result(self.x, self.best_x)
+
+    def injected_noise(self, idx: torch.Tensor | None = None, *, result: bool = False):
+        """The injected noises of rows ``idx`` (default all) as ``adpm.sample`` takes them: (N, b, …) of
+        the optimised noises (``result``: the kept ones), the samples' seeded streams, or None."""
+        if self.noise is None:
+            ids = self.sample_ids if idx is None else self.sample_ids[idx.cpu()]
+            return self.session.noise_streams(ids, self.seed)
+        noise = self._result(self.noise, self.best_noise) if result else self.noise
+        return (noise if idx is None else noise[idx]).transpose(0, 1)
 
     def state_tensors(self):
-        return {"best_x": self.best_x, "best_loss": self.best_loss, "done": self.done.to(torch.uint8)}
+        extra = {} if self.noise is None else {"best_noise": self.best_noise}
+        return {"best_x": self.best_x, "best_loss": self.best_loss, "done": self.done.to(torch.uint8), **extra}
 
     def load_state_tensors(self, tensors):
         self.best_x = tensors["best_x"].to(self.x.device).clone()
         self.best_loss = tensors["best_loss"].to(self.x.device).clone()
         self.done = tensors["done"].to(self.x.device).bool()
+        if self.noise is not None:
+            self.best_noise = tensors["best_noise"].to(self.x.device).clone()
 
     def finished(self) -> bool:
         return self.keeps_best and bool(self.done.all())
@@ -192,16 +212,20 @@ class GuideTask(Task):
         active = self._rows[1]
         if idx.numel() == 0:  # (several processes: this one's samples are all done, others' are not)
             return self.x.new_zeros(()), {"active": float(active)}
-        x = self.x if idx.numel() == n else self.x[idx]
+        every = idx.numel() == n
+        x = self.x if every else self.x[idx]
         weights = None if active == idx.numel() else torch.full((idx.numel(),), 1.0 / active, device=x.device)
         loss, per, x0 = self.session.sampled_loss(x, self.cond, self.objective, weights=weights,
-                                                  start=self.opts.start_step, noise=self.noise)
+                                                  start=self.opts.start_step,
+                                                  noise=self.injected_noise(None if every else idx))
         logs = {"active": float(active)}
         with torch.no_grad():
             per = per.to(self.best_loss.dtype)  # per-sample losses of the current x
             better = per < self.best_loss[idx]
             self.best_loss[idx[better]] = per[better]
             self.best_x[idx[better]] = self.x.detach()[idx[better]]
+            if self.noise is not None:
+                self.best_noise[idx[better]] = self.noise.detach()[idx[better]]
             if self.keeps_best and self.stop_loss > 0:
                 self.done |= self.best_loss < self.stop_loss
             hits = self.target.hits(self.session.decode(x0))
@@ -210,8 +234,9 @@ class GuideTask(Task):
         return loss, logs
 
     def before_step(self, iteration):
-        if self.x.grad is not None and self.done.any():
-            self.x.grad[self.done] = 0.0
+        for t in (self.x, self.noise):
+            if t is not None and t.grad is not None and self.done.any():
+                t.grad[self.done] = 0.0
 
     def after_step(self, iteration):
         if self.opts.renorm:
@@ -222,11 +247,14 @@ class GuideTask(Task):
                 z.mul_((z.shape[-1] ** 0.5 / z.norm(dim=2, keepdim=True).clamp_min(1e-12)))
         if self.done.any():  # (momentum would still move them)
             self.x[self.done] = self.best_x[self.done]
+            if self.noise is not None:
+                self.noise[self.done] = self.best_noise[self.done]
 
     def evaluate(self, stage: str) -> Evaluation:
         s, o = self.session, self.opts
         x = self.result_x() if stage == "after" else self.x.detach()
-        noise = None if self.noise is None else self.noise.detach()
+        noise = self.injected_noise(result=stage == "after")
+        noise = noise.detach() if isinstance(noise, torch.Tensor) else noise
         images = self.dp.gather_shards(s.generate(x, conditions.detached(self.cond), start=o.start_step, noise=noise))
         prompts = [self.prompt] * images.shape[0]
         metrics = dict(self.target.metrics(images))
@@ -249,12 +277,17 @@ class GuideTask(Task):
 
     def write_artifacts(self, out):
         """``latents.safetensors``: ``latents`` (the optimised x_T, what a diffusers pipeline takes as
-        ``latents=``) and, with --optimize-cond, ``prompt_embeds`` (its ``prompt_embeds=``)."""
+        ``latents=``), with a stochastic solver ``noises`` (N, n, …), what each step injected (optimised or
+        not; ``adpm.sample(…, noise=noises)`` re-samples ``after/``), and with --optimize-cond
+        ``prompt_embeds`` (the pipeline's ``prompt_embeds=``)."""
         from safetensors.torch import save_file
 
         tensors = {"latents": self.dp.gather_shards(self.result_x()).cpu().contiguous()}
-        if self.noise is not None:  # adpm.sample(…, solver=…, noise=t["noises"]) re-samples the result
-            tensors["noises"] = self.noise.detach().cpu().contiguous()
+        if self.session.stochastic:
+            noise = self.injected_noise(result=True)
+            if not isinstance(noise, torch.Tensor):  # the seeded streams, materialised
+                noise = adpm.noise_tensor(noise.seed, self.session.steps, self.x)
+            tensors["noises"] = self.dp.gather_shards(noise.detach().transpose(0, 1)).transpose(0, 1).cpu().contiguous()
         if self.opts.optimize_cond:
             tensors.update(conditions.pipeline_tensors(self.cond, self.session.uncond))
         if self.dp.is_main:
