@@ -43,6 +43,22 @@ def test_sample_writes_pngs_grid_and_settings(tmp_path):
     assert any(np.abs(x.astype(int) - y.astype(int)).max() > 50 for x, y in zip(imgs, _images(tmp_path / "c")))
 
 
+@pytest.mark.parametrize("solver", [["--solver", "ddpm"], ["--solver", "ddim", "--eta", "1"]])
+def test_sample_with_a_stochastic_solver(tmp_path, solver):
+    """Image i injects its own seeded stream: same seed, same images at any batch size; the noise matters
+    (η = 1 DDIM differs from η = 0 from the same x_T)."""
+    args = ["-p", "a handwritten digit seven", "-n", "3", "--seed", "0", "--steps", "6"]
+    assert run(["sample", *args, *solver, "-o", str(tmp_path / "a")]) == 0
+    assert run(["sample", *args, *solver, "--batch-size", "1", "-o", str(tmp_path / "b")]) == 0
+    assert run(["sample", *args, "--solver", "ddim", "-o", str(tmp_path / "c")]) == 0
+    a, b, c = (_images(tmp_path / k) for k in "abc")
+    assert len(a) == 3 and all(im.std() > 10 for im in a)
+    assert all(np.abs(x.astype(int) - y.astype(int)).max() <= 1 for x, y in zip(a, b))
+    assert all(np.abs(x.astype(int) - y.astype(int)).max() > 20 for x, y in zip(a, c))
+    meta = json.loads((tmp_path / "a" / "sample.json").read_text())
+    assert meta["solver"] == solver[1] and meta["eta"] == (1.0 if "--eta" in solver else 0.0)
+
+
 def test_sample_with_local_sd_folder(tmp_path):
     sd = build_tiny_sd(tmp_path / "sd")
     rc = run(["sample", "-p", "a small digit", "-n", "2", "-o", str(tmp_path / "out"), "--model", str(sd),
@@ -58,6 +74,8 @@ def test_sample_with_local_sd_folder(tmp_path):
         (["--num-images", "0"], "num-images"),
         (["--steps", "0"], "steps"),
         (["--solver", "euler-maruyama"], "unknown solver"),
+        (["--solver", "dpmpp2m", "--eta", "0.5"], "--eta applies to --solver ddim only"),
+        (["--solver", "ddim", "--eta", "2"], "--eta must be in [0, 1]"),
         (["--guidance-scale", "-1"], "guidance-scale"),
         (["--model", "/nonexistent/model"], "does not exist"),
         (["--num-images", "abc"], "num-images"),

@@ -339,6 +339,14 @@ def test_bad_input(overrides, error, message):
         _call(**overrides)()
 
 
+def test_a_clipping_scheduler_is_refused_by_the_deterministic_solvers_too():
+    """DDIMScheduler clips x̂₀ by default (clip_sample=True): the samplers here do not, so they say so."""
+    for solver in ("ddim", "dpmpp2m"):
+        sched = _sched(DDIMScheduler, 2, **SD_BETAS)
+        with pytest.raises(ValueError, match="set clip_sample=False and thresholding=False"):
+            _call("ddpm", solver=solver, noise=None, schedule=sched, timesteps=sched.timesteps)()
+
+
 def test_flow_refusals():
     sched = CASES["flow_stochastic_euler"][1](2)
     with pytest.raises(ValueError, match="stochastic_sampling=True but solver='ddim' is deterministic"):

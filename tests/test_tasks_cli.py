@@ -296,6 +296,24 @@ def test_guide_with_a_stochastic_sampler_saves_what_resamples_its_images(tmp_pat
         assert moved.max() == 0
 
 
+def test_eta_makes_ddim_stochastic_in_the_commands(tmp_path, capsys):
+    """--solver ddim --eta 1 injects noise (and so takes --optimize-noises); --eta on another solver, or out of
+    [0, 1], is one line."""
+    out = tmp_path / "eta"
+    code, _, err = cli(["audit", "--out", out, "--n", "4", "--iters", "2", "--eps", "0.5", "--step-size", "0.3",
+                        "--solver", "ddim", "--eta", "1", "--optimize-noises", *EXACT], capsys)
+    assert code == 0, err
+    s = _summary(out)
+    assert s["settings"]["eta"] == 1.0 and s["settings"]["optimize_noises"]
+    saved = load_file(str(out / "attack.safetensors"))
+    assert saved["noises"].shape == (5, 4, *saved["latents"].shape[1:])
+    assert (saved["noises"] - saved["original_noises"]).abs().max() <= 0.5 + 1e-6
+    for args, message in ((["--solver", "dpmpp2m", "--eta", "0.5"], "--eta: eta applies to solver='ddim' only"),
+                          (["--solver", "ddim", "--eta", "1.5"], "eta must lie in [0, 1]")):
+        code, _, err = cli(["guide", "--out", tmp_path / "bad", *args, *TINY], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
 def test_noise_optimisation_is_refused_where_it_cannot_apply(tmp_path, capsys):
     for command in ("guide", "audit"):
         code, _, err = cli([command, "--out", tmp_path / f"bad-{command}", "--optimize-noises", *TINY], capsys)

@@ -18,7 +18,7 @@ from .model import Denoiser
 from .sampling import sample
 from .schedule import CosineVPSchedule, DiscreteVPSchedule, LinearVPSchedule, NoiseSchedule, VPSchedule
 from .solvers import SOLVERS, STOCHASTIC_SOLVER_NAMES
-from .stochastic import NoiseSource, SeededNoise, noise_tensor
+from .stochastic import NoiseSource, SeededNoise, noise_tensor, sample_streams
 
 __version__ = "0.1.0"
 
@@ -45,4 +45,5 @@ __all__ = [
     "NoiseSource",
     "SeededNoise",
     "noise_tensor",
+    "sample_streams",
 ]

@@ -148,12 +148,14 @@ class DiffusionComponents:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, seed: int = 0, steps: int | None = None, solver: str | None = None,
-                 guidance_scale: float | None = None, batch_size: int = 256,
+                 eta: float = 0.0, guidance_scale: float | None = None, batch_size: int = 256,
                  x_T: torch.Tensor | None = None, true_cfg_scale: float | None = None,
                  decode: bool = True) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] for ``prompts`` (one image each), plain sampling, no graph.
 
-        Image i depends only on (seed, i, prompt i): x_T is drawn for the whole list at once.
+        Image i depends only on (seed, i, prompt i): x_T is drawn for the whole list at once, and a
+        stochastic solver (``solver="ddpm"``, …, or ``"ddim"`` with ``eta`` > 0) injects image i's own
+        seeded stream (:func:`adjointdpm.stochastic.sample_streams`).
         For guidance-distilled Flux, ``guidance_scale`` is the network's ``guidance`` input and
         ``true_cfg_scale`` (default 1: off) the classifier-free guidance scale. ``decode=False``
         returns x_0 itself, what the pipeline hands to its VAE step (its ``output_type="latent"``).
@@ -169,8 +171,13 @@ class DiffusionComponents:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         x_T = self.noise(len(prompts), seed) if x_T is None else x_T
+        from .solvers import solver_name
+        from .stochastic import is_stochastic, sample_streams
+
+        streams = sample_streams(seed, range(len(prompts))) if is_stochastic(solver_name(solver), eta) else None
+        noise_of = lambda rows: None if streams is None else streams.rows(rows)  # noqa: E731
         if self.family == "sd":
-            return self._generate_sd(prompts, x_T, steps, solver, w, batch_size, decode)
+            return self._generate_sd(prompts, x_T, steps, solver, eta, noise_of, w, batch_size, decode)
         w_cfg, encode_kwargs = self.spec.guidance(self, w, true_cfg_scale)
         timesteps = self.scheduler_timesteps(steps)
         out = []
@@ -179,11 +186,12 @@ class DiffusionComponents:
             cond = self.encode_prompt(chunk, **encode_kwargs)
             uncond = self.negative_cond(len(chunk), **encode_kwargs) if w_cfg != 1.0 else None
             x0 = adpm.sample(self.network, x_T[i:i + batch_size], schedule=self.scheduler, timesteps=timesteps,
-                             cond=cond, uncond=uncond, guidance_scale=w_cfg, solver=solver, grad=None)
+                             cond=cond, uncond=uncond, guidance_scale=w_cfg, solver=solver, eta=eta,
+                             noise=noise_of(slice(i, i + batch_size)), grad=None)
             out.append(self.decode(x0).float() if decode else x0)
         return torch.cat(out)
 
-    def _generate_sd(self, prompts, x_T, steps, solver, w, batch_size, decode=True) -> torch.Tensor:
+    def _generate_sd(self, prompts, x_T, steps, solver, eta, noise_of, w, batch_size, decode=True) -> torch.Tensor:
         import adjointdpm as adpm
 
         schedule = adpm.VPSchedule.from_alphas_cumprod(self.alphas_cumprod)
@@ -192,8 +200,8 @@ class DiffusionComponents:
         for i in range(0, len(prompts), batch_size):
             cond = self.encode_prompt(prompts[i:i + batch_size])
             x0 = adpm.sample(self.unet, x_T[i:i + batch_size], schedule=schedule, steps=steps, cond=cond,
-                             uncond=uncond, guidance_scale=w, solver=solver, grad=None,
-                             prediction_type=self.prediction_type)
+                             uncond=uncond, guidance_scale=w, solver=solver, eta=eta,
+                             noise=noise_of(slice(i, i + batch_size)), grad=None, prediction_type=self.prediction_type)
             out.append(self.decode(x0).float() if decode else x0)
         return torch.cat(out)
 

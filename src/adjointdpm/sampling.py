@@ -81,9 +81,10 @@ def sample(
         eta: DDIM's η in [0, 1]: solver="ddim" with eta > 0 injects noise (η = 1: DDPM's posterior).
         noise: the stochastic solvers' injected noises ("ddpm", "euler_ancestral", "dpmpp2m_sde", "lcm",
             "ddim" with eta > 0; see :mod:`adjointdpm.stochastic`): an (N, B, *latent) tensor (noise[i] is
-            step i's draw; it may require grad), an int seed or a torch.Generator (regenerated per step,
-            not stored), or None (a seed from torch's global generator). Their gradient modes: exact,
-            backprop, checkpoint, truncated.
+            step i's draw; it may require grad, and may be computed from other tensors), an int seed or a
+            torch.Generator (regenerated per step, not stored), a list of either with one per sample (a
+            sample's noises then do not depend on its batch), or None (a seed from torch's global
+            generator). Their gradient modes: exact, backprop, checkpoint, truncated.
     """
     if isinstance(schedule, NoiseSchedule):
         path, scheduler = schedule, None

@@ -161,6 +161,15 @@ class SeededNoise(NoiseSource):
         return f"SeededNoise(seed={self.seed}, offset={self.offset})"
 
 
+def sample_streams(seed: int, sample_ids) -> SeededNoise:
+    """Per-sample streams of one run: sample j (of ``sample_ids``) draws from seed ``step_seed(seed, j)``,
+    so a sample's noises depend on (seed, j) only, not on the batch it is sampled in."""
+    ids = torch.as_tensor(sample_ids).flatten().tolist()
+    if not ids:
+        raise ValueError("sample_streams needs at least one sample id")
+    return SeededNoise([step_seed(_check_seed(seed), int(j)) for j in ids])
+
+
 def noise_tensor(seed, num_steps: int, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """The (N, B, *latent) tensor a seeded run injects: ``noise_tensor(s, N, x_T)[i]`` is its z_i
     (``seed``: one int, or one per sample)."""
@@ -389,7 +398,9 @@ def make_stochastic_solver(name: str, denoiser: Denoiser, grid: TimeGrid, noise:
 
 
 def check_deterministic_scheduler(scheduler, name: str) -> None:
-    """A scheduler configured to sample stochastically is not followed by a deterministic solver by mistake."""
+    """A scheduler configured to sample stochastically, or to clip / threshold x̂₀, is not followed by a
+    deterministic solver by mistake (it would give other samples than the scheduler, silently)."""
+    _refuse_clipping(scheduler, name)
     if _config(scheduler, "stochastic_sampling", False):
         raise ValueError(
             f"{type(scheduler).__name__} has stochastic_sampling=True but solver={name!r} is deterministic; "
@@ -399,4 +410,4 @@ def check_deterministic_scheduler(scheduler, name: str) -> None:
 
 __all__ = ["DDPM", "DPMSolverPP2MSDE", "EtaDDIM", "EulerAncestral", "LCM", "NoiseSource", "STOCHASTIC_SOLVERS",
            "SeededNoise", "StochasticSolver", "StoredNoise", "check_deterministic_scheduler", "is_stochastic", "make_stochastic_solver",
-           "noise_tensor", "resolve_noise", "step_seed"]
+           "noise_tensor", "resolve_noise", "sample_streams", "step_seed"]

@@ -22,7 +22,8 @@ def sample(
     num_images: int = typer.Option(16, "--num-images", "-n", min=1, max=4096, help="Number of images."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, max=1000, help="Solver steps (default: the model's; 20 for the embedded model)."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="ODE solver: ddim (Euler; FlowMatchEuler's step on flow models), dpmpp2m or heun (default: the model's)."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="ODE solver: ddim (Euler; FlowMatchEuler's step on flow models), dpmpp2m or heun (default: the model's); stochastic: ddpm, euler_ancestral, dpmpp2m_sde, lcm, or ddim with --eta > 0 (image i's injected noises from its own stream of --seed)."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM's eta in [0, 1] (--solver ddim only): 0 deterministic, 1 DDPM's posterior noise."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; guidance-distilled Flux: the guidance it is given)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Local diffusers folder: SD 1.x/2.x, SDXL, SD3/3.5, Flux or PixArt (default: the embedded digits model)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per network batch."),
@@ -41,8 +42,13 @@ def sample(
     from adjointdpm.tasks.common import check_prompt_length
     from adjointdpm.tasks.loop import check_writable
 
-    if solver is not None and solver not in adpm.SOLVERS:
-        raise CLIError(f"unknown solver {solver!r}; choose one of {', '.join(adpm.SOLVERS)}")
+    known = [*adpm.SOLVERS, *adpm.STOCHASTIC_SOLVER_NAMES]
+    if solver is not None and solver not in known:
+        raise CLIError(f"unknown solver {solver!r}; choose one of {', '.join(known)}")
+    if eta != 0.0 and solver != "ddim":
+        raise CLIError(f"--eta applies to --solver ddim only, got --solver {solver or 'the default'} with --eta {eta:g}")
+    if not 0.0 <= eta <= 1.0:
+        raise CLIError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise), got {eta:g}")
     if guidance_scale is not None and not (0.0 <= guidance_scale <= 100.0):
         raise CLIError(f"--guidance-scale must be in [0, 100], got {guidance_scale}")
     if out.exists() and not out.is_dir():
@@ -59,13 +65,13 @@ def sample(
     comps = load_components(model, device=dev)
     check_prompt_length(comps.prompt_tokenizer, prompt)  # (longer prompts would be cut silently)
     out = check_writable(out)  # before the work, not after it
-    images = comps.generate([prompt] * num_images, seed=seed, steps=steps, solver=solver,
+    images = comps.generate([prompt] * num_images, seed=seed, steps=steps, solver=solver, eta=eta,
                             guidance_scale=guidance_scale, batch_size=batch_size)
     files, grid = save_images(images, out)
     settings = comps.settings
     meta = {
         "prompt": prompt, "num_images": num_images, "seed": seed,
-        "steps": steps or settings["default_steps"], "solver": solver or settings["default_solver"],
+        "steps": steps or settings["default_steps"], "solver": solver or settings["default_solver"], "eta": eta,
         "guidance_scale": settings["default_guidance_scale"] if guidance_scale is None else guidance_scale,
         "model": str(comps.path), "files": [f.name for f in files], "grid": grid.name,
     }

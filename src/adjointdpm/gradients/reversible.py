@@ -70,12 +70,12 @@ class Reversible(CustomBackwardMode):
             raise ValueError(f"unknown Reversible backward {self.backward!r}; use one of {', '.join(BACKWARDS)}")
 
     # -- the sampler ----------------------------------------------------------------------------
-    def run(self, solver, x_T, cond, uncond, params):
+    def run(self, solver, x_T, cond, uncond, params, stand_ins=None):
         check_solver(solver)
         if self.backward == "autograd":
             x, _ = edict_sample(solver, x_T, cond, uncond, self.p)
             return x
-        return super().run(solver, x_T, cond, uncond, params)
+        return super().run(solver, x_T, cond, uncond, params, stand_ins)
 
     def record(self, solver, x_T, cond, uncond):
         x, y = edict_sample(solver, x_T, cond, uncond, self.p)

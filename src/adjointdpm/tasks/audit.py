@@ -103,7 +103,7 @@ class AuditTask(Task):
         if self.opts.optimize_noises:
             if not s.stochastic:
                 raise UserInputError("--optimize-noises needs a stochastic --solver (ddpm, euler_ancestral, "
-                                     f"dpmpp2m_sde, lcm), not {s.solver}")
+                                     f"dpmpp2m_sde, lcm, or ddim with --eta > 0), not {s.solver}")
             streams = s.noise_streams(self.sample_ids, self.seed)  # the centre, re-made identically on resume
             self.original_noise = adpm.noise_tensor(streams.seed, s.steps, x_T).transpose(0, 1).contiguous()
             self.noise = self.original_noise.clone().requires_grad_(True)

@@ -27,7 +27,8 @@ GRAD = typer.Option("exact", "--grad", help=GRAD_HELP)
 MEMORY = typer.Option(None, "--memory-budget", help="With --grad exact: keep the autograd graphs of as many sampling "
                       "steps as fit in this much memory (e.g. 8GiB, inf) instead of recomputing them: as fast as "
                       "back-propagation where memory allows, the same gradient [default: recompute every step].")
-SOLVER = typer.Option(None, "--solver", help="Sampler: ddim | dpmpp2m | heun (probability-flow ODE), or stochastic: ddpm | euler_ancestral | dpmpp2m_sde | lcm (default: the model's).")
+SOLVER = typer.Option(None, "--solver", help="Sampler: ddim | dpmpp2m | heun (probability-flow ODE), or stochastic: ddpm | euler_ancestral | dpmpp2m_sde | lcm, and ddim with --eta > 0 (default: the model's).")
+ETA = typer.Option(0.0, "--eta", help="DDIM's eta in [0, 1] (--solver ddim only): 0 the deterministic sampler, > 0 injects noise (1: DDPM's posterior), as diffusers' eta=.")
 STEPS = typer.Option(None, "--steps", help="Sampling steps (default: the model's).")
 GUIDANCE = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; on the embedded model audit, stylize and invert use 1, their recipe).")
 SEED = typer.Option(0, "--seed", help="Seed of the noises (and of each iteration's randomness).")
@@ -89,7 +90,7 @@ def with_memory_budget(grad: str, memory_budget: str | None) -> str:
     return f"{grad}{',' if ':' in grad else ':'}memory={memory_budget}"
 
 
-def _session(model, grad, solver, steps, guidance_scale, device, critics, dp):
+def _session(model, grad, solver, eta, steps, guidance_scale, device, critics, dp):
     from .common import EngineOptions, Session
 
     if model is not None and not Path(model).expanduser().exists():
@@ -98,7 +99,7 @@ def _session(model, grad, solver, steps, guidance_scale, device, critics, dp):
         raise UserInputError(f"model folder {model} does not exist (give a local diffusers folder; nothing is downloaded)")
     if dp.world_size > 1 and dp.device.type == "cuda":
         device = str(dp.device)  # each process its own GPU
-    return Session(model, EngineOptions(grad=grad, solver=solver, steps=steps, guidance_scale=guidance_scale,
+    return Session(model, EngineOptions(grad=grad, solver=solver, eta=eta, steps=steps, guidance_scale=guidance_scale,
                                         device=device), critics_path=critics, dp=dp)
 
 
@@ -122,7 +123,7 @@ def recipe_guidance(command: str, model, guidance_scale):
 
 
 def _run_application(make_task, keys, out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
-                     model, grad, solver, steps, guidance_scale, device, critics, debug) -> None:
+                     model, grad, solver, eta, steps, guidance_scale, device, critics, debug) -> None:
     """The path every application takes: its processes, the loop settings (``--out`` is checked before anything
     loads), the session, ``make_task(session)``, the run; then all processes leave the process group together
     and the first reports. The arguments after ``keys`` are the shared options, in the commands' order."""
@@ -132,7 +133,7 @@ def _run_application(make_task, keys, out, iters, budget, checkpoint_every, resu
 
         dp = _processes(device)
         cfg = _loop(out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed, dp)
-        s = _session(model, grad, solver, steps, guidance_scale, device, critics, dp)
+        s = _session(model, grad, solver, eta, steps, guidance_scale, device, critics, dp)
         summary = run(make_task(s), cfg)
         dp.close()
         if dp.is_main:
@@ -166,7 +167,7 @@ def guide(
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay for the noise."),
     renorm: bool = typer.Option(True, "--renorm/--no-renorm", help="Put x_T back on the Gaussian shell after each step (DOODL)."),
     optimize_cond: bool = typer.Option(False, "--optimize-cond", help="Also optimise the prompt embedding (shared by the batch)."),
-    optimize_noises: bool = typer.Option(False, "--optimize-noises", help="With a stochastic --solver (ddpm, euler_ancestral, dpmpp2m_sde, lcm): also optimise every step's injected noise (written as noises in latents.safetensors)."),
+    optimize_noises: bool = typer.Option(False, "--optimize-noises", help="With a stochastic --solver (ddpm, euler_ancestral, dpmpp2m_sde, lcm, or ddim with --eta > 0): also optimise every step's injected noise (written as noises in latents.safetensors)."),
     cond_lr: float = typer.Option(0.01, "--cond-lr", help="Learning rate for the prompt embedding."),
     start_step: int = typer.Option(0, "--start-step", help="Optimise the sampler's state at this step instead of x_T (0 = x_T)."),
     views: Optional[int] = typer.Option(None, "--views", "--augment", help="Random affine views per image in the loss (cutouts); 0: none (default: 8 for critics, 0 for --loss)."),
@@ -174,7 +175,7 @@ def guide(
     optimizer: str = typer.Option("normalized", "--optimizer", help="normalized (x -= lr * g / rms(g), per noise) | adamw."),
     stop_loss: Optional[float] = typer.Option(None, "--stop-loss", help="A noise whose loss falls below this is done (0: never) (default: 0.1 for classifiers, 0 otherwise)."),
     iters: int = typer.Option(20, "--iters", help="Optimisation iterations."),
-    model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
+    model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, eta: float = ETA, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
     checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
     critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
@@ -196,7 +197,7 @@ def guide(
     grad = with_memory_budget(grad, memory_budget)
     _run_application(make_task, ["judge_accuracy", "frechet_to_class", "critic_accuracy", "clip_score", "plugin_loss",
                                  "judge_clip_score"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
-                     model, grad, solver, steps, guidance_scale, device, critics, debug)
+                     model, grad, solver, eta, steps, guidance_scale, device, critics, debug)
 
 
 # ------------------------------------------------------------------------------------- audit
@@ -210,9 +211,9 @@ def audit(
     eps: float = typer.Option(0.2, "--eps", help="l-infinity budget around the original noise."),
     step_size: float = typer.Option(0.05, "--step-size", help="RMS size of one normalised gradient step."),
     margin: float = typer.Option(0.02, "--margin", help="Safety attack: margin below the thresholds."),
-    optimize_noises: bool = typer.Option(False, "--optimize-noises", help="With a stochastic --solver (ddpm, euler_ancestral, dpmpp2m_sde, lcm): also attack every step's injected noise, within the same --eps (written as noises in attack.safetensors)."),
+    optimize_noises: bool = typer.Option(False, "--optimize-noises", help="With a stochastic --solver (ddpm, euler_ancestral, dpmpp2m_sde, lcm, or ddim with --eta > 0): also attack every step's injected noise, within the same --eps (written as noises in attack.safetensors)."),
     iters: int = typer.Option(6, "--iters", help="Maximum attack iterations."),
-    model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
+    model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, eta: float = ETA, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
     checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
     critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
@@ -229,7 +230,7 @@ def audit(
 
     grad = with_memory_budget(grad, memory_budget)
     _run_application(make_task, ["success_rate", "judge_keeps_label"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
-                     model, grad, solver, steps, recipe_guidance("audit", model, guidance_scale), device, critics, debug)
+                     model, grad, solver, eta, steps, recipe_guidance("audit", model, guidance_scale), device, critics, debug)
 
 
 # ----------------------------------------------------------------------------------- stylize
@@ -247,7 +248,7 @@ def stylize(
     n_eval: int = typer.Option(32, "--n-eval", help="Fresh (prompt, noise) pairs for the metrics."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One prompt for all pairs (default: the digit prompts; '' on other models)."),
     iters: int = typer.Option(10, "--iters", help="Optimisation iterations."),
-    model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
+    model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, eta: float = ETA, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
     checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
     critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
@@ -266,7 +267,7 @@ def stylize(
 
     grad = with_memory_budget(grad, memory_budget)
     _run_application(make_task, ["style_loss", "judge_accuracy", "plugin_loss"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
-                     model, grad, solver, steps, recipe_guidance("stylize", model, guidance_scale), device, critics, debug)
+                     model, grad, solver, eta, steps, recipe_guidance("stylize", model, guidance_scale), device, critics, debug)
 
 
 # ------------------------------------------------------------------------------------ invert
@@ -280,7 +281,7 @@ def invert(
     lr: float = typer.Option(0.1, "--lr", help="AdamW learning rate for the embedding."),
     init_prompt: str = typer.Option("", "--init-prompt", help="Prompt whose embedding initialises the search (default: empty)."),
     iters: int = typer.Option(10, "--iters", help="Optimisation iterations."),
-    model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, steps: Optional[int] = STEPS,
+    model: Optional[Path] = MODEL, grad: str = GRAD, memory_budget: Optional[str] = MEMORY, solver: Optional[str] = SOLVER, eta: float = ETA, steps: Optional[int] = STEPS,
     guidance_scale: Optional[float] = GUIDANCE, seed: int = SEED, budget: Optional[int] = BUDGET,
     checkpoint_every: int = CKPT, resume: bool = RESUME, on_nonfinite: str = NONFINITE, device: str = DEVICE,
     critics: Optional[Path] = CRITICS, quiet: bool = QUIET, debug: bool = DEBUG,
@@ -297,7 +298,7 @@ def invert(
 
     grad = with_memory_budget(grad, memory_budget)
     _run_application(make_task, ["psnr_train", "psnr_heldout", "plugin_loss_train", "plugin_loss_heldout"], out, iters, budget, checkpoint_every, resume, on_nonfinite, quiet, seed,
-                     model, grad, solver, steps, recipe_guidance("invert", model, guidance_scale), device, critics, debug)
+                     model, grad, solver, eta, steps, recipe_guidance("invert", model, guidance_scale), device, critics, debug)
 
 
 # --------------------------------------------------------------------------------- reproduce

@@ -79,6 +79,7 @@ def grad_label(mode) -> str:
 class EngineOptions:
     grad: str = "adjoint"
     solver: str | None = None
+    eta: float = 0.0  # DDIM's η (solver "ddim" only; > 0 injects noise)
     steps: int | None = None
     guidance_scale: float | None = None
     device: str = "cpu"
@@ -105,7 +106,15 @@ class Session:
             raise UserInputError(f"unknown --solver {self.solver!r}; use one of {', '.join(known)}")
         # stochastic solvers draw each sample's injected noises from its own seeded stream (the same at every
         # call, so a resumed run continues identically; see noise_streams) unless a task optimises them
-        self.stochastic = self.solver in adpm.STOCHASTIC_SOLVER_NAMES
+        from ..stochastic import is_stochastic
+        from ..solvers import solver_name
+        from ..validation import check_eta
+
+        try:
+            self.eta = check_eta(engine.eta, solver_name(self.solver))
+        except (TypeError, ValueError) as e:
+            raise UserInputError(f"--eta: {e}") from None
+        self.stochastic = is_stochastic(solver_name(self.solver), self.eta)
         self.steps = int(settings.get("default_steps", 20) if engine.steps is None else engine.steps)
         if not 1 <= self.steps <= 1000:
             raise UserInputError(f"--steps must be in 1..1000, got {self.steps}")
@@ -113,7 +122,7 @@ class Session:
         self.grad_spec = engine.grad
         self.grad = parse_grad(engine.grad)
         if self.stochastic and (isinstance(self.grad, OneStep) or self.grad.name in ("adjoint", "reversible")):
-            raise UserInputError(f"--solver {self.solver} injects noise: --grad {engine.grad} is defined for the "
+            raise UserInputError(f"--solver {self.solver}{' with --eta > 0' if self.solver == 'ddim' else ''} injects noise: --grad {engine.grad} is defined for the "
                                  "deterministic samplers only; use --grad exact, backprop, checkpoint or truncated")
         self._encode_kwargs = {}
         if self.comps.family == "sd":
@@ -174,7 +183,7 @@ class Session:
 
     def describe(self) -> dict:
         return {"model": self.model_path or "embedded", "grad": grad_label(self.grad), "solver": self.solver,
-                "steps": self.steps, "guidance_scale": self.guidance_scale}
+                "eta": self.eta, "steps": self.steps, "guidance_scale": self.guidance_scale}
 
     def timesteps(self, start: int = 0) -> np.ndarray:
         """Model times of the sampling grid, from step ``start`` on."""
@@ -203,12 +212,9 @@ class Session:
         sample gets the same noises whichever batch, subset of rows or process samples it."""
         if not self.stochastic:
             return None
-        from ..stochastic import step_seed
+        from ..stochastic import sample_streams
 
-        ids = torch.as_tensor(sample_ids).flatten().tolist()
-        if not ids:
-            raise ValueError("noise_streams needs at least one sample id")
-        return adpm.SeededNoise([step_seed(seed, int(j)) for j in ids])
+        return sample_streams(seed, sample_ids)
 
     # ------------------------------------------------------------------ sampling
     def _uncond_for(self, cond: torch.Tensor | None):
@@ -230,7 +236,7 @@ class Session:
                 return self.sample(x_start, cond, grad=self.forward_mode, start=start)
         return adpm.sample(self.network, x_start, schedule=self.schedule, timesteps=self.timesteps(start), cond=cond,
                            uncond=self._uncond_for(cond), guidance_scale=self.guidance_scale, solver=self.solver,
-                           grad=grad, prediction_type=self.comps.prediction_type,
+                           eta=self.eta, grad=grad, prediction_type=self.comps.prediction_type,
                            noise=self._noise_or_streams(noise, x_start.shape[0]))
 
     def _noise_or_streams(self, noise, n: int):
@@ -246,7 +252,8 @@ class Session:
 
         self.timesteps(to_step)  # validates the index
         if self.stochastic:
-            raise UserInputError(f"--start-step needs a deterministic --solver (ddim, dpmpp2m, heun), not {self.solver}")
+            raise UserInputError("--start-step needs a deterministic --solver (ddim with --eta 0, dpmpp2m, heun), "
+                                 f"not {self.solver}{' with --eta > 0' if self.solver == 'ddim' else ''}")
         grid = self.grid()
         den = Denoiser(self.network, self.path, self.comps.prediction_type, self.guidance_scale, {})
         solver = make_solver(self.solver, den, grid)

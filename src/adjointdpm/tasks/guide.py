@@ -100,7 +100,7 @@ class GuideTask(Task):
         if o.optimize_noises:
             if not s.stochastic:
                 raise UserInputError("--optimize-noises needs a stochastic --solver (ddpm, euler_ancestral, "
-                                     f"dpmpp2m_sde, lcm), not {s.solver}")
+                                     f"dpmpp2m_sde, lcm, or ddim with --eta > 0), not {s.solver}")
             if o.start_step:
                 raise UserInputError("--optimize-noises optimises from x_T: drop --start-step")
             streams = s.noise_streams(self.sample_ids, self.seed)  # starts from the noises sampled without it
