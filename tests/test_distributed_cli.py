@@ -17,6 +17,10 @@ from adjointdpm.cli import run as cli_run
 STYLIZE = ["stylize", "--lora-rank", "2", "--n-train", "4", "--batch", "4", "--n-eval", "2", "--iters", "2",
            "--lr", "1e-3", "--steps", "3", "--grad", "exact"]
 GUIDE = ["guide", "-n", "4", "--iters", "3", "--lr", "0.2", "--steps", "3", "--grad", "exact"]
+# stochastic: each sample's injected noises (its own seeded stream) optimised in its own process
+NOISES = {"guide_noises": GUIDE + ["--solver", "ddpm", "--optimize-noises", "--stop-loss", "0"],
+          "audit_noises": ["audit", "-n", "6", "--iters", "2", "--eps", "0.5", "--step-size", "0.3", "--steps", "3",
+                           "--grad", "exact", "--solver", "euler_ancestral", "--optimize-noises"]}
 
 
 def _files(out: Path) -> list[str]:
@@ -37,8 +41,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_cli")
     torch.set_num_threads(1)  # as each torchrun process (a module fixture runs before the per-test one-thread fixture)
     result = {}
-    for args in (STYLIZE, GUIDE):
-        name = args[0]
+    for name, args in {"stylize": STYLIZE, "guide": GUIDE, **NOISES}.items():
         two, one, logs = root / f"{name}_2", root / f"{name}_1", root / f"{name}_logs"
         # per-rank stdout/stderr into files, the progress bar on (no --quiet)
         proc = torchrun(2, ["--log-dir", str(logs), "--redirects", "3", "-m", "adjointdpm", *args, "--out", str(two)])
@@ -85,6 +88,24 @@ def test_guide_sharded_noises_equal_single_process(runs):
     assert sa["after"]["judge_class_histogram"] == sb["after"]["judge_class_histogram"]
     assert [h["loss"] for h in sa["loss"]["history"]] == pytest.approx([h["loss"] for h in sb["loss"]["history"]],
                                                                          rel=1e-6)
+
+
+@pytest.mark.parametrize("name, file", [("guide_noises", "latents.safetensors"), ("audit_noises", "attack.safetensors")])
+def test_sharded_injected_noises_equal_single_process(runs, name, file):
+    two, one, _ = runs[name]
+    a, b = load_file(str(two / file)), load_file(str(one / file))
+    n = b["latents"].shape[0]
+    assert a.keys() == b.keys() and b["noises"].shape == (3, n, *b["latents"].shape[1:])
+    # (audit's ℓ∞ projection of normalised steps shows the other processes' rounding at ~5e-6; a wrong
+    # sharding of the noises gives ~0.1)
+    assert _relative(a, b, ["latents", "noises"]) <= 1e-4
+    start = "original_noises" if "original_noises" in b else None
+    if start is not None:  # the attack moved the noises (the streams are the same in both runs)
+        assert torch.equal(a[start], b[start]) and (b["noises"] - b[start]).abs().max() > 1e-2
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (two, one))
+    numbers = {k for k, v in sb["after"].items() if isinstance(v, float)}
+    assert numbers and {k: sa["after"][k] for k in numbers} == pytest.approx({k: sb["after"][k] for k in numbers}, rel=1e-4)
+    assert {k: v for k, v in sa["after"].items() if k not in numbers} == {k: v for k, v in sb["after"].items() if k not in numbers}
 
 
 @pytest.mark.parametrize("name", ["stylize", "guide"])

@@ -156,7 +156,8 @@ class GuideTask(Task):
         if o.optimize_cond:
             groups.append(ParamGroup("cond", self.cond_leaves, {"lr": o.cond_lr, "weight_decay": 0.0}))
         if o.optimize_noises:
-            groups.append(ParamGroup("noises", {"noise": self.noise}, {"lr": o.lr, "weight_decay": o.weight_decay}))
+            groups.append(ParamGroup("noises", {"noise": self.noise}, {"lr": o.lr, "weight_decay": o.weight_decay},
+                                     sharded=True))
         return groups
 
     def make_optimizer(self, groups):
