@@ -105,6 +105,19 @@ def test_stylize(tmp_path, capsys, lora, lr):
         assert weights and not any("lora" in k for k in weights)
 
 
+@pytest.mark.parametrize("command, extra", [
+    ("stylize", ["--lora-rank", "2", "--n-train", "4", "--batch", "2", "--n-eval", "2", "--lr", "1e-3"]),
+    ("invert", ["--n-train", "3", "--n-heldout", "2", "--lr", "0.05"]),
+])
+def test_stylize_and_invert_with_a_stochastic_solver(tmp_path, capsys, command, extra):
+    """Each training sample injects its own stream at every iteration, the one its target was made with."""
+    out = tmp_path / command
+    code, _, err = cli([command, "--out", out, *extra, "--iters", "3", "--solver", "dpmpp2m_sde", *EXACT], capsys)
+    assert code == 0, err
+    s = _summary(out)
+    assert s["settings"]["solver"] == "dpmpp2m_sde" and s["loss"]["min"] < s["loss"]["first"]
+
+
 def test_invert(tmp_path, capsys):
     out = tmp_path / "invert"
     code, _, err = cli(["invert", "--out", out, "--n-train", "3", "--n-heldout", "2", "--iters", "3", "--lr", "0.05", *EXACT], capsys)
@@ -121,6 +134,9 @@ def test_invert(tmp_path, capsys):
 
 @pytest.mark.parametrize("command,extra", [
     ("guide", ["--n", "2", "--lr", "0.3"]),
+    ("guide", ["--n", "2", "--lr", "0.3", "--solver", "ddpm", "--optimize-noises", "--grad", "exact"]),
+    ("audit", ["--n", "4", "--eps", "0.5", "--step-size", "0.3", "--solver", "lcm", "--optimize-noises",
+               "--grad", "exact"]),
     ("stylize", ["--n-train", "4", "--batch", "2", "--n-eval", "2", "--lr", "3e-3", "--lora-rank", "2"]),
 ])
 def test_resume_equals_uninterrupted(tmp_path, capsys, command, extra):
@@ -132,7 +148,7 @@ def test_resume_equals_uninterrupted(tmp_path, capsys, command, extra):
     a, b = _summary(full), _summary(part)
     assert [h["loss"] for h in a["loss"]["history"]] == [h["loss"] for h in b["loss"]["history"]]
     assert a["after"] == b["after"] and a["model_calls"] == b["model_calls"]
-    name = "latents.safetensors" if command == "guide" else "pytorch_lora_weights.safetensors"
+    name = {"guide": "latents.safetensors", "audit": "attack.safetensors"}.get(command, "pytorch_lora_weights.safetensors")
     ta, tb = load_file(str(full / name)), load_file(str(part / name))
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 

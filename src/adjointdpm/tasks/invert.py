@@ -118,8 +118,10 @@ class InvertTask(Task):
                 self.train_targets = self.file_targets
                 self.held_targets = None
             else:
-                self.train_targets = apply_effect(s.generate_all(self.train_noise, self.cond0), o.effect)
-                self.held_targets = (apply_effect(s.generate_all(self.held_noise, self.cond0), o.effect)
+                self.train_targets = apply_effect(s.generate_all(self.train_noise, self.cond0, noise=self._streams("train")),
+                                                  o.effect)
+                self.held_targets = (apply_effect(s.generate_all(self.held_noise, self.cond0, noise=self._streams("held")),
+                                                  o.effect)
                                      if self.held_noise is not None else None)
 
     def param_groups(self):
@@ -136,19 +138,27 @@ class InvertTask(Task):
         targets = self.dp.shard(self.train_targets)
         return (images.float() - targets[: images.shape[0]]).pow(2).flatten(1).mean(1)
 
+    def _streams(self, pool: str, ids: torch.Tensor | None = None):
+        """A stochastic solver's injected noises of the ``pool``'s samples ``ids`` (default all): each
+        sample's own stream, the same in whichever process samples it (None: deterministic)."""
+        n = self.n_train if pool == "train" else self.opts.n_heldout
+        return self.session.noise_streams(torch.arange(n) if ids is None else ids,
+                                          self.seed if pool == "train" else self.seed + 7919)
+
     def compute_loss(self, iteration, generator):
         # several processes: each back-propagates its shard's share of the mean loss (the loop sums the
         # gradients of the embedding across processes)
         noise = self.dp.shard(self.train_noise)
         w = None if self.dp.world_size == 1 else torch.full(
             (noise.shape[0],), self.dp.loss_weight(self.n_train) / noise.shape[0], device=noise.device)
-        loss, per, x0 = self.session.sampled_loss(noise, self.cond, self.objective, weights=w)
+        loss, per, x0 = self.session.sampled_loss(noise, self.cond, self.objective, weights=w,
+                                                  noise=self._streams("train", self.dp.shard(torch.arange(self.n_train))))
         return loss, {}
 
     def evaluate(self, stage: str) -> Evaluation:
         s = self.session
         cond = conditions.detached(self.cond)
-        train = s.generate_all(self.train_noise, cond)
+        train = s.generate_all(self.train_noise, cond, noise=self._streams("train"))
         if self.loss is not None:
             metrics = {"plugin_loss_train": self.loss.metrics(train, [self.opts.init_prompt] * len(train))["plugin_loss"]}
         else:
@@ -156,7 +166,7 @@ class InvertTask(Task):
                        "mse_train": float(F.mse_loss(train, self.train_targets))}
         images = [train]
         if self.held_noise is not None:
-            held = s.generate_all(self.held_noise, cond)
+            held = s.generate_all(self.held_noise, cond, noise=self._streams("held"))
             images.append(held)
             if self.held_targets is not None:
                 metrics["psnr_heldout"] = float(psnr(held, self.held_targets).mean())

@@ -131,9 +131,9 @@ class StylizeTask(Task):
         self.eval_noise = s.noise(o.n_eval, self.seed + 104729)  # fresh noises, never trained on
         self.eval_labels = None if labels is None else torch.tensor(labels, device=s.device)
         with torch.no_grad():
-            train_images = s.generate_all(self.train_noise, self.train_cond)
+            train_images = s.generate_all(self.train_noise, self.train_cond, noise=self._streams("train"))
             self.objective.calibrate(train_images)  # the untuned model scores 1 on its training pool
-            self.eval_untuned = s.generate_all(self.eval_noise, self.eval_cond)
+            self.eval_untuned = s.generate_all(self.eval_noise, self.eval_cond, noise=self._streams("eval"))
             labeller = getattr(self.judge, "labels", None)
             self.untuned_labels = labeller(self.eval_untuned) if labeller is not None else None
         unet = s.network
@@ -165,18 +165,25 @@ class StylizeTask(Task):
             return self.objective.loss(self.session.decode(x0).float(), prompts=prompts, indices=idx.tolist())
         return objective
 
+    def _streams(self, pool: str, idx: torch.Tensor | None = None):
+        """A stochastic solver's injected noises of the ``pool``'s samples ``idx`` (default all): each
+        sample's own stream, the same whichever minibatch or process samples it (None: deterministic)."""
+        n = self.opts.n_train if pool == "train" else self.opts.n_eval
+        ids = torch.arange(n) if idx is None else idx.cpu()
+        return self.session.noise_streams(ids, self.seed if pool == "train" else self.seed + 104729)
+
     def compute_loss(self, iteration, generator):
         o = self.opts
         idx = torch.randperm(o.n_train, generator=generator)[: o.batch].to(self.session.device)
         idx = self.dp.shard(idx)  # this process's share of the minibatch, weighted by its share of the mean loss
         w = torch.full((idx.numel(),), self.dp.loss_weight(o.batch) / idx.numel(), device=self.session.device)
         loss, per, x0 = self.session.sampled_loss(self.train_noise[idx], conditions.rows(self.train_cond, idx), self._objective(idx),
-                                                  weights=w)
+                                                  weights=w, noise=self._streams("train", idx))
         return loss, {}
 
     def evaluate(self, stage: str) -> Evaluation:
         s = self.session
-        images = s.generate_all(self.eval_noise, self.eval_cond)
+        images = s.generate_all(self.eval_noise, self.eval_cond, noise=self._streams("eval"))
         metrics = {**self.objective.metrics(images),
                    "mean_abs_change": float((images - self.eval_untuned).abs().mean())}
         if self.judge is not None:
