@@ -295,7 +295,7 @@ def test_a_noise_tensor_computed_from_a_leaf():
     name, make, solver, eta, _ = CASES["lcm"]
     family, net, x, cond, uncond = _setup(name)
     grads = {}
-    for mode in ("backprop", "checkpoint", "exact", adpm.Exact(memory=0)):
+    for mode in ("backprop", "checkpoint", "exact", adpm.Exact(memory=0), adpm.Exact(memory=float("inf"))):
         base = torch.cat([_noise(3, x), _noise(3, x, seed=4)], dim=1).requires_grad_()
         rows = torch.tensor([0, 3])  # two of the four samples: a non-leaf row slice, then scaled
         x0 = _sample(family, net, x, cond, uncond, make(3), solver, eta, 0.5 * base[:, rows], mode)
