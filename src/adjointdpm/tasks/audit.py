@@ -236,10 +236,7 @@ class AuditTask(Task):
                    "label": dp.gather_shards(self.label).cpu().contiguous()}
         if self.session.stochastic:
             for name, original in (("noises", False), ("original_noises", True)):
-                noise = self.injected_noise(original=original)
-                if not isinstance(noise, torch.Tensor):  # the seeded streams, materialised
-                    noise = adpm.noise_tensor(noise.seed, self.session.steps, self.x)
-                tensors[name] = dp.gather_shards(noise.detach().transpose(0, 1)).transpose(0, 1).cpu().contiguous()
+                tensors[name] = self.session.gathered_noise(self.injected_noise(original=original), self.x)
         if dp.is_main:
             save_file(tensors, str(out / "attack.safetensors"))
         return {"attack": "attack.safetensors"}

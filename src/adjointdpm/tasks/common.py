@@ -216,6 +216,13 @@ class Session:
 
         return sample_streams(seed, sample_ids)
 
+    def gathered_noise(self, noise, like: torch.Tensor) -> torch.Tensor:
+        """Every process's injected noises as one (N, n, …) CPU tensor, what ``adpm.sample(…, noise=…)``
+        takes: ``noise`` is this process's (N, b, …) tensor or its samples' seeded streams (materialised)."""
+        if not isinstance(noise, torch.Tensor):
+            noise = adpm.noise_tensor(noise.seed, self.steps, like)
+        return self.dp.gather_shards(noise.detach().transpose(0, 1)).transpose(0, 1).cpu().contiguous()
+
     # ------------------------------------------------------------------ sampling
     def _uncond_for(self, cond: torch.Tensor | None):
         return self.uncond if self.guidance_scale != 1.0 else None

@@ -285,10 +285,7 @@ class GuideTask(Task):
 
         tensors = {"latents": self.dp.gather_shards(self.result_x()).cpu().contiguous()}
         if self.session.stochastic:
-            noise = self.injected_noise(result=True)
-            if not isinstance(noise, torch.Tensor):  # the seeded streams, materialised
-                noise = adpm.noise_tensor(noise.seed, self.session.steps, self.x)
-            tensors["noises"] = self.dp.gather_shards(noise.detach().transpose(0, 1)).transpose(0, 1).cpu().contiguous()
+            tensors["noises"] = self.session.gathered_noise(self.injected_noise(result=True), self.x)
         if self.opts.optimize_cond:
             tensors.update(conditions.pipeline_tensors(self.cond, self.session.uncond))
         if self.dp.is_main:
