@@ -9,8 +9,9 @@ inputs, so they count), and grad="backprop" (the autograd graph grows with N).
 
     PYTHONPATH=src python scripts/stochastic_memory.py
 
-Measured once (2 shared CPU cores, about 9 minutes, most of it backprop at N = 50), growth of the peak RSS
-during sample + backward: exact/seed 63 → 65 MiB, exact/tensor 60 → 66 MiB, backprop 264 → 1205 MiB.
+Measured (2 shared CPU cores, about 12 minutes, most of it backprop at N = 50), growth of the peak RSS
+during sample + backward, N = 10 → 50: exact/seed 59 → 65 MiB, exact/per-sample (batch 2) 97 → 104 MiB,
+exact/tensor 59 → 68 MiB, backprop 268 → 1203 MiB.
 """
 
 from __future__ import annotations
