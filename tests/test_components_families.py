@@ -318,6 +318,30 @@ def test_cli_sample_writes_images_for_each_family(folders, kind, tmp_path):
     assert meta["steps"] == 2 and meta["model"] == str(folders[kind])
 
 
+@pytest.mark.parametrize("kind", ["sdxl", "sd3", "flux", "pixart-sigma"])
+def test_cli_sample_with_each_stochastic_solver(folders, kind, tmp_path, capsys):
+    """Every stochastic solver samples each family on its folder's own scheduler grid (PixArt's
+    DPM-Solver config has variance_type=None: DDPM's fixed_small), except Euler ancestral on a flow grid
+    from σ = 1, which says what to use instead."""
+    import numpy as np
+    from PIL import Image
+
+    from adjointdpm.cli import run
+
+    flow = kind in ("sd3", "flux")
+    for solver in (["ddpm"], ["euler_ancestral"], ["dpmpp2m_sde"], ["lcm"], ["ddim", "--eta", "1"]):
+        out = tmp_path / solver[0]
+        rc = run(["sample", "-p", "a small digit", "-n", "2", "-o", str(out), "--model", str(folders[kind]),
+                  "--steps", "2", "--threads", "1", "--solver", *solver])
+        err = capsys.readouterr().err
+        if flow and solver == ["euler_ancestral"]:
+            assert rc == 2 and "infinite where α = 0" in err and err.count("\n") == 1
+            continue
+        assert rc == 0, err
+        images = [np.asarray(Image.open(f)) for f in sorted(out.glob("[0-9]*.png"))]
+        assert len(images) == 2 and all(im.shape == (16, 16, 3) for im in images)
+
+
 def test_python_m_adjointdpm_sample_on_a_flux_folder(folders, tmp_path):
     import os
     import subprocess

@@ -260,7 +260,8 @@ class DDPM(StochasticSolver):
     def __init__(self, denoiser, grid, noise, scheduler=None):
         super().__init__(denoiser, grid, noise, scheduler)
         _refuse_clipping(scheduler, "ddpm")
-        self.variance_type = _config(scheduler, "variance_type", "fixed_small")
+        # (other schedulers' configs may hold variance_type=None: no variance of the model's, DDPM's default)
+        self.variance_type = _config(scheduler, "variance_type", None) or "fixed_small"
         if self.variance_type not in DDPM_VARIANCE_TYPES:
             raise ValueError(
                 f"solver='ddpm' supports variance_type {', '.join(DDPM_VARIANCE_TYPES)}, but the scheduler has "
