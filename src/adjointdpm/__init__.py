@@ -18,7 +18,7 @@ from .model import Denoiser
 from .sampling import sample
 from .schedule import CosineVPSchedule, DiscreteVPSchedule, LinearVPSchedule, NoiseSchedule, VPSchedule
 from .solvers import SOLVERS, STOCHASTIC_SOLVER_NAMES
-from .stochastic import NoiseSource, SeededNoise, noise_tensor, sample_streams
+from .stochastic import NoiseSource, SeededNoise, diffusers_draws, noise_tensor, sample_streams
 
 __version__ = "0.1.0"
 
@@ -44,6 +44,7 @@ __all__ = [
     "STOCHASTIC_SOLVER_NAMES",
     "NoiseSource",
     "SeededNoise",
+    "diffusers_draws",
     "noise_tensor",
     "sample_streams",
 ]

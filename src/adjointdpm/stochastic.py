@@ -55,7 +55,7 @@ import torch
 
 from .grid import TimeGrid
 from .model import Denoiser
-from .solvers import LOWER_ORDER_FINAL_BELOW, Solver
+from .solvers import LOWER_ORDER_FINAL_BELOW, Solver, solver_name
 from .validation import check_noise_tensor
 
 _SEED_RANGE = 2**63 - 1
@@ -175,6 +175,42 @@ def noise_tensor(seed, num_steps: int, like: torch.Tensor, offset: int = 0) -> t
     (``seed``: one int, or one per sample)."""
     source = SeededNoise(seed, offset)
     return torch.stack([source.noise_at(i, like) for i in range(num_steps)])
+
+
+def diffusers_draws(generator, scheduler, like: torch.Tensor, *, solver: str, eta: float = 0.0) -> torch.Tensor:
+    """The (N, B, *latent) noises a diffusers pipeline's ``scheduler.step(…, generator=generator)`` calls
+    draw, in order, from the generator's current state, as ``noise=`` takes them: a pipeline run with
+    ``generator=g`` (a torch.Generator or one per sample) is ``x_T`` drawn first (``prepare_latents``: one
+    ``randn`` of the latent shape from g), then ``diffusers_draws(g, scheduler, x_T, solver=…)``.
+
+    ``scheduler`` is configured and has its timesteps set (N = len(scheduler.timesteps)). Each step draws
+    ``randn(latent shape)`` from the generator in the scheduler's dtype — like's dtype, float32 for
+    DPM-Solver's SDE — except where the scheduler draws nothing (DDPM at t = 0, LCMScheduler's last step):
+    there z_i = 0 (it has no effect). Draws come out bit-identical to diffusers' on the generator's device.
+    """
+    name = solver_name(solver)
+    if not is_stochastic(name, eta):
+        raise ValueError(f"solver={solver!r} is deterministic and draws no noise (for DDIM give eta > 0)")
+    timesteps = [float(t) for t in scheduler.timesteps]
+    if name == "ddpm":
+        draws = [t > 0 for t in timesteps]
+    elif name == "lcm" and not _config(scheduler, "stochastic_sampling", False):
+        draws = [i < len(timesteps) - 1 for i in range(len(timesteps))]
+    else:
+        draws = [True] * len(timesteps)
+    dtype = torch.float32 if name == "dpmpp2m_sde" else like.dtype
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    if len(generators) not in (1, like.shape[0]):
+        raise ValueError(f"{len(generators)} generators for a batch of {like.shape[0]}: give one, or one per sample")
+
+    def draw() -> torch.Tensor:
+        if len(generators) == 1:
+            g = generators[0]
+            return torch.randn(like.shape, generator=g, device=g.device, dtype=dtype)
+        return torch.cat([torch.randn((1, *like.shape[1:]), generator=g, device=g.device, dtype=dtype)
+                          for g in generators])
+
+    return torch.stack([draw().to(like) if d else torch.zeros_like(like) for d in draws])
 
 
 def resolve_noise(noise, num_steps: int, x_T: torch.Tensor) -> NoiseSource:
@@ -411,4 +447,4 @@ def check_deterministic_scheduler(scheduler, name: str) -> None:
 
 __all__ = ["DDPM", "DPMSolverPP2MSDE", "EtaDDIM", "EulerAncestral", "LCM", "NoiseSource", "STOCHASTIC_SOLVERS",
            "SeededNoise", "StochasticSolver", "StoredNoise", "check_deterministic_scheduler", "is_stochastic", "make_stochastic_solver",
-           "noise_tensor", "resolve_noise", "sample_streams", "step_seed"]
+           "diffusers_draws", "noise_tensor", "resolve_noise", "sample_streams", "step_seed"]
