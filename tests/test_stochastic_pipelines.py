@@ -69,3 +69,35 @@ def test_the_draws_and_bad_input():
         adpm.diffusers_draws(torch.Generator(), sched, like, solver="ddim")
     with pytest.raises(ValueError, match="3 generators for a batch of 2"):
         adpm.diffusers_draws([torch.Generator()] * 3, sched, like, solver="ddpm")
+
+
+def test_a_flow_pipeline_run_with_a_generator_is_reproduced(tmp_path):
+    """SD3 with FlowMatchEuler's stochastic_sampling (solver 'lcm' on a flow grid: a draw at every step) and
+    with SDE-DPM-Solver++ on flow sigmas; its steps draw from torch's global generator (generator=None)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from _tiny_families import build_tiny_sd3
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(build_tiny_sd3(tmp_path / "sd3", with_t5=False)),
+                                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.scheduler.config
+    for scheduler, solver in (
+            (FlowMatchEulerDiscreteScheduler.from_config(config, stochastic_sampling=True), "lcm"),
+            (DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", use_flow_sigmas=True, prediction_type="flow_prediction",
+                                         flow_shift=config.shift), "dpmpp2m_sde")):
+        pipe.scheduler = scheduler
+        prompt, w = ["a small digit"], 2.0
+        torch.manual_seed(7)  # (the SD3 pipeline does not hand its generator to scheduler.step: global draws)
+        theirs = pipe(prompt, num_inference_steps=3, guidance_scale=w, generator=torch.Generator().manual_seed(2),
+                      output_type="latent", height=16, width=16).images
+        x_T = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(7)
+        noise = adpm.diffusers_draws(None, pipe.scheduler, x_T, solver=solver)
+        pe, ne, pooled, neg_pooled = pipe.encode_prompt(prompt, prompt, None, device="cpu")
+        ours = adpm.sample(pipe.transformer, x_T, schedule=pipe.scheduler, timesteps=pipe.scheduler.timesteps,
+                           cond={"encoder_hidden_states": pe, "pooled_projections": pooled},
+                           uncond={"encoder_hidden_states": ne, "pooled_projections": neg_pooled},
+                           guidance_scale=w, solver=solver, noise=noise, grad=None)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=solver)
+        assert noise[-1].abs().max() > 0 if solver == "lcm" else True  # FlowMatchEuler draws at the last step too

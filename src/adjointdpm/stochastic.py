@@ -182,6 +182,9 @@ def diffusers_draws(generator, scheduler, like: torch.Tensor, *, solver: str, et
     draw, in order, from the generator's current state, as ``noise=`` takes them: a pipeline run with
     ``generator=g`` (a torch.Generator or one per sample) is ``x_T`` drawn first (``prepare_latents``: one
     ``randn`` of the latent shape from g), then ``diffusers_draws(g, scheduler, x_T, solver=…)``.
+    ``generator=None``: torch's global generator of x_T's device, which is what the steps draw from in
+    pipelines that do not hand their generator to ``scheduler.step`` (SD3, Flux): seed it with
+    ``torch.manual_seed`` before the pipeline call and again before this one.
 
     ``scheduler`` is configured and has its timesteps set (N = len(scheduler.timesteps)). Each step draws
     ``randn(latent shape)`` from the generator in the scheduler's dtype — like's dtype, float32 for
@@ -206,7 +209,7 @@ def diffusers_draws(generator, scheduler, like: torch.Tensor, *, solver: str, et
     def draw() -> torch.Tensor:
         if len(generators) == 1:
             g = generators[0]
-            return torch.randn(like.shape, generator=g, device=g.device, dtype=dtype)
+            return torch.randn(like.shape, generator=g, device=like.device if g is None else g.device, dtype=dtype)
         return torch.cat([torch.randn((1, *like.shape[1:]), generator=g, device=g.device, dtype=dtype)
                           for g in generators])
 
