@@ -45,6 +45,8 @@ def run(unet, x, cond, **kw):
         (lambda x, c, u: dict(solver="euler_a"), ValueError, "unknown solver 'euler_a'; use one of ddim, dpmpp2m, heun"),
         (lambda x, c, u: dict(grad="magic"), ValueError, "unknown grad mode 'magic'"),
         (lambda x, c, u: dict(prediction_type="flux"), ValueError, "unknown prediction_type 'flux'"),
+        (lambda x, c, u: dict(params=[torch.ones(2, dtype=x.dtype, requires_grad=True) * 2]), ValueError,
+         "a tensor in params is computed from other tensors"),
     ],
 )
 def test_bad_input(unet, inputs, change, error, message):
