@@ -1,4 +1,4 @@
-"""Quality bars of the shipped embedded digits model and its critics (issue 3), on the shipped weights.
+"""Quality bars of the shipped embedded digits model and its critics, on the shipped weights.
 
 Generation: 20 dpmpp2m steps, the model's default guidance scale, seed 0; the independent judge
 classifies every image. ~80 CPU-seconds for the 840 generated images.
