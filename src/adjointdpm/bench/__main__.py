@@ -187,7 +187,7 @@ def _model_specs(names: list[str], notes: list[str]) -> list:
 
 def _budget_command(args) -> int:
     from .budget import BudgetConfig, budget_table, plot_budget, run_budget
-    from .common import write_json
+    from .common import write_report
 
     notes = []
     specs = _model_specs(_csv(args.models), notes)
@@ -195,17 +195,14 @@ def _budget_command(args) -> int:
     cfg = BudgetConfig(models=specs, steps=args.steps, solver=args.solver, wrt=_csv(args.wrt), fractions=fractions,
                        repeats=args.repeats, threads=args.threads, notes=notes)
     result = run_budget(cfg, log=lambda msg: print(msg, flush=True))
-    write_json(args.out, result)
-    print()
-    print(budget_table(result))
-    print(f"\nwrote {args.out} ({result['wall_s'] / 60:.1f} min)")
+    write_report(args.out, result, budget_table(result), minutes=True)
     if args.img:
         print("wrote", plot_budget(result, args.img))
     return 0
 
 
 def _sweep_command(args) -> int:
-    from .common import write_json
+    from .common import write_report
     from .modes import ALL_MODES
     from .report import plot_sweep, sweep_tables, targets_table
     from .sweep import SweepConfig, run_sweep
@@ -229,12 +226,8 @@ def _sweep_command(args) -> int:
                       threads=args.threads, mmap_threshold=args.mmap_threshold,
                       memory_only=args.memory_only, notes=notes)
     result = run_sweep(cfg, log=lambda msg: print(msg, flush=True))
-    write_json(args.out, result)
-    print()
-    print(sweep_tables(result, markdown=False))
-    print()
-    print(targets_table(result, markdown=False))
-    print(f"\nwrote {args.out} ({result['wall_s'] / 60:.1f} min)")
+    write_report(args.out, result, sweep_tables(result, markdown=False), targets_table(result, markdown=False),
+                 minutes=True)
     if suite == "cpu":
         for path in plot_sweep(result, args.img):
             print("wrote", path)

@@ -43,7 +43,7 @@ def gradient(setup, method: dict, solver: str, steps: int, wrt) -> dict:
     """One gradient (or plain sampling for "forward"); the gradients by group and the backward's network calls."""
     import adjointdpm as adpm
 
-    from .sweep import _leaves
+    from .sweep import _leaves, grouped_gradients
 
     common = dict(schedule=setup.schedule, steps=steps, guidance_scale=setup.guidance_scale, solver=solver,
                   prediction_type=setup.prediction_type)
@@ -61,14 +61,7 @@ def gradient(setup, method: dict, solver: str, steps: int, wrt) -> dict:
         loss.backward()
     finally:
         handle.remove()
-    text = None
-    if cond.grad is not None:
-        text = cond.grad.flatten() if uncond is None else torch.cat([cond.grad.flatten(), uncond.grad.flatten()])
-    weights = None
-    if "weights" in wrt:
-        weights = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                             for p in setup.model.parameters()])
-    out = {"x_T": x_T.grad, "text": text, "weights": weights, "backward_calls": calls[0] - before}
+    out = {**grouped_gradients(setup, x_T, cond, uncond, wrt), "backward_calls": calls[0] - before}
     return {g: v for g, v in out.items() if v is not None}
 
 

@@ -289,6 +289,16 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
 
 
+def write_report(path: str | os.PathLike, result: dict, *tables: str, minutes: bool = False) -> None:
+    """A suite's end: its JSON written, its tables printed, and where it went with the suite's wall time."""
+    write_json(path, result)
+    for table in tables:
+        print()
+        print(table)
+    took = f"{result['wall_s'] / 60:.1f} min" if minutes else f"{result['wall_s']:.0f} s"
+    print(f"\nwrote {path} ({took})")
+
+
 def _json_default(obj):
     if hasattr(obj, "tolist"):
         return obj.tolist()

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .common import PeakRSS, machine_info, write_json
+from .common import PeakRSS, machine_info, write_report
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "pixart")
 
@@ -198,7 +198,5 @@ def main(args) -> int:
         print(f"measuring {name} …", flush=True)
         rows.append(measure(name, args.steps))
     result = {"suite": "families", "machine": machine_info(), "rows": rows, "wall_s": time.perf_counter() - start}
-    write_json(args.out, result)
-    print(table(result))
-    print(f"\nwrote {args.out} ({result['wall_s'] / 60:.1f} min)")
+    write_report(args.out, result, table(result), minutes=True)
     return 0

@@ -337,7 +337,7 @@ def vae_rows(args, family, device, size, write) -> None:
 
 
 def main(args) -> int:
-    from .common import machine_info, write_json
+    from .common import machine_info, write_json, write_report
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and not args.reduced:
@@ -376,10 +376,7 @@ def main(args) -> int:
             for target in targets:
                 run_target(args, family, device, target, compiled, settings_of(family), modes, result, write)
     result["wall_s"] = time.time() - started
-    write_json(args.out, result)
-    print()
-    print(gpu_table(result))
-    print(f"\nwrote {args.out} ({result['wall_s']:.0f} s)")
+    write_report(args.out, result, gpu_table(result))
     return 0
 
 

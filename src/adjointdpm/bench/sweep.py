@@ -55,6 +55,20 @@ def _leaves(setup, wrt):
     return x_T, cond, uncond
 
 
+def grouped_gradients(setup, x_T, cond, uncond, wrt) -> dict:
+    """After ``loss.backward()`` from the leaves of :func:`_leaves`: the gradients by group ("x_T", "text":
+    cond then uncond flattened, "weights": every parameter flattened, zeros where unreached)."""
+    text = None
+    if cond.grad is not None:
+        text = cond.grad.flatten() if uncond is None else torch.cat([cond.grad.flatten(), uncond.grad.flatten()])
+    weights = None
+    if "weights" in wrt:
+        weights = torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in setup.model.parameters()
+        ])
+    return {"x_T": x_T.grad, "text": text, "weights": weights}
+
+
 def gradient(setup, mode: str, solver: str, steps: int, wrt) -> dict:
     """One gradient of L = mean((x_0 − target)²) for ``mode``; returns the gradients by group.
 
@@ -68,15 +82,7 @@ def gradient(setup, mode: str, solver: str, steps: int, wrt) -> dict:
     x0 = run_mode(mode, setup, solver, steps, x_T, cond, uncond)
     loss = (x0 - setup.target).square().mean()
     loss.backward()
-    text = None
-    if cond.grad is not None:
-        text = cond.grad.flatten() if uncond is None else torch.cat([cond.grad.flatten(), uncond.grad.flatten()])
-    weights = None
-    if "weights" in wrt:
-        weights = torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in setup.model.parameters()
-        ])
-    return {"x_T": x_T.grad, "text": text, "weights": weights, "loss": loss.item()}
+    return {**grouped_gradients(setup, x_T, cond, uncond, wrt), "loss": loss.item()}
 
 
 def optimiser_step(setup, grads_present: bool, wrt, lr: float = 1e-2) -> float:

@@ -111,7 +111,7 @@ JOBS = {"decode": job_decode}
 
 
 def main(args) -> int:
-    from .common import compare, machine_info, write_json
+    from .common import compare, machine_info, write_report
 
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
@@ -138,10 +138,7 @@ def main(args) -> int:
                     if row["size"] == size and Path(paths[row["variant"]]).exists():
                         row["grad_vs_plain"] = compare(torch.load(paths[row["variant"]], weights_only=True), plain)
     result["wall_s"] = time.time() - started
-    write_json(args.out, result)
-    print()
-    print(vae_table(result))
-    print(f"\nwrote {args.out} ({result['wall_s']:.0f} s)")
+    write_report(args.out, result, vae_table(result))
     return 0
 
 
