@@ -136,8 +136,8 @@ def sample(
                 x, hist = ode_solver.step(i, x, hist, cond, uncond)
         return x
     weights = trainable_parameters(model, [p for p in params or [] if all(p is not n for n in noises)])
-    differentiated = [i for i, n in enumerate(noises) if n.requires_grad]
-    noises, read = [noises[i] for i in differentiated], [read[i] for i in differentiated]
+    pairs = [(given, used) for given, used in zip(noises, read) if given.requires_grad]
+    noises, read = [given for given, _ in pairs], [used for _, used in pairs]
     if isinstance(mode, CustomBackwardMode):
         x0 = mode.run(ode_solver, x_T, cond, uncond, weights + noises, stand_ins=weights + read)
     else:

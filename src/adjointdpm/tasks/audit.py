@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-import adjointdpm as adpm
-
 from .common import Session
 from . import conditions
 from .errors import UserInputError
@@ -101,11 +99,8 @@ class AuditTask(Task):
         self.sample_ids = dp.shard(torch.arange(self.opts.n))
         self.noise = None  # --optimize-noises: each sample's injected noises, (B, N, …) (rows like x)
         if self.opts.optimize_noises:
-            if not s.stochastic:
-                raise UserInputError("--optimize-noises needs a stochastic --solver (ddpm, euler_ancestral, "
-                                     f"dpmpp2m_sde, lcm, or ddim with --eta > 0), not {s.solver}")
-            streams = s.noise_streams(self.sample_ids, self.seed)  # the centre, re-made identically on resume
-            self.original_noise = adpm.noise_tensor(streams.seed, s.steps, x_T).transpose(0, 1).contiguous()
+            # the centre, re-made identically on resume
+            self.original_noise = s.noises_to_optimise(self.sample_ids, self.seed, x_T)
             self.noise = self.original_noise.clone().requires_grad_(True)
         images = s.generate(self.x_orig, self.cond, noise=self.injected_noise(original=True))
         self.original_images = images
@@ -120,11 +115,8 @@ class AuditTask(Task):
     def injected_noise(self, idx: torch.Tensor | None = None, *, original: bool = False):
         """The injected noises of rows ``idx`` (default all) as ``adpm.sample`` takes them: (N, b, …) of
         the attacked noises (``original``: the untouched ones), the samples' seeded streams, or None."""
-        if self.noise is None:
-            ids = self.sample_ids if idx is None else self.sample_ids[idx.cpu()]
-            return self.session.noise_streams(ids, self.seed)
-        noise = self.original_noise if original else self.noise
-        return (noise if idx is None else noise[idx]).transpose(0, 1)
+        rows = self.original_noise if original and self.noise is not None else self.noise
+        return self.session.injected_rows(rows, self.sample_ids, self.seed, idx)
 
     def param_groups(self):
         groups = [ParamGroup("x_T", {"x": self.x}, {"lr": self.opts.step_size}, sharded=True)]

@@ -216,6 +216,22 @@ class Session:
 
         return sample_streams(seed, sample_ids)
 
+    def noises_to_optimise(self, sample_ids, seed: int, like: torch.Tensor) -> torch.Tensor:
+        """The samples' seeded streams as a (B, N, …) tensor, one row per sample like x_T (--optimize-noises
+        starts from the noises sampled without it); one clear error for a deterministic solver."""
+        if not self.stochastic:
+            raise UserInputError("--optimize-noises needs a stochastic --solver (ddpm, euler_ancestral, "
+                                 f"dpmpp2m_sde, lcm, or ddim with --eta > 0), not {self.solver}")
+        streams = self.noise_streams(sample_ids, seed)
+        return adpm.noise_tensor(streams.seed, self.steps, like).transpose(0, 1).contiguous()
+
+    def injected_rows(self, noise_rows: torch.Tensor | None, sample_ids, seed: int, idx: torch.Tensor | None = None):
+        """The injected noises of rows ``idx`` (default all) as ``adpm.sample`` takes them: (N, b, …) of
+        optimised (B, N, …) ``noise_rows``, else the samples' seeded streams (None: deterministic)."""
+        if noise_rows is None:
+            return self.noise_streams(sample_ids if idx is None else sample_ids[idx.cpu()], seed)
+        return (noise_rows if idx is None else noise_rows[idx]).transpose(0, 1)
+
     def gathered_noise(self, noise, like: torch.Tensor) -> torch.Tensor:
         """Every process's injected noises as one (N, n, …) CPU tensor, what ``adpm.sample(…, noise=…)``
         takes: ``noise`` is this process's (N, b, …) tensor or its samples' seeded streams (materialised)."""

@@ -33,8 +33,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-import adjointdpm as adpm
-
 from ..critics.views import random_affine
 from .common import Session
 from . import conditions
@@ -98,13 +96,8 @@ class GuideTask(Task):
         self.cond, self.cond_leaves = conditions.trainable(self.cond0, o.optimize_cond)
         self.noise = None  # --optimize-noises: each sample's injected noises, (B, N, …) (rows like x)
         if o.optimize_noises:
-            if not s.stochastic:
-                raise UserInputError("--optimize-noises needs a stochastic --solver (ddpm, euler_ancestral, "
-                                     f"dpmpp2m_sde, lcm, or ddim with --eta > 0), not {s.solver}")
-            if o.start_step:
-                raise UserInputError("--optimize-noises optimises from x_T: drop --start-step")
-            streams = s.noise_streams(self.sample_ids, self.seed)  # starts from the noises sampled without it
-            self.noise = adpm.noise_tensor(streams.seed, s.steps, x).transpose(0, 1).contiguous().requires_grad_(True)
+            # (with --start-step a stochastic solver was refused by advance above, a deterministic one is here)
+            self.noise = s.noises_to_optimise(self.sample_ids, self.seed, x).requires_grad_(True)
             self.best_noise = self.noise.detach().clone()
         self.best_x = self.x.detach().clone()
         self.best_loss = torch.full((n,), float("inf"), device=x.device)
@@ -129,11 +122,8 @@ class GuideTask(Task):
     def injected_noise(self, idx: torch.Tensor | None = None, *, result: bool = False):
         """The injected noises of rows ``idx`` (default all) as ``adpm.sample`` takes them: (N, b, …) of
         the optimised noises (``result``: the kept ones), the samples' seeded streams, or None."""
-        if self.noise is None:
-            ids = self.sample_ids if idx is None else self.sample_ids[idx.cpu()]
-            return self.session.noise_streams(ids, self.seed)
-        noise = self._result(self.noise, self.best_noise) if result else self.noise
-        return (noise if idx is None else noise[idx]).transpose(0, 1)
+        rows = self._result(self.noise, self.best_noise) if result and self.noise is not None else self.noise
+        return self.session.injected_rows(rows, self.sample_ids, self.seed, idx)
 
     def state_tensors(self):
         extra = {} if self.noise is None else {"best_noise": self.best_noise}
