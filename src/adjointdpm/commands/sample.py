@@ -36,29 +36,23 @@ def sample(
     import torch
 
     import adjointdpm as adpm
-    from adjointdpm.cli import CLIError
+    from adjointdpm.apps.checks import check_prompt_length, check_writable, parse_device
+    from adjointdpm.apps.errors import UserInputError
     from adjointdpm.components import load_components
     from adjointdpm.images import save_images
-    from adjointdpm.tasks.common import check_prompt_length
-    from adjointdpm.tasks.loop import check_writable
 
     known = [*adpm.SOLVERS, *adpm.STOCHASTIC_SOLVER_NAMES]
     if solver is not None and solver not in known:
-        raise CLIError(f"unknown solver {solver!r}; choose one of {', '.join(known)}")
+        raise UserInputError(f"unknown solver {solver!r}; choose one of {', '.join(known)}")
     if eta != 0.0 and solver != "ddim":
-        raise CLIError(f"--eta applies to --solver ddim only, got --solver {solver or 'the default'} with --eta {eta:g}")
+        raise UserInputError(f"--eta applies to --solver ddim only, got --solver {solver or 'the default'} with --eta {eta:g}")
     if not 0.0 <= eta <= 1.0:
-        raise CLIError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise), got {eta:g}")
+        raise UserInputError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise), got {eta:g}")
     if guidance_scale is not None and not (0.0 <= guidance_scale <= 100.0):
-        raise CLIError(f"--guidance-scale must be in [0, 100], got {guidance_scale}")
+        raise UserInputError(f"--guidance-scale must be in [0, 100], got {guidance_scale}")
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder")
-    try:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise CLIError("--device cuda requested but no CUDA device is available")
-    except RuntimeError as e:
-        raise CLIError(f"bad --device {device!r}: {e}") from None
+        raise UserInputError(f"--out {out} exists and is not a folder")
+    dev = parse_device(device)
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,13 +1,7 @@
-"""The generic objectives and judges of the applications, over critics from local folders or a plug-in loss.
-
-A *target* (guide, and the optimised term of stylize / invert with ``--loss``) has
-``loss(images, *, prompts, indices) -> (B,)`` to minimise, ``hits(images)`` (per image: does the
-optimised critic see the target? or None), ``metrics(images) -> dict`` (the optimised critic's view of a
-state) and ``describe()``. A *judge* (``--judge PATH``) is evaluation only, never optimised:
-``metrics(images, *, prompts, labels) -> dict`` and, for classifiers, ``labels(images)``. An *attack*
-(audit) has ``setup(images) -> (label, valid)``, ``loss(images, label)``, ``success(images, label)`` and
-``metrics(images, label, valid)``. The digits model's versions of the same are in
-:mod:`adjointdpm.embedded.objectives`; the tasks call either without knowing which.
+"""The applications' objectives over critics from local folders or a plug-in loss: implementations of the
+protocols of :mod:`.objectives` (target, judge, attack, style, loss). The digits model's implementations of the
+same protocols are in :mod:`adjointdpm.embedded.digit_objectives`; the applications call either without
+knowing which.
 
 * classifier target: CE(logits, target) (the target by index or label name);
 * CLIP target: 1 − cos(e_image, e_text) toward ``--clip-prompt``; reported as clip_score = 100 · cos;
@@ -265,7 +259,7 @@ class BackboneStyle(StyleObjective):
     kind = "backbone"
 
     def __init__(self, backbone, reference: torch.Tensor, content_weight: float):
-        from ..critics.backbone import GramStyle
+        from .backbone import GramStyle
 
         self.backbone, self.content_weight = backbone, content_weight
         self.style = GramStyle(backbone, reference)
