@@ -14,10 +14,3 @@ APPLICATIONS: dict[str, Application] = {a.name: a for a in (
     invert.APPLICATION,
 )}
 
-
-def application(name: str) -> Application:
-    from .errors import UserInputError
-
-    if name not in APPLICATIONS:
-        raise UserInputError(f"unknown application {name!r}; use one of {', '.join(APPLICATIONS)}")
-    return APPLICATIONS[name]

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 
 class ClassifierTarget:
-    kind = "classifier"
+    """guide: cross-entropy of a classifier folder's logits to one class (by index or label name)."""
+
     default_views = 8
     default_stop_loss = 0.1
 
@@ -47,7 +48,8 @@ class ClassifierTarget:
 
 
 class ClipTarget:
-    kind = "clip"
+    """guide: 1 − cos(e_image, e_text) toward a text under a CLIP folder; reported as clip_score = 100 · cos."""
+
     default_views = 8
     default_stop_loss = 0.0
 
@@ -70,7 +72,8 @@ class ClipTarget:
 
 
 class PluginTarget:
-    kind = "plugin"
+    """guide (and invert with ``--loss``): the user's loss (see :mod:`.plugin`)."""
+
     default_views = 0
     default_stop_loss = 0.0
 
@@ -96,7 +99,7 @@ class PluginTarget:
 
 # ------------------------------------------------------------------------------------- judges
 class ClassifierJudge:
-    kind = "classifier judge"
+    """A classifier folder as the judge: its label histogram, and its accuracy for one class."""
 
     def __init__(self, classifier, target=None):
         """``target``: the class (index or label name) whose accuracy is reported, or None."""
@@ -125,7 +128,7 @@ class ClassifierJudge:
 
 
 class ClipJudge:
-    kind = "clip judge"
+    """A CLIP folder as the judge: the CLIP score of the images to a text (or to each image's prompt)."""
 
     def __init__(self, clip, text: str | None = None):
         self.clip, self.text = clip, text
@@ -232,7 +235,6 @@ class StyleObjective:
     """stylize: a Gram style loss + λ · relative distance of the image's content features to the untuned
     image's. Subclasses set ``style`` and ``content_weight`` and say what the content features are."""
 
-    kind = "style"
 
     def content(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -255,8 +257,6 @@ class StyleObjective:
 
 class BackboneStyle(StyleObjective):
     """stylize: Gram style loss on a vision backbone; content = its last hidden state."""
-
-    kind = "backbone"
 
     def __init__(self, backbone, reference: torch.Tensor, content_weight: float):
         from .backbone import GramStyle

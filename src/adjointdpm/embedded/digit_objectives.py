@@ -49,7 +49,6 @@ def check_digit(target) -> int:
 class DigitTarget:
     """guide: cross-entropy of the guide classifier's logits to one digit."""
 
-    kind = "digits"
     default_views = 8
     default_stop_loss = 0.1
 
@@ -107,8 +106,6 @@ class DigitFrechet:
 
 class DigitJudge:
     """The independent judge (never optimised): accuracy for a digit, Fréchet distance, label histogram."""
-
-    kind = "digits judge"
 
     def __init__(self, critics, digit: int | None = None, device="cpu"):
         self.critics, self.digit = critics, digit
@@ -248,8 +245,6 @@ def content_features(guide: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class DigitStyle(StyleObjective):
     """stylize: the guide trunk's Gram style loss; content = the guide's penultimate features."""
-
-    kind = "digits"
 
     def __init__(self, critics, reference: torch.Tensor, content_weight: float):
         self.guide, self.content_weight = critics.guide, content_weight
