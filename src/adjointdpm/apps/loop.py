@@ -45,6 +45,7 @@ from .call_count import CallCounter
 from .checks import check_writable
 from .checkpoint import CheckpointFolder, atomic_write_json, optimizer_from_files, sharded_optimizer_params, to_json
 from .errors import Interrupted, NonFiniteError, UserInputError
+from .options import LoopOptions
 from .outputs import plot_loss, run_summary, write_comparison, write_images
 from .task import Evaluation, ParamGroup, Task
 
@@ -53,14 +54,16 @@ __all__ = ["CallCounter", "CheckpointFolder", "Evaluation", "LoopConfig", "Param
 
 @dataclass
 class LoopConfig:
+    """How :func:`run` runs; the defaults are the command line's (:class:`~.options.LoopOptions`)."""
+
     out: Path
     iters: int = 30
-    budget: int | None = None  # model calls (network forward + backward evaluations)
-    checkpoint_every: int = 5
-    resume: bool = False
-    on_nonfinite: str = "stop"  # or "skip"
+    budget: int | None = LoopOptions.budget  # model calls (network forward + backward evaluations)
+    checkpoint_every: int = LoopOptions.checkpoint_every
+    resume: bool = LoopOptions.resume
+    on_nonfinite: str = LoopOptions.on_nonfinite  # "stop" or "skip"
     progress: bool = True
-    seed: int = 0
+    seed: int = LoopOptions.seed
 
     def __post_init__(self):
         self.out = Path(self.out)
