@@ -142,7 +142,11 @@ def test_an_application_is_one_module(tmp_path, monkeypatch):
 
     from adjointdpm.commands.applications import application_command
 
-    path = Path(__file__).parents[1] / "docs" / "examples" / "brighten_application.py"
+    root = Path(__file__).parents[1]
+    path = root / "docs" / "examples" / "brighten_application.py"
+    doc = (root / "docs" / "applications.md").read_text().split("## Adding an application")[1]
+    shown = doc.split("```python\n")[1].split("```")[0]
+    assert shown.strip() and shown in path.read_text()  # the docs show the file this test runs
     spec = importlib.util.spec_from_file_location("brighten_application", path)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(__import__("sys").modules, spec.name, module)

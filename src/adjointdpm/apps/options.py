@@ -57,6 +57,12 @@ def typer_parameters(groups: list[type]) -> list[inspect.Parameter]:
     return params
 
 
+def typer_option(cls: type, name: str):
+    """The ``typer.Option`` of one field of ``cls``, for a command written by hand that shares it."""
+    (param,) = [p for p in typer_parameters([cls]) if p.name == name]
+    return param.default
+
+
 def typer_command(groups: dict[str, type], body: Callable[..., Any], doc: str) -> Callable[..., Any]:
     """A typer command taking the options of ``groups`` ({argument name: dataclass}); it calls
     ``body(**{argument name: dataclass instance})``."""

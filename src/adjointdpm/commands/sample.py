@@ -15,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from adjointdpm.apps.options import ConsoleOptions, typer_option
+
 
 def sample(
     prompt: str = typer.Option(..., "--prompt", "-p", help='Text prompt, e.g. "a handwritten digit seven".'),
@@ -29,7 +31,7 @@ def sample(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per network batch."),
     device: str = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".'),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's choice; 1 is best on a busy machine)."),
-    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
+    debug: bool = typer_option(ConsoleOptions, "debug"),
 ) -> None:
     """Generate images from a text prompt."""
     del debug  # (acted on by adjointdpm.cli.run, around every command)
