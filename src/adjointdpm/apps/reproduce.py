@@ -30,7 +30,6 @@ from .options import EngineOptions, option
 from .registry import APPLICATIONS
 from .session import Session
 
-APPS = tuple(APPLICATIONS)
 BASELINES = ("exact", "backprop", "checkpoint", "truncated", "onestep")
 
 
@@ -193,6 +192,8 @@ def run_gradcheck(r: Runner) -> dict:
 
 RUNNERS = {"guide": run_guide, "audit": run_audit, "stylize": run_stylize, "invert": run_invert,
            "gradcheck": run_gradcheck}
+#: the applications reproduce measures: the registry's that have a runner here (and a section in the report)
+APPS = tuple(name for name in APPLICATIONS if name in RUNNERS)
 ORDER = ("audit", "guide", "stylize", "invert", "gradcheck")  # longest first, for two workers
 
 
