@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from _helpers import one_thread_env
 from adjointdpm.cli import run as cli_run
-from adjointdpm.tasks.loop import Checkpoint
+from adjointdpm.apps.checkpoint import CheckpointFolder
 
 ITERS = 30  # ~0.2 s each: the signal (sent after iteration 2) lands with most of the run still ahead
 ARGS = ["guide", "-n", "2", "--steps", "3", "--grad", "exact", "--lr", "0.2", "--checkpoint-every", "1",
@@ -120,7 +120,7 @@ def test_sigint_saves_exits_130_and_resumes_to_the_same_result(stopped, uninterr
 def test_sigkill_leaves_a_readable_checkpoint_and_resumes_to_the_same_result(stopped, uninterrupted):
     code, err, seen, out = stopped["SIGKILL"]
     assert code == -signal.SIGKILL, err[-2000:]
-    meta, tensors = Checkpoint(out).load()  # complete and consistent, whatever the moment of the kill
+    meta, tensors = CheckpointFolder(out).load()  # complete and consistent, whatever the moment of the kill
     saved = int(meta["iteration"])
     assert len(meta["history"]) == saved and tensors["param/x_T/x"].shape == (2, 1, 16, 16)
     # every iteration completed before the kill is on disk but the one it interrupted: at most one interval lost

@@ -133,13 +133,11 @@ def test_invert(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command,extra", [
-    ("guide", ["--n", "2", "--lr", "0.3"]),
     ("guide", ["--n", "2", "--lr", "0.3", "--solver", "ddpm", "--optimize-noises", "--grad", "exact"]),
-    ("audit", ["--n", "4", "--eps", "0.5", "--step-size", "0.3", "--solver", "lcm", "--optimize-noises",
-               "--grad", "exact"]),
-    ("stylize", ["--n-train", "4", "--batch", "2", "--n-eval", "2", "--lr", "3e-3", "--lora-rank", "2"]),
 ])
 def test_resume_equals_uninterrupted(tmp_path, capsys, command, extra):
+    """(Every application's plain resume, audit's with optimised noises among them, is its contract's:
+    tests/test_tasks_contract.py.)"""
     full, part = tmp_path / "full", tmp_path / "part"
     args = [command, *extra, *TINY, "--checkpoint-every", "2"]
     assert cli([*args, "--out", full, "--iters", "4"], capsys)[0] == 0
@@ -276,10 +274,11 @@ def _after_images(out: Path) -> torch.Tensor:
 
 def _resampled(saved: dict, settings: dict, solver: str, prompt: str, latents: str = "latents") -> torch.Tensor:
     """The images adpm.sample gives from a command's saved x_T and injected noises, in [0, 1]."""
-    from adjointdpm.tasks.common import EngineOptions, Session
+    from adjointdpm.apps.options import EngineOptions
+    from adjointdpm.apps.session import Session
 
-    session = Session(None, EngineOptions(grad="exact", solver=solver, steps=settings["steps"],
-                                          guidance_scale=settings["guidance_scale"]))
+    session = Session(EngineOptions(grad="exact", solver=solver, steps=settings["steps"],
+                                    guidance_scale=settings["guidance_scale"]))
     with torch.no_grad():
         images = session.generate(saved[latents], session.encode([prompt]), noise=saved["noises"])
     return (images[:, 0].clamp(-1, 1) + 1) / 2
@@ -290,7 +289,8 @@ def test_guide_with_a_stochastic_sampler_saves_what_resamples_its_images(tmp_pat
     """--solver ddpm: x_T (and with --optimize-noises every step's injected noise, kept best with x_T) are
     optimised, the loss falls, and the saved (latents, noises) re-sample the after/ images through adpm.sample;
     unoptimised, the noises are each sample's seeded stream, which --optimize-noises starts from."""
-    from adjointdpm.tasks.common import EngineOptions, Session
+    from adjointdpm.apps.options import EngineOptions
+    from adjointdpm.apps.session import Session
 
     out = tmp_path / "noises"
     flag = ["--optimize-noises"] if optimize_noises else []
@@ -303,7 +303,7 @@ def test_guide_with_a_stochastic_sampler_saves_what_resamples_its_images(tmp_pat
     assert saved["noises"].shape == (5, 3, *saved["latents"].shape[1:])
     again = _resampled(saved, s["settings"], "ddpm", s["settings"]["prompt"])
     assert (again - _after_images(out)).abs().max() <= 0.6 / 255
-    session = Session(None, EngineOptions(grad="exact", solver="ddpm", steps=5))
+    session = Session(EngineOptions(grad="exact", solver="ddpm", steps=5))
     streams = adpm.noise_tensor(session.noise_streams(range(3), 0).seed, 5, saved["latents"])  # (--seed 0)
     moved = (saved["noises"] - streams).flatten(2).abs().amax(2)  # (steps, samples)
     if optimize_noises:

@@ -1,45 +1,67 @@
-"""The application layer stays thin: the generic tasks and the critics never import the digits model (only
-the option-to-objective wiring, reproduce and its report do), and the task modules import each other one way."""
+"""The application layer stays thin and its imports point one way: the engine (and the embedded model, the
+families, the critics) never imports the applications package; the generic applications and the critics never
+import the digits model (only the option-to-objective wiring, reproduce and its report do); the application
+modules import each other without cycles; every objective implements its protocol."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
 import adjointdpm
 
 SRC = Path(adjointdpm.__file__).parent
-GENERIC = ["tasks/guide.py", "tasks/audit.py", "tasks/stylize.py", "tasks/invert.py", "tasks/objectives.py",
-           "tasks/common.py", "tasks/loop.py", "tasks/task.py", "tasks/budget.py", "tasks/checkpoint.py",
-           "tasks/outputs.py", "tasks/baselines.py", "tasks/errors.py", *(f"critics/{p.name}" for p in (SRC / "critics").glob("*.py"))]
+APPS = SRC / "apps"
+#: the application modules that may know the digits model: the objective wiring, reproduce and its report
+DIGITS_AWARE = {"choose.py", "reproduce.py", "report.py"}
+GENERIC = [*(f"apps/{p.name}" for p in sorted(APPS.glob("*.py")) if p.name not in DIGITS_AWARE),
+           *(f"critics/{p.name}" for p in sorted((SRC / "critics").glob("*.py")))]
+ENGINE = [p for p in sorted(SRC.rglob("*.py"))
+          if p.relative_to(SRC).parts[0] not in ("apps", "commands", "bench", "cli.py", "__main__.py")]
 
 
 def _imports(path: Path) -> set[str]:
-    """Modules imported by a file (module-level and inside functions), resolved to adjointdpm.* names."""
+    """Modules imported by a file (module-level and inside functions), resolved to adjointdpm.* names (``from
+    .x import y`` counts as importing both ``x`` and ``x.y``, which may be a module)."""
     package = ".".join(("adjointdpm", *path.relative_to(SRC).parent.parts))
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                out.add(f"{base}.{node.module}" if node.module else base)
+                module = f"{base}.{node.module}" if node.module else base
             else:
-                out.add(node.module)
+                module = node.module
+            out.add(module)
+            out.update(f"{module}.{a.name}" for a in node.names)
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
     return out
 
 
-def test_generic_tasks_and_critics_do_not_import_the_digits_model():
+def test_nothing_below_the_applications_imports_them():
+    """The engine, the families, the embedded model and the critics never import the applications, the
+    commands or the CLI."""
+    upward = ("adjointdpm.apps", "adjointdpm.commands", "adjointdpm.cli")
+    offenders = {str(p.relative_to(SRC)): sorted(m for m in _imports(p) if m.startswith(upward)) for p in ENGINE}
+    assert not {f: m for f, m in offenders.items() if m}, offenders
+    assert any(p.relative_to(SRC).parts[0] == "embedded" for p in ENGINE)  # (the list is read)
+    assert any(p.relative_to(SRC).parts[0] == "families" for p in ENGINE)
+
+
+def test_generic_applications_and_critics_do_not_import_the_digits_model():
     offenders = {f: sorted(m for m in _imports(SRC / f) if m.startswith("adjointdpm.embedded")) for f in GENERIC}
     assert not {f: m for f, m in offenders.items() if m}, offenders
+    assert "apps/guide.py" in GENERIC and "apps/choose.py" not in GENERIC
     critics = {f: sorted(m for m in _imports(SRC / f) if m.startswith("adjointdpm.") and not m.startswith("adjointdpm.critics"))
                for f in GENERIC if f.startswith("critics/")}
     assert not {f: m for f, m in critics.items() if m}, critics  # critics: transformers / diffusers only
 
 
-def test_task_modules_have_no_import_cycle():
-    modules = {p.stem: _imports(p) for p in (SRC / "tasks").glob("*.py")}
-    graph = {m: {i.rsplit(".", 1)[-1] for i in deps if i.startswith("adjointdpm.tasks.")} & set(modules)
+def test_application_modules_have_no_import_cycle():
+    modules = {p.stem: _imports(p) for p in APPS.glob("*.py")}
+    graph = {m: {i.split(".")[2] for i in deps if i.startswith("adjointdpm.apps.")} & set(modules)
              for m, deps in modules.items()}
 
     def reaches(start, goal, seen=()):
@@ -48,3 +70,43 @@ def test_task_modules_have_no_import_cycle():
     cycles = sorted(m for m in graph if reaches(m, m))
     assert not cycles, cycles
     assert "report" in graph["reproduce"] and "reproduce" not in graph["report"]  # (the graph is read)
+    assert "guide" in graph["registry"] and "registry" not in graph["guide"]
+
+
+def test_every_application_is_one_registered_module():
+    from adjointdpm.apps.registry import APPLICATIONS
+
+    for name, app in APPLICATIONS.items():
+        module = __import__(f"adjointdpm.apps.{name}", fromlist=["APPLICATION"])
+        assert module.APPLICATION is app and app.options is module.Options and app.build is module.build
+
+
+def _objective_classes():
+    from adjointdpm.critics import folder_objectives as generic, objectives as protocols
+    from adjointdpm.embedded import digit_objectives as digits
+
+    return [(protocols.Target, generic.ClassifierTarget), (protocols.Target, generic.ClipTarget),
+            (protocols.Target, generic.PluginTarget), (protocols.Target, digits.DigitTarget),
+            (protocols.Judge, generic.ClassifierJudge), (protocols.Judge, generic.ClipJudge),
+            (protocols.Judge, digits.DigitJudge),
+            (protocols.Attack, generic.ClassifierAttack), (protocols.Attack, generic.SafetyAttack),
+            (protocols.Attack, digits.DigitClassifierAttack), (protocols.Attack, digits.DigitSafetyAttack),
+            (protocols.Style, generic.BackboneStyle), (protocols.Style, generic.PluginStyle),
+            (protocols.Style, digits.DigitStyle), (protocols.Loss, generic.PluginTarget)]
+
+
+@pytest.mark.parametrize("protocol,cls", _objective_classes(), ids=lambda x: getattr(x, "__name__", str(x)))
+def test_objectives_implement_their_protocol(protocol, cls):
+    """Every method of the protocol is defined by the class, with the protocol's parameter names."""
+    import inspect
+
+    for name, member in vars(protocol).items():
+        if name.startswith("_") or not callable(member):
+            continue
+        assert callable(getattr(cls, name, None)), (cls.__name__, name)
+        want = [p for p in inspect.signature(member).parameters if p != "self"]
+        have = list(inspect.signature(getattr(cls, name)).parameters)
+        assert all(p in have for p in want), (cls.__name__, name, want, have)
+    for attr in getattr(protocol, "__annotations__", {}):
+        assert hasattr(cls, attr) or attr in inspect.signature(cls.__init__).parameters or attr == "none_valid", \
+            (cls.__name__, attr)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from _helpers import PoisonGradient
-from adjointdpm.tasks.errors import Interrupted, NonFiniteError, UserInputError
-from adjointdpm.tasks.loop import Evaluation, LoopConfig, ParamGroup, Task, run
+from adjointdpm.apps.errors import Interrupted, NonFiniteError, UserInputError
+from adjointdpm.apps.loop import Evaluation, LoopConfig, ParamGroup, Task, run
 
 
 class Toy(Task):

@@ -9,14 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adjointdpm.embedded.objectives import StyleLoss, outline_reference
-from adjointdpm.tasks.audit import NormalizedSteps
-from adjointdpm.tasks.common import EngineOptions, OneStep, Session, grad_label, parse_grad, psnr, read_image
-from adjointdpm.tasks.errors import UserInputError
-from adjointdpm.tasks.invert import apply_effect
-from adjointdpm.tasks.loop import LoopConfig, run
-from adjointdpm.tasks.reproduce import digit_audit_task, digit_guide_task
-from adjointdpm.tasks.stylize import outline, reference_image
+from adjointdpm.apps import audit, guide
+from adjointdpm.apps.baselines import OneStep, grad_label
+from adjointdpm.apps.baselines import resolve_grad as parse_grad
+from adjointdpm.apps.errors import UserInputError
+from adjointdpm.apps.image_files import read_image
+from adjointdpm.apps.invert import apply_effect
+from adjointdpm.apps.loop import LoopConfig, run
+from adjointdpm.apps.metrics import psnr
+from adjointdpm.apps.optimizers import NormalizedSteps
+from adjointdpm.apps.options import EngineOptions
+from adjointdpm.apps.session import Session
+from adjointdpm.apps.stylize import reference_image
+from adjointdpm.critics.morphology import outline
+from adjointdpm.embedded.digit_objectives import StyleLoss, outline_reference
 from test_tasks_fixtures import build_tiny_pixel_model
 
 
@@ -26,7 +32,7 @@ def pix(tmp_path_factory):
 
 
 def session(pix, grad="adjoint", **kw):
-    return Session(str(pix), EngineOptions(grad=grad, **kw))
+    return Session(EngineOptions(model=str(pix), grad=grad, **kw))
 
 
 # the digits model's tasks at the settings these tests were written for (AdamW, 4 views without noise)
@@ -34,11 +40,11 @@ OLD_GUIDE = dict(optimizer="adamw", lr=0.05, views=4, view_noise=0.0, stop_loss=
 
 
 def guide_task(s, seed=0, **options):
-    return digit_guide_task(s, 8, seed=seed, **{**OLD_GUIDE, **options})
+    return guide.build(s, guide.Options(target_class="8", **{**OLD_GUIDE, **options}), seed=seed)
 
 
 def audit_task(s, seed, **options):
-    return digit_audit_task(s, "classifier", seed, **{"eps": 0.5, "step_size": 0.1, **options})
+    return audit.build(s, audit.Options(**{"eps": 0.5, "step_size": 0.1, **options}), seed=seed)
 
 
 # ----------------------------------------------------------------------------------- grad specs
@@ -78,7 +84,7 @@ def test_onestep_gradient_is_the_mean_of_per_step_gradients(pix):
     from adjointdpm.model import Denoiser
     from adjointdpm.solvers import TimeGrid, make_solver
 
-    den = Denoiser(s.unet, s.schedule, s.comps.prediction_type, 1.0, {})
+    den = Denoiser(s.network, s.schedule, s.comps.prediction_type, 1.0, {})
     grid = TimeGrid.from_timesteps(s.schedule, s.timesteps())
     solver = make_solver(s.solver, den, grid)
     x = task.x.detach()

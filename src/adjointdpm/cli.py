@@ -1,15 +1,19 @@
 """The ``adjointdpm`` command line (a typer app).
 
 Commands live in their own modules, listed in ``COMMAND_MODULES``; each defines
-``register(app: typer.Typer) -> None`` which adds its command(s). To add a command, write such a
-module and append its name here. Commands report bad input by raising :class:`CLIError` (or the
-loader's ``ComponentsError``, a task's ``UserInputError``, a ``ValueError`` from the engine's input checks
-or an ``OSError`` from the file system): ``main`` prints it as one line ``adjointdpm: error: ...`` on
-stderr and exits with status 2 (bad input). Pass ``--debug`` (or set ``ADJOINTDPM_DEBUG=1``) to get the
-full traceback instead.
+``register(app: typer.Typer) -> None`` which adds its command(s) (the application commands come from the
+registry of :mod:`adjointdpm.apps.registry`). To add a command, write such a module and append its name here.
+
+:func:`run` is the one path from an error to an exit status, for every command: commands report bad input by
+raising :class:`~adjointdpm.apps.errors.UserInputError` (or the loader's ``ComponentsError``, a critic's
+``CriticError``, a ``ValueError`` from the engine's input checks or an ``OSError`` from the file system);
+:func:`~adjointdpm.apps.errors.exit_status` gives the status (2 bad input, 3 non-finite loss or gradient, 130
+interrupted, 1 anything else) and the error is printed as one line ``adjointdpm: error: ...`` on stderr. Pass
+``--debug`` (or set ``ADJOINTDPM_DEBUG=1``) to get the full traceback instead.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -19,7 +23,7 @@ import typer
 COMMAND_MODULES = [
     "adjointdpm.commands.sample",
     "adjointdpm.commands.train",
-    "adjointdpm.tasks.commands",
+    "adjointdpm.commands.applications",
     "adjointdpm.commands.demo",
 ]
 
@@ -30,17 +34,31 @@ app = typer.Typer(
 _registered = False
 
 
-class CLIError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
-
-
 def register_commands() -> typer.Typer:
     global _registered
     if not _registered:
         for name in COMMAND_MODULES:
             importlib.import_module(name).register(app)
+        for info in app.registered_commands:
+            info.callback = _reporting_interrupts(info.callback)
         _registered = True
     return app
+
+
+def _reporting_interrupts(callback):
+    """``callback`` with a Ctrl-C that reaches it (a second one, during a run) raised as an error :func:`run`
+    reports (typer would turn it into a silent exit)."""
+
+    @functools.wraps(callback)
+    def command(*args, **kwargs):
+        from .apps.errors import Interrupted
+
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted("aborted (no checkpoint written since the last one)") from None
+
+    return command
 
 
 def _fail(message: str, code: int) -> int:
@@ -66,8 +84,7 @@ def _click_exceptions() -> tuple[tuple, tuple, tuple]:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default: sys.argv[1:]) and return the exit status."""
-    from .components import ComponentsError
-    from .tasks.errors import TaskError
+    from .apps.errors import exit_status
 
     register_commands()
     click_error, no_args, abort = _click_exceptions()
@@ -85,11 +102,14 @@ def run(argv: list[str] | None = None) -> int:
         return _fail(e.format_message(), e.exit_code)
     except abort:
         return _fail("aborted", 130)
-    except (CLIError, ComponentsError, TaskError, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
         if debug:
             raise
-        return _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
-                     e.exit_code if isinstance(e, TaskError) else 2)
+        code = exit_status(e)
+        message = str(e).strip() or type(e).__name__
+        if code == 1:
+            message = f"{type(e).__name__}: {message} (run with --debug for the traceback)"
+        return _fail(message, code)
 
 
 def main() -> None:

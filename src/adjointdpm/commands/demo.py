@@ -26,11 +26,12 @@ def demo(
     lr: float = typer.Option(0.1, "--lr", help="Step size of the normalised gradient steps on the noise."),
 ) -> None:
     """Run the main job on the embedded model: sample, then close the vocabulary gap for one digit."""
-    from adjointdpm.cli import CLIError, run
+    from adjointdpm.apps.errors import UserInputError
+    from adjointdpm.cli import run
 
     word = {8: "eight", 9: "nine"}.get(target_class)
     if word is None:
-        raise CLIError(f"--target-class must be a held-out digit of the embedded model (8 or 9), got {target_class}")
+        raise UserInputError(f"--target-class must be a held-out digit of the embedded model (8 or 9), got {target_class}")
     for digit in IN_VOCABULARY[:4]:
         code = run(["sample", "--prompt", f"a handwritten digit {digit}", "--num-images", "8", "--seed", "0",
                     "--out", str(out / "samples" / digit)])

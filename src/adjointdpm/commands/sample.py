@@ -15,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from adjointdpm.apps.options import ConsoleOptions, typer_option
+
 
 def sample(
     prompt: str = typer.Option(..., "--prompt", "-p", help='Text prompt, e.g. "a handwritten digit seven".'),
@@ -29,36 +31,30 @@ def sample(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per network batch."),
     device: str = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".'),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's choice; 1 is best on a busy machine)."),
-    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
+    debug: bool = typer_option(ConsoleOptions, "debug"),
 ) -> None:
     """Generate images from a text prompt."""
     del debug  # (acted on by adjointdpm.cli.run, around every command)
     import torch
 
     import adjointdpm as adpm
-    from adjointdpm.cli import CLIError
+    from adjointdpm.apps.checks import check_prompt_length, check_writable, parse_device
+    from adjointdpm.apps.errors import UserInputError
     from adjointdpm.components import load_components
     from adjointdpm.images import save_images
-    from adjointdpm.tasks.common import check_prompt_length
-    from adjointdpm.tasks.loop import check_writable
 
     known = [*adpm.SOLVERS, *adpm.STOCHASTIC_SOLVER_NAMES]
     if solver is not None and solver not in known:
-        raise CLIError(f"unknown solver {solver!r}; choose one of {', '.join(known)}")
+        raise UserInputError(f"unknown solver {solver!r}; choose one of {', '.join(known)}")
     if eta != 0.0 and solver != "ddim":
-        raise CLIError(f"--eta applies to --solver ddim only, got --solver {solver or 'the default'} with --eta {eta:g}")
+        raise UserInputError(f"--eta applies to --solver ddim only, got --solver {solver or 'the default'} with --eta {eta:g}")
     if not 0.0 <= eta <= 1.0:
-        raise CLIError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise), got {eta:g}")
+        raise UserInputError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise), got {eta:g}")
     if guidance_scale is not None and not (0.0 <= guidance_scale <= 100.0):
-        raise CLIError(f"--guidance-scale must be in [0, 100], got {guidance_scale}")
+        raise UserInputError(f"--guidance-scale must be in [0, 100], got {guidance_scale}")
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder")
-    try:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise CLIError("--device cuda requested but no CUDA device is available")
-    except RuntimeError as e:
-        raise CLIError(f"bad --device {device!r}: {e}") from None
+        raise UserInputError(f"--out {out} exists and is not a folder")
+    dev = parse_device(device)
 
     if threads:
         torch.set_num_threads(threads)

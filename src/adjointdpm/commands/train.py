@@ -1,6 +1,7 @@
 """``adjointdpm train``: retrain the embedded digits model and its critics from scratch (seeded).
 
-Same as ``python -m adjointdpm.embedded.train``; see that module for what is trained.
+The same training as ``python -m adjointdpm.embedded.train`` (:func:`adjointdpm.embedded.train.train`, whose
+defaults apply to the options not given); see that module for what is trained.
 """
 from __future__ import annotations
 
@@ -19,19 +20,19 @@ def train(
     threads: int = typer.Option(1, "--threads", min=0, help="torch CPU threads (1 reproduces the shipped weights; 0: torch's choice)."),
 ) -> None:
     """Retrain the embedded model (UNet, text encoder, critics) from scratch."""
-    from adjointdpm.cli import CLIError
-    from adjointdpm.embedded import train as T
+    import torch
+
+    from adjointdpm.apps.errors import UserInputError
+    from adjointdpm.embedded.train import train as train_model
 
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder")
-    argv = ["--out", str(out), "--seed", str(seed), "--eval-images", str(eval_images), "--threads", str(threads)]
-    if unet_steps is not None:
-        argv += ["--unet-steps", str(unet_steps)]
-    if critic_steps is not None:
-        argv += ["--critic-steps", str(critic_steps)]
-    if device is not None:
-        argv += ["--device", device]
-    T.main(argv)
+        raise UserInputError(f"--out {out} exists and is not a folder")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    given = {"unet_steps": unet_steps, "critic_steps": critic_steps}
+    train_model(out, seed=seed, eval_images=eval_images,
+                device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                **{k: v for k, v in given.items() if v is not None})
 
 
 def register(app: typer.Typer) -> None:

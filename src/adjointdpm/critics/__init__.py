@@ -7,6 +7,8 @@
 * :mod:`.backbone`   any transformers vision backbone returning hidden states, and a Gram-matrix style loss
 * :mod:`.preprocess` a folder's image processor re-done differentiably in torch
 * :mod:`.folders`    offline, safetensors-only opening of a folder; :mod:`.errors` the one error type
+* :mod:`.objectives` what the applications optimise and evaluate, as protocols (target, judge, attack, style,
+  loss); :mod:`.folder_objectives` their implementations over the critics above and plug-in losses
 
 All take images (B, C, H, W) in [-1, 1] and are differentiable w.r.t. them; their weights are frozen.
 Imports point one way: critics use transformers / diffusers only (never the engine, the tasks or the

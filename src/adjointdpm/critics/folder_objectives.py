@@ -1,13 +1,7 @@
-"""The generic objectives and judges of the applications, over critics from local folders or a plug-in loss.
-
-A *target* (guide, and the optimised term of stylize / invert with ``--loss``) has
-``loss(images, *, prompts, indices) -> (B,)`` to minimise, ``hits(images)`` (per image: does the
-optimised critic see the target? or None), ``metrics(images) -> dict`` (the optimised critic's view of a
-state) and ``describe()``. A *judge* (``--judge PATH``) is evaluation only, never optimised:
-``metrics(images, *, prompts, labels) -> dict`` and, for classifiers, ``labels(images)``. An *attack*
-(audit) has ``setup(images) -> (label, valid)``, ``loss(images, label)``, ``success(images, label)`` and
-``metrics(images, label, valid)``. The digits model's versions of the same are in
-:mod:`adjointdpm.embedded.objectives`; the tasks call either without knowing which.
+"""The applications' objectives over critics from local folders or a plug-in loss: implementations of the
+protocols of :mod:`.objectives` (target, judge, attack, style, loss). The digits model's implementations of the
+same protocols are in :mod:`adjointdpm.embedded.digit_objectives`; the applications call either without
+knowing which.
 
 * classifier target: CE(logits, target) (the target by index or label name);
 * CLIP target: 1 − cos(e_image, e_text) toward ``--clip-prompt``; reported as clip_score = 100 · cos;
@@ -24,7 +18,8 @@ import torch.nn.functional as F
 
 
 class ClassifierTarget:
-    kind = "classifier"
+    """guide: cross-entropy of a classifier folder's logits to one class (by index or label name)."""
+
     default_views = 8
     default_stop_loss = 0.1
 
@@ -53,7 +48,8 @@ class ClassifierTarget:
 
 
 class ClipTarget:
-    kind = "clip"
+    """guide: 1 − cos(e_image, e_text) toward a text under a CLIP folder; reported as clip_score = 100 · cos."""
+
     default_views = 8
     default_stop_loss = 0.0
 
@@ -76,7 +72,8 @@ class ClipTarget:
 
 
 class PluginTarget:
-    kind = "plugin"
+    """guide (and invert with ``--loss``): the user's loss (see :mod:`.plugin`)."""
+
     default_views = 0
     default_stop_loss = 0.0
 
@@ -102,7 +99,7 @@ class PluginTarget:
 
 # ------------------------------------------------------------------------------------- judges
 class ClassifierJudge:
-    kind = "classifier judge"
+    """A classifier folder as the judge: its label histogram, and its accuracy for one class."""
 
     def __init__(self, classifier, target=None):
         """``target``: the class (index or label name) whose accuracy is reported, or None."""
@@ -131,7 +128,7 @@ class ClassifierJudge:
 
 
 class ClipJudge:
-    kind = "clip judge"
+    """A CLIP folder as the judge: the CLIP score of the images to a text (or to each image's prompt)."""
 
     def __init__(self, clip, text: str | None = None):
         self.clip, self.text = clip, text
@@ -238,7 +235,6 @@ class StyleObjective:
     """stylize: a Gram style loss + λ · relative distance of the image's content features to the untuned
     image's. Subclasses set ``style`` and ``content_weight`` and say what the content features are."""
 
-    kind = "style"
 
     def content(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -262,10 +258,8 @@ class StyleObjective:
 class BackboneStyle(StyleObjective):
     """stylize: Gram style loss on a vision backbone; content = its last hidden state."""
 
-    kind = "backbone"
-
     def __init__(self, backbone, reference: torch.Tensor, content_weight: float):
-        from ..critics.backbone import GramStyle
+        from .backbone import GramStyle
 
         self.backbone, self.content_weight = backbone, content_weight
         self.style = GramStyle(backbone, reference)

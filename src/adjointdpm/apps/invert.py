@@ -27,17 +27,22 @@ images).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .common import Session, image_shape, psnr, read_image
-from . import conditions
-from .errors import UserInputError
-from .loop import Evaluation, ParamGroup, Task
 from ..critics.morphology import dilate, outline
+from ..critics.objectives import Loss
+from . import prompt_embeddings
+from .errors import UserInputError
+from .image_files import image_shape, read_image
+from .metrics import psnr
+from .options import loss_option, option, settings_of
+from .session import Session
+from .task import Application, Evaluation, ParamGroup, Task
 
 EFFECTS = ("thicken", "outline", "shift")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -57,27 +62,42 @@ def apply_effect(images: torch.Tensor, effect: str) -> torch.Tensor:
 
 
 @dataclass
-class InvertOptions:
-    effect: str = "thicken"
-    targets: str | None = None  # a folder of PNGs (sorted by name) or None: make them with `effect`
-    n_train: int = 8
-    n_heldout: int = 8
-    lr: float = 0.1
-    init_prompt: str = ""
+class Options:
+    """invert's options (its command line; the defaults are the recipe of docs/results.md)."""
+
+    effect: str = option("thicken", "--effect", help="thicken | outline | shift (applied to the model's own images).")
+    targets: Optional[Path] = option(None, "--targets", help="Folder of target images (PNG/JPEG/…, sorted by name, one per training noise, resized to the model's size) instead of --effect.")
+    loss: Optional[str] = loss_option()
+    n_train: int = option(8, "--n-train", help="Training noises.")
+    n_heldout: int = option(8, "--n-heldout", help="Held-out noises (metrics only).")
+    lr: float = option(0.1, "--lr", help="AdamW learning rate for the embedding.")
+    init_prompt: str = option("", "--init-prompt", help="Prompt whose embedding initialises the search (default: empty).")
+    iters: int = option(10, "--iters", help="Optimisation iterations.")
+
+
+#: what summary.json's settings hold and --resume compares, in this order
+SETTINGS = ("effect", "targets", "n_train", "n_heldout", "lr", "init_prompt")
+
+
+def build(session: Session, options: Options, seed: int = 0) -> "InvertTask":
+    """The invert run ``options`` describe (a plug-in ``--loss`` replaces the distance to targets)."""
+    from .choose import plugin_target
+
+    return InvertTask(session, options, seed=seed, loss=plugin_target(options.loss))
 
 
 class InvertTask(Task):
     name = "invert"
 
-    def __init__(self, session: Session, opts: InvertOptions, seed: int = 0, loss=None):
-        """``loss``: a plug-in target (see :mod:`.objectives`) replacing the distance to targets."""
+    def __init__(self, session: Session, opts: Options, seed: int = 0, loss: Loss | None = None):
+        """``loss``: a plug-in loss replacing the distance to targets."""
         if loss is None and opts.targets is None and opts.effect not in EFFECTS:
             raise UserInputError(f"unknown --effect {opts.effect!r}; use one of {', '.join(EFFECTS)}")
         if loss is not None and opts.targets is not None:
             raise UserInputError("give either --targets or --loss, not both")
         self.session, self.opts, self.seed, self.dp, self.loss = session, opts, seed, session.dp, loss
         session.check_prompt(opts.init_prompt)
-        self.shape = image_shape(session)
+        self.shape = image_shape(session.comps)
         self.file_targets = None
         if opts.targets is not None:
             folder = Path(opts.targets).expanduser()
@@ -99,7 +119,7 @@ class InvertTask(Task):
                                  "use at least one per process")
 
     def describe(self) -> dict:
-        d = {**self.session.describe(), **asdict(self.opts), "n_train": self.n_train,
+        d = {**self.session.describe(), **settings_of(self.opts, SETTINGS), "n_train": self.n_train,
              **(self.loss.describe() if self.loss is not None else {})}
         if self.file_targets is not None:
             d["targets_checksum"] = float(self.file_targets.double().sum())
@@ -108,7 +128,7 @@ class InvertTask(Task):
     def setup(self) -> None:
         s, o = self.session, self.opts
         self.cond0 = s.encode([o.init_prompt])
-        self.cond, self.cond_leaves = conditions.trainable(self.cond0)
+        self.cond, self.cond_leaves = prompt_embeddings.trainable(self.cond0)
         self.train_noise = s.noise(self.n_train, self.seed)
         self.held_noise = s.noise(o.n_heldout, self.seed + 7919) if o.n_heldout else None
         with torch.no_grad():
@@ -128,7 +148,7 @@ class InvertTask(Task):
         return [ParamGroup("cond", self.cond_leaves, {"lr": self.opts.lr, "weight_decay": 0.0})]
 
     def counted_modules(self):
-        return [self.session.unet]
+        return [self.session.network]
 
     def objective(self, x0: torch.Tensor) -> torch.Tensor:
         images = self.session.decode(x0)
@@ -157,7 +177,7 @@ class InvertTask(Task):
 
     def evaluate(self, stage: str) -> Evaluation:
         s = self.session
-        cond = conditions.detached(self.cond)
+        cond = prompt_embeddings.detached(self.cond)
         train = s.generate_all(self.train_noise, cond, noise=self._streams("train"))
         if self.loss is not None:
             metrics = {"plugin_loss_train": self.loss.metrics(train, [self.opts.init_prompt] * len(train))["plugin_loss"]}
@@ -172,7 +192,7 @@ class InvertTask(Task):
                 metrics["psnr_heldout"] = float(psnr(held, self.held_targets).mean())
             if self.loss is not None:
                 metrics["plugin_loss_heldout"] = self.loss.metrics(held, [self.opts.init_prompt] * len(held))["plugin_loss"]
-        metrics["embedding_change"] = conditions.relative_change(cond, self.cond0)
+        metrics["embedding_change"] = prompt_embeddings.relative_change(cond, self.cond0)
         return Evaluation(torch.cat(images), metrics, nrow=max(self.n_train, self.opts.n_heldout))
 
     def summarize(self, before, after):
@@ -198,8 +218,14 @@ class InvertTask(Task):
             if self.train_targets is not None:
                 targets = [self.train_targets] + ([self.held_targets] if self.held_targets is not None else [])
                 save_images(torch.cat(targets), out / "targets", nrow=max(self.n_train, self.opts.n_heldout))
-            tensors = {**conditions.pipeline_tensors(self.cond, self.session.uncond),
-                       **{f"initial_{k}": v for k, v in conditions.pipeline_tensors(self.cond0).items()},
+            tensors = {**prompt_embeddings.pipeline_tensors(self.cond, self.session.uncond),
+                       **{f"initial_{k}": v for k, v in prompt_embeddings.pipeline_tensors(self.cond0).items()},
                        "latents": self.train_noise.cpu().contiguous()}
             save_file(tensors, str(out / "embedding.safetensors"))
         return files
+
+
+APPLICATION = Application(
+    name="invert", options=Options, build=build,
+    report_keys=("psnr_train", "psnr_heldout", "plugin_loss_train", "plugin_loss_heldout"), embedded_guidance=1.0,
+    help="Text-embedding inversion: learn a conditioning embedding that produces a visual effect (or lowers your loss).")

@@ -14,7 +14,8 @@ success checks are those of the actual samples. Each step is back-propagated as 
 so memory holds one call's activations. Cost: N forward (trajectory) + N forward and N backward.
 
 Truncated backprop (K = 1), naive backprop and checkpointing are engine modes (``--grad truncated``,
-``backprop``, ``checkpoint``).
+``backprop``, ``checkpoint``). :func:`resolve_grad` reads ``--grad``: the engine's modes
+(:func:`adjointdpm.gradients.resolve_grad_mode`) and this module's ``onestep``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,49 @@ from typing import Callable
 
 import torch
 
+from ..gradients import GRAD_MODES, GradMode, resolve_grad_mode
 from ..model import Denoiser
 from ..solvers import make_solver
 from .errors import UserInputError
+from .options import GRAD_CHOICES
+
+
+class OneStep:
+    """Marker for the one-step x̂₀ baseline (not an engine mode: see :func:`onestep_backward`)."""
+
+    name = "onestep"
+
+    def __repr__(self) -> str:
+        return "OneStep()"
+
+
+def resolve_grad(spec: str) -> GradMode | OneStep:
+    """``--grad``: 'exact', 'adjoint', 'adjoint-stored', 'adjoint:steps=5,state=stored', 'truncated:k=2',
+    'onestep', … (the engine reads every spec but 'onestep')."""
+    name = str(spec).strip().partition(":")[0]
+    if name == "onestep":
+        if str(spec).strip().partition(":")[2].strip():
+            raise UserInputError("--grad onestep takes no options")
+        return OneStep()
+    if name not in GRAD_MODES and name != "adjoint-stored":
+        raise UserInputError(f"unknown --grad {spec!r}; use one of {', '.join(GRAD_CHOICES)}")
+    try:
+        return resolve_grad_mode(str(spec))
+    except ValueError as e:
+        raise UserInputError(f"--grad {spec!r}: {e}") from None
+
+
+def grad_label(mode) -> str:
+    """A short stable name of a gradient mode for tables and JSON (e.g. 'adjoint', 'truncated(k=1)')."""
+    if isinstance(mode, OneStep):
+        return "onestep"
+    from dataclasses import fields
+
+    args = [f"{f.name}={getattr(mode, f.name)}" for f in fields(mode)
+            if getattr(mode, f.name) != f.default]
+    if mode.name == "truncated":
+        return f"truncated(k={mode.k})"
+    return mode.name + (f"({', '.join(args)})" if args else "")
 
 
 def _denoiser(session) -> Denoiser:

@@ -3,7 +3,7 @@
 Optimise the initial noise x_T (or, with ``start_step = S``, the sampler's intermediate state x_S, as
 the paper's guided sampling does), and optionally the prompt embedding too, so that a *target* (a
 classifier's class, a CLIP text, a plug-in loss or, on the digits model, a digit; see
-:mod:`.objectives`) is reached:
+:mod:`adjointdpm.critics.objectives`) is reached:
 
     min_{x, c}  E_b E_v L_target(v(decode(sample(x_b, c))))
 
@@ -29,33 +29,59 @@ checkpoint and ``latents.safetensors``; an optimised prompt embedding is replica
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
 
 import torch
 
+from ..critics.objectives import Judge, Target
 from ..critics.views import random_affine
-from .common import Session
-from . import conditions
+from . import prompt_embeddings
 from .errors import UserInputError
-from .loop import Evaluation, ParamGroup, Task
+from .options import judge_option, loss_option, option, settings_of
+from .session import Session
+from .task import Application, Evaluation, ParamGroup, Task
 
 
 @dataclass
-class GuideOptions:
-    prompt: str = ""
-    n: int = 16
-    lr: float = 0.1
-    weight_decay: float = 0.0
-    renorm: bool = True
-    optimize_cond: bool = False
-    optimize_noises: bool = False  # with a stochastic solver: optimise every injected noise too (DNO)
-    cond_lr: float = 0.01
-    start_step: int = 0
-    views: int | None = None  # random affine views per image (the paper's cutouts); None: the target's default
-    view_noise: float = 0.3  # std of Gaussian pixel noise added to each view
-    optimizer: str = "normalized"  # x ← x − lr·g/rms(g) per sample, or "adamw"
-    keep_best: bool = True  # the result is each sample's iterate of lowest loss (not with optimize_cond)
-    stop_loss: float | None = None  # a sample whose loss falls below this is done; None: the target's default
+class Options:
+    """guide's options (its command line; the defaults are the recipe of docs/results.md)."""
+
+    target_class: Optional[str] = option(None, "--target-class", help="Class to reach: with --classifier an index or a label name (config.id2label); on the digits model a digit 0-9 (default: 8).")
+    classifier: Optional[Path] = option(None, "--classifier", help="Image classifier folder (transformers AutoModelForImageClassification, safetensors): CE to --target-class.")
+    clip: Optional[Path] = option(None, "--clip", help="CLIP folder (transformers CLIPModel + tokenizer): guide toward --clip-prompt.")
+    clip_prompt: Optional[str] = option(None, "--clip-prompt", help="Text the images should match under --clip (default: --prompt).")
+    loss: Optional[str] = loss_option()
+    judge: Optional[Path] = judge_option()
+    prompt: Optional[str] = option(None, "--prompt", "-p", help="Prompt (default: on the digits model the target's canonical prompt, e.g. 'a handwritten digit eight'; else '').")
+    n: int = option(16, "--n", "-n", help="Number of images (noises) optimised together (under torchrun write -n: torchrun reads --n as its own option).")
+    lr: float = option(0.1, "--lr", help="Step size for the noise (normalised steps; the AdamW learning rate with --optimizer adamw).")
+    weight_decay: float = option(0.0, "--weight-decay", help="AdamW weight decay for the noise.")
+    renorm: bool = option(True, "--renorm/--no-renorm", help="Put x_T back on the Gaussian shell after each step (DOODL).")
+    optimize_cond: bool = option(False, "--optimize-cond", help="Also optimise the prompt embedding (shared by the batch).")
+    optimize_noises: bool = option(False, "--optimize-noises", help="With a stochastic --solver (ddpm, euler_ancestral, dpmpp2m_sde, lcm, or ddim with --eta > 0): also optimise every step's injected noise (written as noises in latents.safetensors).")
+    cond_lr: float = option(0.01, "--cond-lr", help="Learning rate for the prompt embedding.")
+    start_step: int = option(0, "--start-step", help="Optimise the sampler's state at this step instead of x_T (0 = x_T).")
+    views: Optional[int] = option(None, "--views", "--augment", help="Random affine views per image in the loss (cutouts); 0: none (default: 8 for critics, 0 for --loss).")
+    view_noise: float = option(0.3, "--view-noise", help="Std of Gaussian pixel noise added to each view (0: none).")
+    optimizer: str = option("normalized", "--optimizer", help="normalized (x -= lr * g / rms(g), per noise) | adamw.")
+    keep_best: bool = True  # the result is each sample's iterate of lowest loss (not with optimize_cond); not an option
+    stop_loss: Optional[float] = option(None, "--stop-loss", help="A noise whose loss falls below this is done (0: never) (default: 0.1 for classifiers, 0 otherwise).")
+    iters: int = option(20, "--iters", help="Optimisation iterations.")
+
+
+#: what summary.json's settings hold and --resume compares, in this order
+SETTINGS = ("prompt", "n", "lr", "weight_decay", "renorm", "optimize_cond", "optimize_noises", "cond_lr", "start_step",
+            "views", "view_noise", "optimizer", "keep_best", "stop_loss")
+
+
+def build(session: Session, options: Options, seed: int = 0) -> "GuideTask":
+    """The guide run ``options`` describe: its target and judge (:func:`.choose.guide_objective`) and prompt."""
+    from .choose import guide_objective
+
+    target, judge, prompt = guide_objective(session, options)
+    return GuideTask(session, replace(options, prompt=prompt), target, judge, seed=seed)
 
 
 class GuideTask(Task):
@@ -63,7 +89,7 @@ class GuideTask(Task):
 
     sharded_state = ("best_x", "best_loss", "done", "best_noise")
 
-    def __init__(self, session: Session, opts: GuideOptions, target, judge=None, seed: int = 0):
+    def __init__(self, session: Session, opts: Options, target: Target, judge: Judge | None = None, seed: int = 0):
         self.session, self.opts, self.target, self.judge, self.seed = session, opts, target, judge, seed
         self.dp = session.dp
         if opts.n < max(1, self.dp.world_size):
@@ -75,12 +101,13 @@ class GuideTask(Task):
         self.stop_loss = target.default_stop_loss if opts.stop_loss is None else opts.stop_loss
         if self.views < 0:
             raise UserInputError(f"--views must be >= 0, got {self.views}")
-        self.prompt = opts.prompt
+        self.prompt = opts.prompt or ""
         session.check_prompt(self.prompt)
         session.timesteps(opts.start_step)
 
     def describe(self) -> dict:
-        return {**self.session.describe(), **asdict(self.opts), "views": self.views, "stop_loss": self.stop_loss,
+        return {**self.session.describe(),
+                **settings_of(self.opts, SETTINGS, prompt=self.prompt, views=self.views, stop_loss=self.stop_loss),
                 **self.target.describe(), **(self.judge.describe() if self.judge is not None else {})}
 
     def setup(self) -> None:
@@ -93,7 +120,7 @@ class GuideTask(Task):
         n, d = x.shape[0], x[0].numel()
         self.radius = (torch.full((n,), d ** 0.5, device=x.device) if o.start_step == 0
                        else x.flatten(1).norm(dim=1)).to(x.dtype)
-        self.cond, self.cond_leaves = conditions.trainable(self.cond0, o.optimize_cond)
+        self.cond, self.cond_leaves = prompt_embeddings.trainable(self.cond0, o.optimize_cond)
         self.noise = None  # --optimize-noises: each sample's injected noises, (B, N, …) (rows like x)
         if o.optimize_noises:
             # (with --start-step a stochastic solver was refused by advance above, a deterministic one is here)
@@ -152,7 +179,7 @@ class GuideTask(Task):
 
     def make_optimizer(self, groups):
         if self.opts.optimizer == "normalized":
-            from .audit import NormalizedSteps
+            from .optimizers import NormalizedSteps
 
             opt = NormalizedSteps([groups[0].tensors["x"]], lr=self.opts.lr)
             for g in groups[1:]:
@@ -161,7 +188,7 @@ class GuideTask(Task):
         return super().make_optimizer(groups)
 
     def counted_modules(self):
-        return [self.session.unet]
+        return [self.session.network]
 
     def _views(self, images: torch.Tensor) -> torch.Tensor:
         """``self.views`` random views of each image, (views · B, C, H, W), view-major."""
@@ -246,14 +273,14 @@ class GuideTask(Task):
         x = self.result_x() if stage == "after" else self.x.detach()
         noise = self.injected_noise(result=stage == "after")
         noise = noise.detach() if isinstance(noise, torch.Tensor) else noise
-        images = self.dp.gather_shards(s.generate(x, conditions.detached(self.cond), start=o.start_step, noise=noise))
+        images = self.dp.gather_shards(s.generate(x, prompt_embeddings.detached(self.cond), start=o.start_step, noise=noise))
         prompts = [self.prompt] * images.shape[0]
         metrics = dict(self.target.metrics(images))
         if self.judge is not None:
             metrics.update(self.judge.metrics(images, prompts=prompts))
             if o.optimize_cond and stage == "after":
                 # the learned embedding on fresh noises (no per-sample optimisation): does it generalise?
-                fresh = s.generate_all(s.noise(o.n, self.seed + 7919), conditions.detached(self.cond))
+                fresh = s.generate_all(s.noise(o.n, self.seed + 7919), prompt_embeddings.detached(self.cond))
                 metrics.update({f"fresh_noise_{k}": v for k, v in self.judge.metrics(fresh, prompts=prompts).items()
                                 if isinstance(v, float)})
         return Evaluation(images, metrics)
@@ -277,7 +304,13 @@ class GuideTask(Task):
         if self.session.stochastic:
             tensors["noises"] = self.session.gathered_noise(self.injected_noise(result=True), self.x)
         if self.opts.optimize_cond:
-            tensors.update(conditions.pipeline_tensors(self.cond, self.session.uncond))
+            tensors.update(prompt_embeddings.pipeline_tensors(self.cond, self.session.uncond))
         if self.dp.is_main:
             save_file(tensors, str(out / "latents.safetensors"))
         return {"latents": "latents.safetensors"}
+
+
+APPLICATION = Application(
+    name="guide", options=Options, build=build,
+    report_keys=("judge_accuracy", "frechet_to_class", "critic_accuracy", "clip_score", "plugin_loss", "judge_clip_score"),
+    help="Guided sampling / vocabulary expansion: optimise x_T toward a class, a text or your loss.")

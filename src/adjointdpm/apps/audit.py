@@ -1,6 +1,7 @@
 """``audit``: security auditing by attacks on the initial noise.
 
-An *attack* (see :mod:`.objectives`; the digits model's in :mod:`adjointdpm.embedded.objectives`) gives,
+An *attack* (see :mod:`adjointdpm.critics.objectives`; the digits model's in
+:mod:`adjointdpm.embedded.digit_objectives`) gives,
 from the original images, a label y_b per sample and which samples are attacked, and a per-sample loss
 L_b to minimise; the noise takes normalised gradient steps projected on the ℓ∞ ball around a *copy* of
 the untouched original noise,
@@ -25,55 +26,54 @@ and evaluated the wrong tensor: all three are done right here and tested.)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 
-from .common import Session
-from . import conditions
+from ..critics.objectives import Attack
+from . import prompt_embeddings
 from .errors import UserInputError
-from .loop import Evaluation, ParamGroup, Task
-
-ATTACKS = ("classifier", "safety")
-
-
-class NormalizedSteps(torch.optim.Optimizer):
-    """x ← x − lr · g / rms(g), the RMS taken per sample (over all but the first dimension) of each tensor.
-
-    A sample whose gradient is exactly zero (a frozen one) does not move."""
-
-    def __init__(self, params, lr: float):
-        if lr <= 0:
-            raise UserInputError(f"the step size must be > 0, got {lr}")
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                rms = g.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (g.dim() - 1)))
-                p.sub_(group["lr"] * torch.where(rms > 0, g / rms.clamp_min(1e-30), torch.zeros_like(g)))
+from .optimizers import NormalizedSteps
+from .options import option, settings_of
+from .session import Session
+from .task import Application, Evaluation, ParamGroup, Task
 
 
 @dataclass
-class AuditOptions:
-    n: int = 100
-    eps: float = 0.2  # ℓ∞ budget around the original noise (noise units)
-    step_size: float = 0.05  # RMS of one normalised step
-    margin: float = 0.02  # safety attack: push the scores this far below the thresholds
-    content_weight: float = 0.0  # λ: + λ·mean((image − original image)²), keeps the attacked image close
-    prompt: str | None = None  # generic attacks: one prompt for every sample (default "")
-    optimize_noises: bool = False  # with a stochastic solver: attack every injected noise too
+class Options:
+    """audit's options (its command line; the defaults are the recipe of docs/results.md)."""
+
+    attack: str = option("classifier", "--attack", help="classifier (flip the classifier's label) | safety (pass the safety filter: the pipeline folder's own safety_checker/).")
+    classifier: Optional[Path] = option(None, "--classifier", help="Image classifier folder to attack (transformers AutoModelForImageClassification, safetensors).")
+    judge: Optional[Path] = option(None, "--judge", help="Evaluation-only image classifier folder: an attack succeeds only if it keeps its label.")
+    prompt: Optional[str] = option(None, "--prompt", "-p", help="Prompt of every sample on your own model (default: '').")
+    n: int = option(100, "--n", "-n", help="Number of samples attacked (under torchrun write -n: torchrun reads --n as its own option).")
+    eps: float = option(0.2, "--eps", help="l-infinity budget around the original noise.")
+    step_size: float = option(0.05, "--step-size", help="RMS size of one normalised gradient step.")
+    margin: float = option(0.02, "--margin", help="Safety attack: margin below the thresholds.")
+    content_weight: float = 0.0  # λ: + λ·mean((image − original image)²), keeps the attacked image close; not an option
+    optimize_noises: bool = option(False, "--optimize-noises", help="With a stochastic --solver (ddpm, euler_ancestral, dpmpp2m_sde, lcm, or ddim with --eta > 0): also attack every step's injected noise, within the same --eps (written as noises in attack.safetensors).")
+    iters: int = option(6, "--iters", help="Maximum attack iterations.")
+
+
+#: what summary.json's settings hold and --resume compares, in this order
+SETTINGS = ("n", "eps", "step_size", "margin", "content_weight", "prompt", "optimize_noises")
+
+
+def build(session: Session, options: Options, seed: int = 0) -> "AuditTask":
+    """The audit run ``options`` describe, with its attack (:func:`.choose.audit_attack`)."""
+    from .choose import audit_attack
+
+    return AuditTask(session, options, audit_attack(session, options), seed=seed)
 
 
 class AuditTask(Task):
     name = "audit"
     sharded_state = ("done", "succeeded")
 
-    def __init__(self, session: Session, opts: AuditOptions, attack, seed: int = 0):
+    def __init__(self, session: Session, opts: Options, attack: Attack, seed: int = 0):
         if opts.n < 1 or opts.eps <= 0 or opts.step_size <= 0:
             raise UserInputError("--n, --eps and --step-size must be positive")
         self.session, self.opts, self.attack, self.seed, self.dp = session, opts, attack, seed, session.dp
@@ -84,7 +84,7 @@ class AuditTask(Task):
             session.check_prompt(p)
 
     def describe(self) -> dict:
-        return {**self.session.describe(), **asdict(self.opts), "attack": self.attack.name}
+        return {**self.session.describe(), **settings_of(self.opts, SETTINGS), "attack": self.attack.name}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -92,7 +92,7 @@ class AuditTask(Task):
         uniq = sorted(set(self.prompts))
         table = s.encode(uniq)
         dp = self.dp  # each process attacks its own rows of the global batch
-        self.cond = conditions.shard(dp, conditions.rows(table, torch.tensor([uniq.index(p) for p in self.prompts])))
+        self.cond = prompt_embeddings.shard(dp, prompt_embeddings.rows(table, torch.tensor([uniq.index(p) for p in self.prompts])))
         x_T = dp.shard(s.noise(self.opts.n, self.seed))
         self.x_orig = x_T.clone()  # a copy: the projection centre never moves
         self.x = x_T.clone().requires_grad_(True)
@@ -128,7 +128,7 @@ class AuditTask(Task):
         return NormalizedSteps([t for g in groups for t in g.tensors.values()], lr=self.opts.step_size)
 
     def counted_modules(self):
-        return [self.session.unet]
+        return [self.session.network]
 
     def state_tensors(self):
         return {"done": self.done.to(torch.uint8), "succeeded": self.succeeded.to(torch.uint8)}
@@ -161,7 +161,7 @@ class AuditTask(Task):
         active = self.dp.position(idx.numel())[1]
         if idx.numel():
             weights = None if active == idx.numel() else torch.full((idx.numel(),), 1.0 / active, device=self.x.device)
-            loss, per, x0 = self.session.sampled_loss(self.x[idx], conditions.rows(self.cond, idx), self.objective,
+            loss, per, x0 = self.session.sampled_loss(self.x[idx], prompt_embeddings.rows(self.cond, idx), self.objective,
                                                       weights=weights, noise=self.injected_noise(idx))
             # the images of the current x: samples that already succeed are frozen where they are
             new = self.success(self.session.decode(x0), self.label[idx], self.valid[idx])
@@ -232,3 +232,8 @@ class AuditTask(Task):
         if dp.is_main:
             save_file(tensors, str(out / "attack.safetensors"))
         return {"attack": "attack.safetensors"}
+
+
+APPLICATION = Application(
+    name="audit", options=Options, build=build, report_keys=("success_rate", "judge_keeps_label"), embedded_guidance=1.0,
+    help="Security auditing: bounded attacks on x_T against a classifier or the safety filter.")

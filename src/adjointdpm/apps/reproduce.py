@@ -17,77 +17,105 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from .common import EngineOptions, Session
-from .loop import LoopConfig, check_writable, run
+from . import audit, guide, invert, stylize
+from .checks import check_writable
+from .loop import LoopConfig, run
+from .options import EngineOptions, option
+from .registry import APPLICATIONS
+from .session import Session
 
-APPS = ("guide", "audit", "stylize", "invert")
 BASELINES = ("exact", "backprop", "checkpoint", "truncated", "onestep")
 
+
+@dataclass
+class ReproduceOptions:
+    """reproduce's command line."""
+
+    out: Path = option(Path("outputs/reproduce"), "--out", "-o", help="Folder for every run's outputs.")
+    docs: Path = option(Path("docs"), "--docs", help="Where results.md and img/results_*.png are written.")
+    scale: str = option("full", "--scale", help="full (the documented results) | tiny (a smoke test).")
+    only: Optional[str] = option(None, "--only", help="Comma-separated subset: guide,audit,stylize,invert.")
+    jobs: Optional[int] = option(None, "--jobs", help="Worker processes running applications side by side (default: 2 for full).")
+    threads: int = option(1, "--threads", help="torch threads per worker.")
+    model: Optional[Path] = option(None, "--model", "-m", help="Another model folder with critics/ (default: the embedded model).")
 
 
 @dataclass
 class Scale:
+    """A preset: the sampler, and each application's options (instances of its ``Options``; ``iters`` is the
+    AdjointDPM run's, the baselines run until they reach its model calls)."""
+
     steps: int
     solver: str
-    guide: dict
+    guide: guide.Options
     guide_digits: tuple
-    audit: dict
-    safety: dict
-    stylize: dict
-    invert: dict
+    audit: audit.Options
+    safety: audit.Options
+    stylize: stylize.Options
+    invert: invert.Options
     baselines: tuple = BASELINES
     guide_extra: tuple = ()
     baseline_digits: tuple = (8,)
-    guidance: dict = field(default_factory=dict)  # per application; absent: the model's default
     gradcheck_steps: tuple = (10, 15, 20)
     gradcheck_n: int = 4
     jobs: int = 2
 
+    @property
+    def guidance(self) -> dict:
+        """Each application's guidance scale on the embedded model (absent: the model's default)."""
+        return {name: app.embedded_guidance for name, app in APPLICATIONS.items() if app.embedded_guidance is not None}
+
 
 SCALES = {
+    # the commands' defaults are the documented recipes: "full" runs them as they are
     "full": Scale(
         steps=20, solver="dpmpp2m",
-        guide=dict(n=16, lr=0.1, optimizer="normalized", views=8, view_noise=0.3, stop_loss=0.1, iters=20),
-        guide_digits=(8, 9), baseline_digits=(8,),
-        audit=dict(n=100, eps=0.2, step_size=0.05, iters=6),
-        safety=dict(n=48, eps=0.2, step_size=0.05, iters=6),
-        stylize=dict(reference="outline", lora_rank=4, lr=3e-3, content_weight=1.0, n_train=16, batch=8, n_eval=32, iters=10),
-        invert=dict(effect="thicken", n_train=8, n_heldout=8, lr=0.1, iters=10),
-        guidance={"audit": 1.0, "stylize": 1.0, "invert": 1.0}, guide_extra=("reversible",),
+        guide=guide.Options(), guide_digits=(8, 9), baseline_digits=(8,),
+        audit=audit.Options(),
+        safety=audit.Options(attack="safety", n=48),
+        stylize=stylize.Options(reference="outline"),
+        invert=invert.Options(),
+        guide_extra=("reversible",),
     ),
     "tiny": Scale(
         steps=6, solver="dpmpp2m",
-        guide=dict(n=2, lr=0.1, iters=2), guide_digits=(8,), baseline_digits=(8,),
-        audit=dict(n=8, eps=0.5, step_size=0.25, iters=2),
-        safety=dict(n=8, eps=0.5, step_size=0.25, iters=2),
-        stylize=dict(reference="outline", lora_rank=2, lr=1e-3, content_weight=1.0, n_train=2, batch=2, n_eval=2, iters=2),
-        invert=dict(effect="thicken", n_train=2, n_heldout=2, lr=0.05, iters=2),
-        baselines=("truncated", "onestep"), guidance={"audit": 1.0, "stylize": 1.0, "invert": 1.0},
-        gradcheck_steps=(2, 3), gradcheck_n=2, jobs=1,
+        guide=guide.Options(n=2, lr=0.1, iters=2), guide_digits=(8,), baseline_digits=(8,),
+        audit=audit.Options(n=8, eps=0.5, step_size=0.25, iters=2),
+        safety=audit.Options(attack="safety", n=8, eps=0.5, step_size=0.25, iters=2),
+        stylize=stylize.Options(reference="outline", lora_rank=2, lr=1e-3, content_weight=1.0, n_train=2, batch=2,
+                                n_eval=2, iters=2),
+        invert=invert.Options(effect="thicken", n_train=2, n_heldout=2, lr=0.05, iters=2),
+        baselines=("truncated", "onestep"), gradcheck_steps=(2, 3), gradcheck_n=2, jobs=1,
     ),
 }
 
 
 # ------------------------------------------------------------------------------------ running
 class Runner:
+    """Runs one application's rows: each an ordinary run of the registry's ``build`` with a preset's options."""
+
     def __init__(self, out: Path, scale: Scale, model, progress: bool, app: str, log=None):
         self.out, self.preset, self.model, self.progress, self.app = out, scale, model, progress, app
         self.log = log or (lambda msg: None)
 
     def session(self, grad: str, solver: str | None = None, steps: int | None = None) -> Session:
-        return Session(self.model, EngineOptions(grad=grad, solver=solver or self.preset.solver, steps=steps or self.preset.steps,
-                                                 guidance_scale=self.preset.guidance.get(self.app)))
+        return Session(EngineOptions(model=self.model, grad=grad, solver=solver or self.preset.solver,
+                                     steps=steps or self.preset.steps,
+                                     guidance_scale=self.preset.guidance.get(self.app)))
 
-    def run(self, folder: str, grad: str, make_task, iters: int, budget: int | None, seed: int = 0) -> dict:
+    def run(self, folder: str, grad: str, options, budget: int | None, seed: int = 0) -> dict:
+        """One run of this application with ``options`` (``budget``: run until it, not ``options.iters``);
+        ``seed``: the task's (the loop's is 0)."""
         s = self.session(grad, solver="ddim" if grad == "reversible" else None)
-        task = make_task(s)
-        cfg = LoopConfig(out=self.out / folder, iters=iters, budget=budget, checkpoint_every=10**6,
-                         progress=self.progress, seed=seed)
+        task = APPLICATIONS[self.app].build(s, options, seed=seed)
+        cfg = LoopConfig(out=self.out / folder, iters=options.iters if budget is None else 10**6, budget=budget,
+                         checkpoint_every=10**6, progress=self.progress, seed=0)
         summary = run(task, cfg)
         summary["folder"] = str(self.out / folder)
         summary["method"] = grad
@@ -95,97 +123,58 @@ class Runner:
                  f"{summary['seconds']:.0f} s")
         return summary
 
-    def compare(self, app: str, make_task, iters: int, extra: tuple = (), tag: str = "") -> list[dict]:
+    def compare(self, options, extra: tuple = (), tag: str = "", seed: int = 0) -> list[dict]:
         """AdjointDPM first, then every baseline at the model calls AdjointDPM used."""
-        rows = [self.run(f"{app}/adjoint{tag}", "adjoint", make_task, iters, None)]
+        rows = [self.run(f"{self.app}/adjoint{tag}", "adjoint", options, None, seed)]
         budget = rows[0]["model_calls"]["total"]
         for grad in (*self.preset.baselines, *extra):
-            rows.append(self.run(f"{app}/{grad}{tag}", grad, make_task, 10**6, budget))
+            rows.append(self.run(f"{self.app}/{grad}{tag}", grad, options, budget, seed))
         return rows
 
 
-def digit_guide_task(s: Session, digit: int, seed: int = 0, **options):
-    """A guide run toward one digit on the digits model (its guide classifier, judged by its judge)."""
-    from .choose import guide_objective
-    from .guide import GuideOptions, GuideTask
-
-    target, judge, prompt = guide_objective(s, loss=None, classifier=None, clip=None, clip_prompt=None,
-                                            target_class=digit, judge=None, prompt=None)
-    return GuideTask(s, GuideOptions(prompt=prompt, **options), target, judge, seed=seed)
-
-
 def run_guide(r: Runner) -> dict:
-    o = dict(r.preset.guide)
-    iters = o.pop("iters")
     res = {"digits": {}, "baselines": {}}
     for d in r.preset.guide_digits:
-        make = lambda s, d=d: digit_guide_task(s, d, **o)  # noqa: E731
+        options = replace(r.preset.guide, target_class=str(d))
         if d in r.preset.baseline_digits:
-            rows = r.compare("guide", make, iters, r.preset.guide_extra, tag=f"_{d}")
+            rows = r.compare(options, r.preset.guide_extra, tag=f"_{d}")
             res["baselines"][d] = rows
             res["digits"][d] = rows[0]
         else:
-            res["digits"][d] = r.run(f"guide/adjoint_{d}", "adjoint", make, iters, None)
+            res["digits"][d] = r.run(f"guide/adjoint_{d}", "adjoint", options, None)
     return res
 
 
-def digit_audit_task(s: Session, attack: str, seed: int, **options):
-    from .audit import AuditOptions, AuditTask
-    from .choose import audit_attack
-
-    opts = AuditOptions(**options)
-    return AuditTask(s, opts, audit_attack(s, attack=attack, classifier=None, margin=opts.margin, judge=None), seed=seed)
-
-
 def run_audit(r: Runner) -> dict:
-    o = dict(r.preset.audit)
-    iters = o.pop("iters")
-    rows = r.compare("audit", lambda s: digit_audit_task(s, "classifier", 0, **o), iters)
-    so = dict(r.preset.safety)
-    s_iters = so.pop("iters")
-    safety = r.run("audit/safety_adjoint", "adjoint", lambda s: digit_audit_task(s, "safety", 1, **so), s_iters, None)
+    rows = r.compare(r.preset.audit)
+    safety = r.run("audit/safety_adjoint", "adjoint", r.preset.safety, None, seed=1)
     return {"baselines": rows, "safety": safety}
 
 
-def digit_stylize_task(s: Session, **options):
-    from .choose import stylize_objective
-    from .stylize import StylizeOptions, StylizeTask
-
-    objective, judge, prompts, named, ref = stylize_objective(
-        s, loss=None, backbone=None, content_weight=options.get("content_weight", 1.0), judge=None, prompt=None,
-        reference=options.pop("reference", None))
-    return StylizeTask(s, StylizeOptions(reference=ref, **options), objective, judge, seed=0, prompts=prompts,
-                       references=named)
-
-
 def run_stylize(r: Runner) -> dict:
-    o = dict(r.preset.stylize)
-    iters = o.pop("iters")
-    return {"baselines": r.compare("stylize", lambda s: digit_stylize_task(s, **dict(o)), iters)}
+    return {"baselines": r.compare(r.preset.stylize)}
 
 
 def run_invert(r: Runner) -> dict:
-    from .invert import InvertOptions, InvertTask
-
-    o = dict(r.preset.invert)
-    iters = o.pop("iters")
-    return {"baselines": r.compare("invert", lambda s: InvertTask(s, InvertOptions(**o), seed=0), iters)}
+    return {"baselines": r.compare(r.preset.invert)}
 
 
 def run_gradcheck(r: Runner) -> dict:
     """Cosine of each mode's ∂L/∂x_T to the exact gradient (guide loss, digit 8), per step count."""
-    from .common import grad_label
-    from .loop import CallCounter
+    from .baselines import grad_label
+    from .call_count import CallCounter
 
     modes = ("exact", "backprop", "checkpoint", "adjoint", "adjoint-stored", "truncated", "onestep")
+    options = guide.Options(target_class="8", n=r.preset.gradcheck_n, optimizer="adamw", lr=0.05, views=4,
+                            view_noise=0.0)
     table = []
     for steps in r.preset.gradcheck_steps:
         grads, costs = {}, {}
         for grad in modes:
             s = r.session(grad, steps=steps)
-            task = digit_guide_task(s, 8, n=r.preset.gradcheck_n, optimizer="adamw", lr=0.05, views=4, view_noise=0.0)
+            task = guide.build(s, options)
             task.setup()
-            counter = CallCounter([s.unet])
+            counter = CallCounter([s.network])
             t0 = time.perf_counter()
             loss, _ = task.compute_loss(0, torch.Generator())
             if loss.requires_grad:
@@ -203,6 +192,8 @@ def run_gradcheck(r: Runner) -> dict:
 
 RUNNERS = {"guide": run_guide, "audit": run_audit, "stylize": run_stylize, "invert": run_invert,
            "gradcheck": run_gradcheck}
+#: the applications reproduce measures: the registry's that have a runner here (and a section in the report)
+APPS = tuple(name for name in APPLICATIONS if name in RUNNERS)
 ORDER = ("audit", "guide", "stylize", "invert", "gradcheck")  # longest first, for two workers
 
 
@@ -264,7 +255,7 @@ def reproduce(out: Path, docs: Path, scale: str = "full", only: list[str] | None
             "jobs": jobs, "threads": threads or torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "commit": _git_commit(),
             "steps": sc.steps, "solver": sc.solver, "guidance": sc.guidance,
-            "settings": {a: getattr(sc, a) for a in ("guide", "audit", "safety", "stylize", "invert")}}
+            "settings": {a: asdict(getattr(sc, a)) for a in ("guide", "audit", "safety", "stylize", "invert")}}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n")
     from .report import write_report
 

@@ -1,17 +1,19 @@
-"""What the four applications share: the loaded model and critics, the engine call, input checks.
+"""The loaded model and how the applications sample from it: :class:`Session`.
 
-:class:`Session` holds a :class:`~adjointdpm.components.DiffusionComponents` (embedded model or a local
-Stable Diffusion folder), the engine settings (gradient mode, solver, steps, guidance) and, loaded at first
-use, the critics a model folder ships (the digits model's; other critics come from :mod:`adjointdpm.critics`).
-Its :meth:`Session.sampled_loss` is the only place where an application meets the engine: it samples
-x_0 from a starting state with the chosen gradient mode, decodes it (VAE on latent models) inside the
-objective, and returns the loss to back-propagate, whatever the mode (the one-step x̂₀ baseline
-back-propagates step by step itself; see :mod:`.baselines`).
+A session holds a :class:`~adjointdpm.components.DiffusionComponents` (the embedded model or a local diffusers
+folder), the engine settings (gradient mode, solver, steps, guidance) and, loaded at first use, the critics a
+model folder ships (the digits model's; other critics come from :mod:`adjointdpm.critics`). Its
+:meth:`Session.sampled_loss` is the only place where an application meets the engine: it samples x_0 from a
+starting state with the chosen gradient mode, applies the objective (which decodes), and returns the loss to
+back-propagate, whatever the mode (the one-step x̂₀ baseline back-propagates step by step itself; see
+:mod:`.baselines`).
+
+The methods that assemble engine objects — the sampling setup in ``__init__`` (:meth:`_setup_sampler`),
+:meth:`sample`, :meth:`advance`, :attr:`path` and :meth:`grid` — are kept together under "engine".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,84 +22,31 @@ import torch
 
 import adjointdpm as adpm
 
-from ..gradients import GRAD_MODES, GradMode
-from . import conditions
+from . import prompt_embeddings
+from .baselines import OneStep, grad_label, resolve_grad
+from .checks import check_prompt_length, parse_device
 from .errors import UserInputError
-
-GRAD_CHOICES = tuple(GRAD_MODES) + ("adjoint-stored", "onestep")
-GRAD_HELP = (f"gradient mode: {' | '.join(GRAD_CHOICES)} (onestep: the one-step x̂₀ baseline); "
-             "options after a colon, e.g. adjoint:steps=5, truncated:k=2")
-
-
-class OneStep:
-    """Marker for the one-step x̂₀ baseline (not an engine mode: see :mod:`.baselines`)."""
-
-    name = "onestep"
-
-    def __repr__(self) -> str:
-        return "OneStep()"
-
-
-def parse_grad(spec: str) -> GradMode | OneStep:
-    """'exact', 'adjoint', 'adjoint-stored', 'adjoint:steps=5,state=stored', 'truncated:k=2', 'onestep', …"""
-    name, _, rest = str(spec).strip().partition(":")
-    kwargs: dict = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise UserInputError(f"--grad {spec!r}: options are key=value pairs, e.g. adjoint:steps=5")
-        kwargs[key.strip()] = int(val) if val.strip().lstrip("-").isdigit() else val.strip()
-    if name == "onestep":
-        if kwargs:
-            raise UserInputError("--grad onestep takes no options")
-        return OneStep()
-    if name == "adjoint-stored":
-        name = "adjoint"
-        kwargs.setdefault("state", "stored")
-    if name not in GRAD_MODES:
-        raise UserInputError(f"unknown --grad {spec!r}; use one of {', '.join(GRAD_CHOICES)}")
-    try:
-        return GRAD_MODES[name](**kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserInputError(f"--grad {spec!r}: {e}") from None
-
-
-def grad_label(mode) -> str:
-    """A short stable name of a gradient mode for tables and JSON (e.g. 'adjoint', 'truncated(k=1)')."""
-    if isinstance(mode, OneStep):
-        return "onestep"
-    from dataclasses import fields
-
-    args = [f"{f.name}={getattr(mode, f.name)}" for f in fields(mode)
-            if getattr(mode, f.name) != f.default]
-    if mode.name == "truncated":
-        return f"truncated(k={mode.k})"
-    return mode.name + (f"({', '.join(args)})" if args else "")
-
-
-@dataclass
-class EngineOptions:
-    grad: str = "adjoint"
-    solver: str | None = None
-    eta: float = 0.0  # DDIM's η (solver "ddim" only; > 0 injects noise)
-    steps: int | None = None
-    guidance_scale: float | None = None
-    device: str = "cpu"
+from .options import EngineOptions
 
 
 class Session:
     """A model (embedded or a local diffusers folder) and how to sample from it."""
 
-    def __init__(self, model: str | Path | None, engine: EngineOptions, critics_path: str | Path | None = None,
-                 dp=None):
+    def __init__(self, engine: EngineOptions, dp=None):
         from ..components import load_components
         from ..distributed import SingleProcess
 
         self.dp = SingleProcess() if dp is None else dp  # the processes the tasks of this session are spread over
-        device = _device(engine.device)
+        model = engine.model
+        if model is not None and not Path(model).expanduser().exists():
+            raise UserInputError(f"model folder {model} does not exist (give a local diffusers folder; nothing is "
+                                 "downloaded)")
+        device = parse_device(engine.device)
+        if self.dp.world_size > 1 and self.dp.device.type == "cuda":
+            device = self.dp.device  # each process its own GPU
         self.comps = load_components(model, device=device)
         self.model_path = None if model is None else str(Path(model).expanduser())
-        self.critics_path = critics_path
+        self.critics_path = engine.critics
         self._critics = None
         settings = self.comps.settings
         self.solver = engine.solver or settings.get("default_solver", "dpmpp2m")
@@ -119,11 +68,17 @@ class Session:
         if not 1 <= self.steps <= 1000:
             raise UserInputError(f"--steps must be in 1..1000, got {self.steps}")
         w = settings.get("default_guidance_scale", 1.0) if engine.guidance_scale is None else engine.guidance_scale
-        self.grad_spec = engine.grad
-        self.grad = parse_grad(engine.grad)
+        grad = engine.grad_spec()
+        self.grad = resolve_grad(grad)
         if self.stochastic and (isinstance(self.grad, OneStep) or self.grad.name in ("adjoint", "reversible")):
-            raise UserInputError(f"--solver {self.solver}{' with --eta > 0' if self.solver == 'ddim' else ''} injects noise: --grad {engine.grad} is defined for the "
+            raise UserInputError(f"--solver {self.solver}{' with --eta > 0' if self.solver == 'ddim' else ''} injects noise: --grad {grad} is defined for the "
                                  "deterministic samplers only; use --grad exact, backprop, checkpoint or truncated")
+        self._setup_sampler(float(w))
+
+    # ------------------------------------------------------------------ engine
+    def _setup_sampler(self, w: float) -> None:
+        """The schedule, the model times of the grid, the guidance scale, the negative conditioning and the
+        family's prompt-encoding arguments."""
         self._encode_kwargs = {}
         if self.comps.family == "sd":
             # SD 1.x/2.x and the embedded model: N times uniform over the training range (the figures' grid)
@@ -133,11 +88,62 @@ class Session:
             self.uncond = self.encode([""]) if self.guidance_scale != 1.0 else None
         else:
             # other families: the folder's scheduler, its grid set as the family's pipeline sets it
-            cfg_scale, self._encode_kwargs = self.comps.spec.guidance(self.comps, float(w), None)
+            cfg_scale, self._encode_kwargs = self.comps.spec.guidance(self.comps, w, None)
             self.guidance_scale = float(cfg_scale)
             self.schedule = self.comps.scheduler
             self._times = self.comps.scheduler_timesteps(self.steps).detach().cpu().double().numpy()
             self.uncond = self.comps.negative_cond(1, **self._encode_kwargs) if self.guidance_scale != 1.0 else None
+
+    def _uncond(self):
+        return self.uncond if self.guidance_scale != 1.0 else None
+
+    @property
+    def forward_mode(self):
+        """The mode whose forward pass defines the samples: None (the plain sampler) for every mode
+        but the reversible one, which samples with EDICT's coupled chain."""
+        return self.grad if getattr(self.grad, "name", None) == "reversible" else None
+
+    def sample(self, x_start: torch.Tensor, cond, *, grad=None, start: int = 0, noise=None) -> torch.Tensor:
+        """x_0 (latent) from a state at step ``start`` with an engine gradient mode (None: no graph).
+
+        ``noise``: a stochastic solver's injected noises, an (N, B, …) tensor or a noise source
+        (default: :meth:`noise_streams` of rows 0…B−1)."""
+        if grad is None and self.forward_mode is not None:
+            with torch.no_grad():
+                return self.sample(x_start, cond, grad=self.forward_mode, start=start)
+        return adpm.sample(self.network, x_start, schedule=self.schedule, timesteps=self.timesteps(start), cond=cond,
+                           uncond=self._uncond(), guidance_scale=self.guidance_scale, solver=self.solver,
+                           eta=self.eta, grad=grad, prediction_type=self.comps.prediction_type,
+                           noise=self._noise_or_streams(noise, x_start.shape[0]))
+
+    @torch.no_grad()
+    def advance(self, x_T: torch.Tensor, cond: torch.Tensor, to_step: int) -> torch.Tensor:
+        """The sampler's state x at step ``to_step`` (its first ``to_step`` steps from x_T, no graph)."""
+        from ..model import Denoiser
+        from ..solvers import make_solver
+
+        self.timesteps(to_step)  # validates the index
+        if self.stochastic:
+            raise UserInputError("--start-step needs a deterministic --solver (ddim with --eta 0, dpmpp2m, heun), "
+                                 f"not {self.solver}{' with --eta > 0' if self.solver == 'ddim' else ''}")
+        grid = self.grid()
+        den = Denoiser(self.network, self.path, self.comps.prediction_type, self.guidance_scale, {})
+        solver = make_solver(self.solver, den, grid)
+        x, hist = grid.input_scale * x_T, ()
+        for i in range(to_step):
+            x, hist = solver.step(i, x, hist, cond, self._uncond())
+        return x
+
+    @property
+    def path(self):
+        """The continuous noise schedule (VP or flow matching) of the session's grid."""
+        return adpm.schedule_from_scheduler(self.schedule)
+
+    def grid(self, start: int = 0):
+        """The sampler's time grid from step ``start`` on, as ``adpm.sample`` builds it."""
+        if isinstance(self.schedule, adpm.NoiseSchedule):
+            return adpm.TimeGrid.from_timesteps(self.schedule, self.timesteps(start))
+        return adpm.grid_from_scheduler(self.schedule, self.path, self.timesteps(start))
 
     # ------------------------------------------------------------------ settings
     @property
@@ -170,16 +176,8 @@ class Session:
         return self.comps.network
 
     @property
-    def unet(self) -> torch.nn.Module:
-        return self.comps.network
-
-    @property
     def device(self) -> torch.device:
         return self.comps.device
-
-    @property
-    def is_embedded(self) -> bool:
-        return self.model_path is None
 
     def describe(self) -> dict:
         return {"model": self.model_path or "embedded", "grad": grad_label(self.grad), "solver": self.solver,
@@ -201,7 +199,7 @@ class Session:
         """The conditioning of ``prompts``: a (B, L, D) tensor, or the family's dict of network arguments."""
         for p in prompts:
             self.check_prompt(p)
-        return conditions.detached(self.comps.encode_prompt(list(prompts), **self._encode_kwargs))
+        return prompt_embeddings.detached(self.comps.encode_prompt(list(prompts), **self._encode_kwargs))
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
         return self.comps.noise(n, seed)
@@ -240,61 +238,10 @@ class Session:
         return self.dp.gather_shards(noise.detach().transpose(0, 1)).transpose(0, 1).cpu().contiguous()
 
     # ------------------------------------------------------------------ sampling
-    def _uncond_for(self, cond: torch.Tensor | None):
-        return self.uncond if self.guidance_scale != 1.0 else None
-
-    @property
-    def forward_mode(self):
-        """The mode whose forward pass defines the samples: None (the plain sampler) for every mode
-        but the reversible one, which samples with EDICT's coupled chain."""
-        return self.grad if getattr(self.grad, "name", None) == "reversible" else None
-
-    def sample(self, x_start: torch.Tensor, cond, *, grad=None, start: int = 0, noise=None) -> torch.Tensor:
-        """x_0 (latent) from a state at step ``start`` with an engine gradient mode (None: no graph).
-
-        ``noise``: a stochastic solver's injected noises, an (N, B, …) tensor or a noise source
-        (default: :meth:`noise_streams` of rows 0…B−1)."""
-        if grad is None and self.forward_mode is not None:
-            with torch.no_grad():
-                return self.sample(x_start, cond, grad=self.forward_mode, start=start)
-        return adpm.sample(self.network, x_start, schedule=self.schedule, timesteps=self.timesteps(start), cond=cond,
-                           uncond=self._uncond_for(cond), guidance_scale=self.guidance_scale, solver=self.solver,
-                           eta=self.eta, grad=grad, prediction_type=self.comps.prediction_type,
-                           noise=self._noise_or_streams(noise, x_start.shape[0]))
-
     def _noise_or_streams(self, noise, n: int):
         if not self.stochastic:
             return None
         return self.noise_streams(range(n)) if noise is None else noise
-
-    @torch.no_grad()
-    def advance(self, x_T: torch.Tensor, cond: torch.Tensor, to_step: int) -> torch.Tensor:
-        """The sampler's state x at step ``to_step`` (its first ``to_step`` steps from x_T, no graph)."""
-        from ..model import Denoiser
-        from ..solvers import make_solver
-
-        self.timesteps(to_step)  # validates the index
-        if self.stochastic:
-            raise UserInputError("--start-step needs a deterministic --solver (ddim with --eta 0, dpmpp2m, heun), "
-                                 f"not {self.solver}{' with --eta > 0' if self.solver == 'ddim' else ''}")
-        grid = self.grid()
-        den = Denoiser(self.network, self.path, self.comps.prediction_type, self.guidance_scale, {})
-        solver = make_solver(self.solver, den, grid)
-        x, hist = grid.input_scale * x_T, ()
-        for i in range(to_step):
-            x, hist = solver.step(i, x, hist, cond, self._uncond_for(cond))
-        return x
-
-    @property
-    def path(self):
-        """The continuous noise schedule (VP or flow matching) of the session's grid."""
-        return adpm.schedule_from_scheduler(self.schedule)
-
-    def grid(self, start: int = 0):
-        """The sampler's time grid from step ``start`` on, as ``adpm.sample`` builds it."""
-        if isinstance(self.schedule, adpm.NoiseSchedule):
-            return adpm.TimeGrid.from_timesteps(self.schedule, self.timesteps(start))
-        return adpm.grid_from_scheduler(self.schedule, self.path, self.timesteps(start))
 
     @torch.no_grad()
     def generate(self, x_start: torch.Tensor, cond, *, start: int = 0, batch_size: int = 64, noise=None) -> torch.Tensor:
@@ -304,7 +251,7 @@ class Session:
         out = []
         for i in range(0, x_start.shape[0], batch_size):
             rows = slice(i, i + batch_size)
-            c = cond if conditions.count(cond) == 1 else conditions.rows(cond, rows)
+            c = cond if prompt_embeddings.count(cond) == 1 else prompt_embeddings.rows(cond, rows)
             z = None if noise is None else _noise_rows(noise, rows)
             out.append(self.decode(self.sample(x_start[rows], c, grad=None, start=start, noise=z)).float())
         return torch.cat(out)
@@ -317,7 +264,7 @@ class Session:
         noise = self._noise_or_streams(noise, x_start.shape[0])
         if dp.world_size == 1 or x_start.shape[0] < dp.world_size:
             return self.generate(x_start, cond, start=start, noise=noise)
-        c = cond if conditions.count(cond) == 1 else conditions.shard(dp, cond)
+        c = cond if prompt_embeddings.count(cond) == 1 else prompt_embeddings.shard(dp, cond)
         z = None if noise is None else _noise_rows(noise, dp.shard(torch.arange(x_start.shape[0])))
         return dp.gather_shards(self.generate(dp.shard(x_start), c, start=start, noise=z))
 
@@ -348,72 +295,3 @@ class Session:
 def _noise_rows(noise, rows):
     """The injected noises of some samples: ``noise[:, rows]`` of a tensor, ``rows`` of a noise source."""
     return noise[:, rows] if isinstance(noise, torch.Tensor) else noise.rows(rows)
-
-
-def check_prompt_length(tokenizer, prompt: str) -> None:
-    """One clear error for a prompt longer than the tokenizer takes (it would be cut silently)."""
-    n = len(tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False)["input_ids"])
-    if n > tokenizer.model_max_length:
-        raise UserInputError(
-            f"prompt {prompt!r} is {n} tokens long; this model's tokenizer takes at most "
-            f"{tokenizer.model_max_length} (start and end tokens included): shorten it")
-
-
-def _device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise UserInputError(f"bad --device {name!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("--device cuda requested but no CUDA device is available")
-    return dev
-
-
-# ------------------------------------------------------------------------------- image inputs
-IMAGE_MODES = ("L", "RGB", "RGBA", "LA")
-
-
-def read_image(path: str | Path, channels: int, size: tuple[int, int] | None, *, what: str,
-               resize: bool = False) -> torch.Tensor:
-    """An image file as a (1, channels, H, W) tensor in [-1, 1].
-
-    ``size`` (H, W): the required size; with ``resize=True`` the image is resized to it instead of rejected.
-    Modes other than L/LA/RGB/RGBA (palette, CMYK, 16-bit, …) are rejected with one clear line.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserInputError(f"{what} {path} does not exist")
-    try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserInputError(f"{what} {path} is not a readable image ({type(e).__name__})") from None
-    if img.mode not in IMAGE_MODES:
-        raise UserInputError(f"{what} {path} has mode {img.mode}; use an 8-bit greyscale (L) or RGB image")
-    if size is not None and (img.height, img.width) != tuple(size):
-        if not resize:
-            raise UserInputError(f"{what} {path} is {img.width}x{img.height}; this model makes "
-                                 f"{size[1]}x{size[0]} images: resize it first")
-        img = img.resize((size[1], size[0]), Image.Resampling.LANCZOS)
-    img = img.convert("L" if channels == 1 else "RGB")
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1.0
-    arr = arr[None, None] if channels == 1 else arr.permute(2, 0, 1)[None]
-    return arr
-
-
-def image_shape(session: Session) -> tuple[int, int, int]:
-    """(C, H, W) of the decoded images of a session's model."""
-    c, h, w = session.comps.image_latent_shape
-    if session.comps.vae is None:
-        return c, h, w
-    vae = session.comps.vae
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return int(vae.config.out_channels), h * factor, w * factor
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak range 2)."""
-    mse = (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))

@@ -1,20 +1,22 @@
-"""Which objective, judge and attack an application run gets, from the command's options.
+"""Which objective, judge and attack an application run gets, from its options (each application's
+``build`` asks here).
 
 The one place where the generic tasks meet the digits model: a plug-in ``--loss``, a critic folder
 (``--classifier``, ``--clip``, ``--backbone``) or the pipeline's own ``safety_checker/`` come first;
-the digits model's critics (:mod:`adjointdpm.embedded.objectives`) are used only on a model that ships
+the digits model's critics (:mod:`adjointdpm.embedded.digit_objectives`) are used only on a model that ships
 them (the embedded model, a folder with ``critics/``, or ``--critics``). On any other model without a
 critic option the command stops with one line saying which option to give.
 """
 
 from __future__ import annotations
 
+from ..critics.folder_objectives import (BackboneStyle, ClassifierAttack, ClassifierJudge, ClassifierTarget,
+                                         ClipJudge, ClipTarget, PluginStyle, PluginTarget, SafetyAttack,
+                                         target_label_for_judge)
 from .errors import UserInputError
-from .objectives import (BackboneStyle, ClassifierAttack, ClassifierJudge, ClassifierTarget, ClipJudge, ClipTarget,
-                         PluginStyle, PluginTarget, SafetyAttack, target_label_for_judge)
 
 
-def _needs(session, command: str, options: str):
+def _needs(session, command: str, options: str) -> None:
     if not session.has_own_critics:
         raise UserInputError(f"{command} on {session.model_path}: give an objective ({options}); the digit "
                              "critics belong to the embedded model")
@@ -45,8 +47,10 @@ def judge_from(session, path, *, target_label=None, text=None, need_labels=False
     return ClassifierJudge(classifier, target_label)
 
 
-def guide_objective(session, *, loss, classifier, clip, clip_prompt, target_class, judge, prompt):
-    """(target, judge, prompt) of a guide run."""
+def guide_objective(session, options):
+    """(target, judge, prompt) of a guide run (``options``: guide's Options)."""
+    loss, classifier, clip, clip_prompt = options.loss, options.classifier, options.clip, options.clip_prompt
+    target_class, judge, prompt = options.target_class, options.judge, options.prompt
     if sum(x is not None for x in (loss, classifier, clip)) > 1:
         raise UserInputError("give one objective: --loss, --classifier or --clip")
     if loss is not None:
@@ -72,7 +76,7 @@ def guide_objective(session, *, loss, classifier, clip, clip_prompt, target_clas
             raise UserInputError("--clip needs --clip-prompt TEXT (the text the images should match)")
         return ClipTarget(Clip.from_folder(clip, session.device), text), judge_from(session, judge, text=text), prompt or ""
     _needs(session, "guide", "--classifier PATH --target-class C, --clip PATH --clip-prompt TEXT, or --loss FILE.py:FUNC")
-    from ..embedded.objectives import DigitJudge, DigitTarget, check_digit, digit_prompt
+    from ..embedded.digit_objectives import DigitJudge, DigitTarget, check_digit, digit_prompt
 
     digit = check_digit(8 if target_class is None else target_class)
     critics = session.critics
@@ -80,7 +84,9 @@ def guide_objective(session, *, loss, classifier, clip, clip_prompt, target_clas
     return DigitTarget(critics, digit), judge_obj, prompt if prompt is not None else digit_prompt(session.comps.settings, digit)
 
 
-def audit_attack(session, *, attack, classifier, margin, judge):
+def audit_attack(session, options):
+    """The attack of an audit run (``options``: audit's Options)."""
+    attack, classifier, margin, judge = options.attack, options.classifier, options.margin, options.judge
     if attack not in ("classifier", "safety"):
         raise UserInputError(f"--attack must be classifier or safety, got {attack!r}")
     judge_obj = judge_from(session, judge, need_labels=True)
@@ -93,15 +99,18 @@ def audit_attack(session, *, attack, classifier, margin, judge):
 
         return SafetyAttack(SafetyChecker.from_pipeline(session.model_path, session.device), margin, judge_obj)
     _needs(session, "audit", "--classifier PATH, or --attack safety on a pipeline folder with safety_checker/")
-    from ..embedded.objectives import DigitClassifierAttack, DigitSafetyAttack
+    from ..embedded.digit_objectives import DigitClassifierAttack, DigitSafetyAttack
 
     if judge_obj is not None:
         raise UserInputError("--judge: the digits model's attacks use its own judge")
     return DigitClassifierAttack(session.critics) if attack == "classifier" else DigitSafetyAttack(session.critics, margin)
 
 
-def stylize_objective(session, *, loss, backbone, content_weight, judge, prompt, reference):
-    """(objective factory, judge, prompt pool or None, named references, reference spec) of a stylize run."""
+def stylize_objective(session, options):
+    """(objective factory, judge, prompt pool or None, named references, reference spec) of a stylize run
+    (``options``: stylize's Options)."""
+    loss, backbone, content_weight = options.loss, options.backbone, options.content_weight
+    judge, prompt, reference = options.judge, options.prompt, options.reference
     if loss is not None and backbone is not None:
         raise UserInputError("give one objective: --loss or --backbone")
     if loss is not None or backbone is not None:
@@ -116,7 +125,7 @@ def stylize_objective(session, *, loss, backbone, content_weight, judge, prompt,
             raise UserInputError("--backbone needs --reference IMAGE (the style image)")
         return (lambda ref: BackboneStyle(net, ref, content_weight)), judge_obj, None, None, reference
     _needs(session, "stylize", "--backbone PATH --reference IMAGE, or --loss FILE.py:FUNC")
-    from ..embedded.objectives import REFERENCES, DigitJudge, DigitStyle, digit_prompts
+    from ..embedded.digit_objectives import REFERENCES, DigitJudge, DigitStyle, digit_prompts
 
     critics = session.critics
     judge_obj = judge_from(session, judge) if judge is not None else DigitJudge(critics)
@@ -124,5 +133,6 @@ def stylize_objective(session, *, loss, backbone, content_weight, judge, prompt,
     return (lambda ref: DigitStyle(critics, ref, content_weight)), judge_obj, prompts, REFERENCES, reference or "outline"
 
 
-def invert_loss(session, *, loss):
+def plugin_target(loss: str | None):
+    """``--loss SPEC`` as a target (None without one)."""
     return None if loss is None else PluginTarget(plugin(loss))

@@ -1,5 +1,6 @@
-"""Errors of the application commands: each carries the one line the CLI prints and an exit code; and
-:func:`exit_status`, the one place where any error becomes an exit status."""
+"""Errors of every ``adjointdpm`` command: each carries the one line the CLI prints and an exit code
+(:class:`UserInputError` is the one bad-input error); and :func:`exit_status`, the one place where any error
+becomes an exit status (used by :func:`adjointdpm.cli.run`)."""
 
 from __future__ import annotations
 

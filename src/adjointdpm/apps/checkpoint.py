@@ -24,20 +24,6 @@ CHECKPOINT_DIR = "checkpoint"
 FORMAT_VERSION = 1
 
 
-def check_writable(out: Path) -> Path:
-    """Create ``out`` and check a file can be written there; one clear error otherwise."""
-    out = Path(out).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise UserInputError(f"cannot write to --out {out}: {reason}") from None
-    return out
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -113,7 +99,7 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict, reshard=N
     return {"state": state, "param_groups": groups}
 
 
-class Checkpoint:
+class CheckpointFolder:
     """``DIR/checkpoint/``: ``state-<iteration>.safetensors`` (all tensors) + ``checkpoint.json``."""
 
     def __init__(self, out: Path):

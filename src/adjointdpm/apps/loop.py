@@ -18,7 +18,7 @@ does everything else, identically for all four:
 * outputs: ``before/`` and ``after/`` (one PNG per image plus ``grid.png``), ``comparison.png``
   (before above after), ``loss_curve.png`` and ``summary.json``.
 
-The parts live by concern: the task API in :mod:`.task`, the call budget in :mod:`.budget`, the checkpoint
+The parts live by concern: the task API in :mod:`.task`, the call budget in :mod:`.call_count`, the checkpoint
 files in :mod:`.checkpoint`, the outputs in :mod:`.outputs`; this module is the loop itself.
 
 Several processes (``task.dp``, a :class:`~adjointdpm.distributed.DataParallel`; see the ``Scale-out``
@@ -41,25 +41,29 @@ from pathlib import Path
 
 import torch
 
-from .budget import CallCounter
-from .checkpoint import Checkpoint, atomic_write_json, check_writable, optimizer_from_files, sharded_optimizer_params, to_json
+from .call_count import CallCounter
+from .checks import check_writable
+from .checkpoint import CheckpointFolder, atomic_write_json, optimizer_from_files, sharded_optimizer_params, to_json
 from .errors import Interrupted, NonFiniteError, UserInputError
+from .options import LoopOptions
 from .outputs import plot_loss, run_summary, write_comparison, write_images
 from .task import Evaluation, ParamGroup, Task
 
-__all__ = ["CallCounter", "Checkpoint", "Evaluation", "LoopConfig", "ParamGroup", "Task", "check_writable", "run"]
+__all__ = ["CallCounter", "CheckpointFolder", "Evaluation", "LoopConfig", "ParamGroup", "Task", "check_writable", "run"]
 
 
 @dataclass
 class LoopConfig:
+    """How :func:`run` runs; the defaults are the command line's (:class:`~.options.LoopOptions`)."""
+
     out: Path
     iters: int = 30
-    budget: int | None = None  # model calls (network forward + backward evaluations)
-    checkpoint_every: int = 5
-    resume: bool = False
-    on_nonfinite: str = "stop"  # or "skip"
+    budget: int | None = LoopOptions.budget  # model calls (network forward + backward evaluations)
+    checkpoint_every: int = LoopOptions.checkpoint_every
+    resume: bool = LoopOptions.resume
+    on_nonfinite: str = LoopOptions.on_nonfinite  # "stop" or "skip"
     progress: bool = True
-    seed: int = 0
+    seed: int = LoopOptions.seed
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -136,7 +140,7 @@ def run(task: Task, cfg: LoopConfig) -> dict:
     dp = task.dp
     main = dp.is_main
     out = check_writable(cfg.out) if main else Path(cfg.out).expanduser()
-    ckpt = Checkpoint(out)
+    ckpt = CheckpointFolder(out)
     if cfg.resume and not ckpt.exists():
         raise UserInputError(f"--resume: no checkpoint in {ckpt.folder} (start without --resume)")
     task.setup()

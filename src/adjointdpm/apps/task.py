@@ -1,5 +1,6 @@
-"""What an application is, for the loop: a :class:`Task` (named parameter groups, a loss that calls the
-engine, an optional projection after each step, an evaluation of a state) and its :class:`Evaluation`.
+"""What an application is: for the command line and reproduce an :class:`Application` (its options, how it
+is built, what its report line shows); for the loop a :class:`Task` (named parameter groups, a loss that calls
+the engine, an optional projection after each step, an evaluation of a state) and its :class:`Evaluation`.
 
 Parameter groups are *replicated* (weights, a shared embedding: with several processes every one
 back-propagates its shard of the batch and the gradients are summed before the step) or *sharded* (one
@@ -10,10 +11,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..distributed import SingleProcess
+
+
+@dataclass(frozen=True)
+class Application:
+    """One application, as the registry (:mod:`.registry`) lists it.
+
+    ``options``: its ``Options`` dataclass (fields made by :func:`~.options.option`: the one source of its
+    command-line options, defaults and help); ``build(session, options, seed) -> Task``; ``report_keys``: the
+    metrics its command's last line shows (before -> after); ``embedded_guidance``: its recipe's guidance scale
+    on the embedded model (None: the model's own); ``help``: the command's help."""
+
+    name: str
+    options: type
+    build: Callable[..., "Task"]
+    report_keys: tuple[str, ...]
+    help: str
+    embedded_guidance: float | None = None
+
 
 @dataclass
 class ParamGroup:

@@ -4,7 +4,8 @@ What only makes sense on the digits model lives here, next to it: the digit prom
 digit eight"), ``--target-class 0..9`` meaning a digit, the guide classifier as the optimised critic,
 the independent judge and the Fréchet distance to real digits as the evaluation, the digit safety
 filter as the audited filter, and the guide's convolutional trunk as the style feature network. Each
-class has the same methods as its generic counterpart in :mod:`adjointdpm.tasks.objectives` (the tasks
+class implements a protocol of :mod:`adjointdpm.critics.objectives`, as its generic counterpart in
+:mod:`adjointdpm.critics.folder_objectives` does (the applications
 call them without knowing which model they run on).
 """
 
@@ -15,7 +16,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..tasks.objectives import StyleObjective
+from ..critics.folder_objectives import StyleObjective
 from .critics import feature_stats, frechet_distance, prepare
 
 DIGITS = range(10)
@@ -48,7 +49,6 @@ def check_digit(target) -> int:
 class DigitTarget:
     """guide: cross-entropy of the guide classifier's logits to one digit."""
 
-    kind = "digits"
     default_views = 8
     default_stop_loss = 0.1
 
@@ -106,8 +106,6 @@ class DigitFrechet:
 
 class DigitJudge:
     """The independent judge (never optimised): accuracy for a digit, Fréchet distance, label histogram."""
-
-    kind = "digits judge"
 
     def __init__(self, critics, digit: int | None = None, device="cpu"):
         self.critics, self.digit = critics, digit
@@ -247,8 +245,6 @@ def content_features(guide: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class DigitStyle(StyleObjective):
     """stylize: the guide trunk's Gram style loss; content = the guide's penultimate features."""
-
-    kind = "digits"
 
     def __init__(self, critics, reference: torch.Tensor, content_weight: float):
         self.guide, self.content_weight = critics.guide, content_weight

@@ -1,8 +1,8 @@
 """``stylize``: fine-tune the weights so generations carry the style of ONE reference image.
 
 Loss on a minibatch of (prompt, noise) pairs from a fixed training pool, by a *style objective*
-(:class:`~.objectives.BackboneStyle` on a vision backbone folder, the digits model's guide trunk in
-:mod:`adjointdpm.embedded.objectives`, or a plug-in ``--loss``):
+(:class:`~adjointdpm.critics.folder_objectives.BackboneStyle` on a vision backbone folder, the digits model's
+guide trunk in :mod:`adjointdpm.embedded.digit_objectives`, or a plug-in ``--loss``):
 
     L = (1/L) Σ_l ‖G_l(image) − G_l(ref)‖² / s_l  +  λ ‖φ(image) − φ(image₀)‖² / ‖φ(image₀)‖²
 
@@ -11,7 +11,7 @@ model's images of the training pool (the untuned model's style loss is 1, the tw
 φ: the network's content features, image₀ the untuned model's image from the same prompt and noise.
 
 Full weights (``lora_rank = 0``) or peft LoRA adapters on the attention projections and the
-ResNet convolutions (``lora_rank = r``). Metrics on fresh prompts and noises: the objective's (style loss
+ResNet convolutions (``lora_rank = r``) (see :mod:`.weights`). Metrics on fresh prompts and noises: the objective's (style loss
 before/after) and the judge's (on the digits model its accuracy on the prompt's digit, kept ≥ 85 % of
 the untuned model's is the bar, and its label agreement with the untuned model on the same noises).
 
@@ -29,31 +29,53 @@ References: ``outline`` (a real digit drawn hollow: the 1-pixel outer contour of
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..critics.morphology import dilate, erode, hollow, outline  # noqa: F401 (re-exported)
-from .common import Session, image_shape, read_image
-from . import conditions
+from ..critics.objectives import Judge, Style
+from . import prompt_embeddings
 from .errors import UserInputError
-from .loop import Evaluation, ParamGroup, Task
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
-LORA_FILE = "pytorch_lora_weights.safetensors"
+from .image_files import image_shape, read_image
+from .options import judge_option, loss_option, option, settings_of
+from .session import Session
+from .task import Application, Evaluation, ParamGroup, Task
+from .weights import save_weights, trainable_weights
 
 
 @dataclass
-class StylizeOptions:
-    reference: str | None = "outline"  # None or "none": no reference image (a plug-in loss)
-    lora_rank: int = 4  # 0: full weights
-    lr: float = 3e-3
-    content_weight: float = 1.0
-    n_train: int = 16
-    batch: int = 8
-    n_eval: int = 32
-    prompt: str = ""  # one prompt for every pair (when no prompt list is given)
+class Options:
+    """stylize's options (its command line; the defaults are the recipe of docs/results.md)."""
+
+    reference: Optional[str] = option(None, "--reference", "-r", help="Style image: a path to any image file | skimage:NAME (e.g. skimage:brick) | outline (digits model) (default: outline on the digits model).")
+    backbone: Optional[Path] = option(None, "--backbone", help="Vision backbone folder (any transformers model returning hidden states: CLIP vision, ResNet, ConvNeXt, DINOv2) for the Gram style loss.")
+    loss: Optional[str] = loss_option()
+    judge: Optional[Path] = judge_option()
+    lora_rank: int = option(4, "--lora-rank", help="LoRA rank (peft); 0 fine-tunes all the weights.")
+    lr: float = option(3e-3, "--lr", help="AdamW learning rate.")
+    content_weight: float = option(1.0, "--content-weight", help="Weight of the content term.")
+    n_train: int = option(16, "--n-train", help="Training pool of (prompt, noise) pairs.")
+    batch: int = option(8, "--batch", help="Pairs per iteration.")
+    n_eval: int = option(32, "--n-eval", help="Fresh (prompt, noise) pairs for the metrics.")
+    prompt: Optional[str] = option(None, "--prompt", "-p", help="One prompt for all pairs (default: the digit prompts; '' on other models).")
+    iters: int = option(10, "--iters", help="Optimisation iterations.")
+
+
+#: what summary.json's settings hold and --resume compares, in this order
+SETTINGS = ("reference", "lora_rank", "lr", "content_weight", "n_train", "batch", "n_eval", "prompt")
+
+
+def build(session: Session, options: Options, seed: int = 0) -> "StylizeTask":
+    """The stylize run ``options`` describe: its objective, judge, prompt pool and reference
+    (:func:`.choose.stylize_objective`)."""
+    from .choose import stylize_objective
+
+    objective, judge, prompts, named, ref = stylize_objective(session, options)
+    return StylizeTask(session, replace(options, reference=ref, prompt=options.prompt or ""), objective, judge,
+                       seed=seed, prompts=prompts, references=named)
 
 
 # ------------------------------------------------------------------------------------- references
@@ -89,8 +111,8 @@ def reference_image(spec: str, shape: tuple[int, int, int], named: dict | None =
 class StylizeTask(Task):
     name = "stylize"
 
-    def __init__(self, session: Session, opts: StylizeOptions, objective, judge=None, seed: int = 0,
-                 prompts=None, references: dict | None = None):
+    def __init__(self, session: Session, opts: Options, objective: Callable[[torch.Tensor | None], Style],
+                 judge: Judge | None = None, seed: int = 0, prompts=None, references: dict | None = None):
         """``objective(reference)`` builds the style objective for the reference image; ``prompts(n, offset)``
         gives (prompts, labels or None) of the pool (default: ``opts.prompt`` for all, no labels)."""
         if opts.lora_rank < 0:
@@ -103,15 +125,15 @@ class StylizeTask(Task):
         if opts.batch < self.dp.world_size:
             raise UserInputError(f"--batch ({opts.batch}) must be at least the number of processes ({self.dp.world_size})")
         self.session, self.opts, self.judge, self.seed = session, opts, judge, seed
-        session.check_prompt(opts.prompt)
-        self.prompt_list = prompts or (lambda n, offset: ([opts.prompt] * n, None))
-        self.shape = image_shape(session)
+        session.check_prompt(opts.prompt or "")
+        self.prompt_list = prompts or (lambda n, offset: ([opts.prompt or ""] * n, None))
+        self.shape = image_shape(session.comps)
         self.ref = (None if opts.reference in (None, "none") else
                     reference_image(opts.reference, self.shape, references).to(session.device))
         self.objective = objective(self.ref)
 
     def describe(self) -> dict:
-        return {**self.session.describe(), **asdict(self.opts), **self.objective.describe(),
+        return {**self.session.describe(), **settings_of(self.opts, SETTINGS), **self.objective.describe(),
                 **(self.judge.describe() if self.judge is not None else {})}
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
@@ -119,7 +141,7 @@ class StylizeTask(Task):
         for p in uniq:
             self.session.check_prompt(p)
         table = self.session.encode(uniq)
-        return conditions.rows(table, torch.tensor([uniq.index(p) for p in prompts]))
+        return prompt_embeddings.rows(table, torch.tensor([uniq.index(p) for p in prompts]))
 
     def setup(self) -> None:
         s, o = self.session, self.opts
@@ -136,27 +158,14 @@ class StylizeTask(Task):
             self.eval_untuned = s.generate_all(self.eval_noise, self.eval_cond, noise=self._streams("eval"))
             labeller = getattr(self.judge, "labels", None)
             self.untuned_labels = labeller(self.eval_untuned) if labeller is not None else None
-        unet = s.network
-        if o.lora_rank > 0:
-            from peft import LoraConfig
-
-            _lora_saver(s.comps.pipeline_config.get("_class_name"), s.comps.unet is not None)  # fail before training
-            torch.manual_seed(self.seed)
-            unet.add_adapter(LoraConfig(r=o.lora_rank, lora_alpha=o.lora_rank, init_lora_weights="gaussian",
-                                        target_modules=LORA_TARGETS))
-            self.params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-        else:
-            unet.requires_grad_(True)
-            self.params = dict(unet.named_parameters())
-        if not self.params:
-            raise UserInputError("no trainable weights were found (LoRA found no target modules?)")
+        self.params = trainable_weights(s.comps, o.lora_rank, self.seed)
 
     def param_groups(self):
         return [ParamGroup("lora" if self.opts.lora_rank > 0 else "unet", self.params,
                            {"lr": self.opts.lr, "weight_decay": 0.0})]
 
     def counted_modules(self):
-        return [self.session.unet]
+        return [self.session.network]
 
     def _objective(self, idx: torch.Tensor):
         prompts = [self.train_prompts[i] for i in idx.tolist()]
@@ -177,7 +186,7 @@ class StylizeTask(Task):
         idx = torch.randperm(o.n_train, generator=generator)[: o.batch].to(self.session.device)
         idx = self.dp.shard(idx)  # this process's share of the minibatch, weighted by its share of the mean loss
         w = torch.full((idx.numel(),), self.dp.loss_weight(o.batch) / idx.numel(), device=self.session.device)
-        loss, per, x0 = self.session.sampled_loss(self.train_noise[idx], conditions.rows(self.train_cond, idx), self._objective(idx),
+        loss, per, x0 = self.session.sampled_loss(self.train_noise[idx], prompt_embeddings.rows(self.train_cond, idx), self._objective(idx),
                                                   weights=w, noise=self._streams("train", idx))
         return loss, {}
 
@@ -216,29 +225,10 @@ class StylizeTask(Task):
         if self.ref is not None:
             save_images(self.ref, out / "reference", zoom=4)
             files["reference"] = "reference/"
-        network = self.session.network
-        part = "unet" if self.session.comps.unet is not None else "transformer"  # the pipeline's component name
-        if self.opts.lora_rank > 0:
-            from peft.utils import get_peft_model_state_dict
-
-            saver = _lora_saver(self.session.comps.pipeline_config.get("_class_name"), part == "unet")
-            layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(network).items()}
-            saver.save_lora_weights(out, **{f"{part}_lora_layers": layers,
-                                            f"{part}_lora_adapter_metadata": network.peft_config["default"].to_dict()},
-                                    weight_name=LORA_FILE, safe_serialization=True)
-            return {"lora": LORA_FILE, **files}
-        network.save_pretrained(out / part, safe_serialization=True)
-        return {part: f"{part}/", **files}
+        return {**save_weights(self.session.comps, out, self.opts.lora_rank), **files}
 
 
-def _lora_saver(pipeline_class: str | None, is_unet: bool):
-    """The diffusers pipeline class whose ``save_lora_weights`` writes this family's LoRA format."""
-    import diffusers
-
-    cls = getattr(diffusers, pipeline_class or "", None)
-    if cls is not None and hasattr(cls, "save_lora_weights"):
-        return cls
-    if is_unet:
-        return diffusers.StableDiffusionPipeline  # the embedded model and SD 1.x/2.x layouts
-    raise UserInputError(f"diffusers has no LoRA format for {pipeline_class} (it cannot load one back); "
-                         "use --lora-rank 0 to fine-tune the full weights, written as a transformer/ folder")
+APPLICATION = Application(
+    name="stylize", options=Options, build=build, report_keys=("style_loss", "judge_accuracy", "plugin_loss"),
+    embedded_guidance=1.0,
+    help="Stylization: fine-tune the weights (or LoRA) toward one reference image's style, or your loss.")
