@@ -53,9 +53,11 @@ class Exact(CustomBackwardMode):
         n, budget = solver.num_steps, self.budget_bytes
         x, hist, record = x_T, (), []
         if budget <= 0:
-            for i in range(n):
+            def recorded_step(i, x, hist, cond, uncond):
                 record.append((x, hist))
-                x, hist = solver.step(i, x, hist, cond, uncond)
+                return solver.step(i, x, hist, cond, uncond)
+
+            x, _ = solver.run(x, hist, cond, uncond, step=recorded_step)
             return x, record
         leaves = GraphLeaves(cond, uncond)
         keep_from = 0 if math.isinf(budget) else None
