@@ -10,7 +10,7 @@ By the chain rule this equals back-propagation through the loop, to rounding, wh
 stored step inputs (N latents, 2N for the multistep solver) plus one step's activations.
 
 With a memory budget (``Exact(memory=B)``) the forward pass keeps the autograd graph of the last steps
-whose graphs fit in B (see ``budget.py`` for the rule) and the backward pass replays them instead of
+whose graphs fit in B (see ``memory_budget.py`` for the rule) and the backward pass replays them instead of
 recomputing them (``kept_steps.py``): the same operations in the same order, so the same gradient, and
 with ``memory=float("inf")`` the cost of back-propagation (one forward with graph + one backward).
 """
@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 from .base import CustomBackwardMode, check_step_cotangent
-from .budget import SavedActivations, network_calls, parse_memory, steps_to_keep
+from .memory_budget import SavedActivations, network_calls, parse_memory, steps_to_keep
 from .kept_steps import GraphLeaves, StepGraph
 
 
