@@ -1,18 +1,17 @@
-"""The continuous adjoint: equals torchdiffeq's odeint_adjoint, converges to the exact gradient at the
-solver's order, keeps O(1) states with backsolve, and accepts a coarser backward grid."""
+"""The continuous adjoint and truncation under their contract (``_contracts.GradModeContract``): the adjoint
+equals torchdiffeq's odeint_adjoint, converges to the exact gradient at the solver's order, keeps O(1) states
+with backsolve, and accepts a coarser backward grid; Truncated(k = N) is back-propagation, k = 1 the last step's."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
 from torchdiffeq import odeint_adjoint
 
 import adjointdpm as adpm
-from conftest import SD_BETAS
-
-SCHEDULE = adpm.VPSchedule.from_scheduler(DDIMScheduler(**SD_BETAS))
+from _contracts import SCHEDULE, GradModeContract, inputs_f64, pytest_generate_tests, unet_problem  # noqa: F401
+from conftest import tiny_conditional_unet
 
 
 def flat_grads(unet, inputs, grad, solver, timesteps):
@@ -28,10 +27,10 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_stored_euler_adjoint_equals_torchdiffeq(unet, inputs):
-    """torchdiffeq.odeint_adjoint(method="euler") on the same ρ-grid, with the final jump x̂₀ by autograd."""
-    x, cond, _, weight = inputs
-    timesteps = np.linspace(999, 0, 8)
+def odeint_adjoint_gradients(unet, timesteps):
+    """torchdiffeq.odeint_adjoint(method="euler") on the ρ-grid of ``timesteps``, the final jump x̂₀ by autograd:
+    the gradients of ⟨w, x_0⟩ in the contract's form (no guidance)."""
+    x, cond, _, weight = inputs_f64()
     alpha, sigma, rho = SCHEDULE.alpha(timesteps), SCHEDULE.sigma(timesteps), SCHEDULE.rho(timesteps)
 
     class Drift(torch.nn.Module):
@@ -50,12 +49,37 @@ def test_stored_euler_adjoint_equals_torchdiffeq(unet, inputs):
     y = odeint_adjoint(drift, y_T, torch.tensor(rho), method="euler", adjoint_params=tuple(drift.parameters()))[-1]
     x_last = y * alpha[-1]
     eps = unet(x_last, torch.zeros(2, dtype=torch.float64), encoder_hidden_states=drift.cond).sample
-    ((x_last - sigma[-1] * eps) / alpha[-1] * weight).sum().backward()
-    reference = [y_T.grad / alpha[0], drift.cond.grad, torch.cat([p.grad.flatten() for p in unet.parameters()])]
+    x0 = (x_last - sigma[-1] * eps) / alpha[-1]
+    (x0 * weight).sum().backward()
+    return {"sample": x0.detach(), "x_T": y_T.grad / alpha[0], "cond": drift.cond.grad, "uncond": None,
+            "weights": {n: p.grad.clone() for n, p in unet.named_parameters()}}
 
-    ours = flat_grads(unet, inputs, adpm.Adjoint(state="stored", solver="euler"), "ddim", timesteps)
-    for a, b in zip(ours, reference):
-        assert rel(a, b) <= 1e-6
+
+class TestAdjoint(GradModeContract):
+    """The stored-state Euler adjoint is torchdiffeq's odeint_adjoint on the same ρ-grid (≤ 1e-6); its
+    convergence to the exact gradient at the solver's order and its O(1) states are tested below."""
+
+    MODE = adpm.Adjoint(state="stored", solver="euler")
+    RTOL = 1e-6
+    CASES = (8,)  # steps of a uniform grid, DDIM, no guidance
+
+    def problem(self, case):
+        return unet_problem("ddim", 1.0, timesteps=np.linspace(999, 0, case))
+
+    def reference(self, problem, case):
+        return odeint_adjoint_gradients(tiny_conditional_unet(), np.linspace(999, 0, case))
+
+
+class TestTruncated(GradModeContract):
+    """Truncated(k = N) is back-propagation, to the last bit almost (elementwise ≤ 1e-10); k < N below."""
+
+    MODE = adpm.Truncated(k=4)
+    RTOL = 1e-10
+    ELEMENTWISE = True
+    CASES = (4,)
+
+    def problem(self, case):
+        return unet_problem("ddim", 1.0, timesteps=[999, 700, 400, 100])
 
 
 @pytest.mark.parametrize(
@@ -103,14 +127,10 @@ def test_backsolve_keeps_one_state_stored_keeps_grid(unet, inputs):
     assert len(coarse) == 7
 
 
-def test_truncated(unet, inputs):
+def test_truncated_to_the_last_step(unet, inputs):
     x, cond, _, weight = inputs
     timesteps = [999, 700, 400, 100]
-    full = flat_grads(unet, inputs, "backprop", "ddim", timesteps)
-    same = flat_grads(unet, inputs, adpm.Truncated(k=4), "ddim", timesteps)
-    for a, b in zip(same, full):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
-    # k = 1: the cond gradient is that of the final jump alone, at the state the sampler reached
+    # k = N is back-propagation (TestTruncated); k = 1: the cond gradient is that of the final jump alone, at the state the sampler reached
     one = flat_grads(unet, inputs, adpm.Truncated(k=1), "ddim", timesteps)
     c = cond.clone().requires_grad_()
     solver = adpm.solvers.make_solver("ddim", adpm.Denoiser(unet, SCHEDULE),

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from adjointdpm.components import EMBEDDED_MODEL, ComponentsError, DiffusionComponents, load_components, load_critics
+from adjointdpm.components import EMBEDDED_MODEL, ComponentsError, DiffusionComponents, load_components
+from adjointdpm.embedded.critics import load_critics
 
 from _tiny_sd import build_tiny_sd
 

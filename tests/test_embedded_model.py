@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adjointdpm.components import EMBEDDED_MODEL, load_components, load_critics
+from adjointdpm.components import EMBEDDED_MODEL, load_components
+from adjointdpm.embedded.critics import load_critics
 from adjointdpm.embedded.critics import feature_stats, frechet_distance
 from adjointdpm.embedded.data import (GENERIC_CAPTION, HELD_OUT_VOCAB, IN_VOCAB, CaptionSampler, load_data,
                                       prompt_for)

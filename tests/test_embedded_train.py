@@ -6,7 +6,8 @@ import json
 import torch
 
 from adjointdpm.cli import run
-from adjointdpm.components import load_components, load_critics
+from adjointdpm.components import load_components
+from adjointdpm.embedded.critics import load_critics
 from adjointdpm.embedded.data import load_data
 from adjointdpm.embedded.text import build_tokenizer
 from adjointdpm.embedded.train import train_diffusion

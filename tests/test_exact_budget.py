@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler
 
 import adjointdpm as adpm
 from adjointdpm.gradients import Backprop
-from adjointdpm.gradients.budget import SavedActivations, parse_memory, steps_to_keep
+from adjointdpm.gradients.memory_budget import SavedActivations, parse_memory, steps_to_keep
 from adjointdpm.solvers import DDIM, TimeGrid
 from conftest import SD_BETAS, tiny_conditional_unet
 

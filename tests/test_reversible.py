@@ -1,50 +1,43 @@
-"""The reversible baseline (EDICT + step inversion, DOODL): its gradient equals float64 back-propagation
-through the same EDICT sampler, its inversion reconstructs the states, and it refuses other solvers."""
+"""The reversible baseline (EDICT + step inversion, DOODL) under its contract (``_contracts.GradModeContract``):
+its gradient equals float64 back-propagation through the same EDICT sampler; its inversion reconstructs the
+states, and it refuses other solvers."""
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 import adjointdpm as adpm
+from _contracts import SCHEDULE, TIMESTEPS, GradModeContract, pytest_generate_tests, unet_problem  # noqa: F401
 from adjointdpm.gradients.reversible import edict_invert_step, edict_step
-from adjointdpm.model import Denoiser
-from adjointdpm.solvers import TimeGrid, make_solver
-from conftest import SD_BETAS
-
-SCHEDULE = adpm.VPSchedule.from_scheduler(DDIMScheduler(**SD_BETAS))
-TIMESTEPS = [999, 801.5, 600, 350.25, 120, 20]  # fractional times on purpose
 
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def gradients(unet, inputs, grad, guidance_scale=3.0, prediction_type="epsilon", timesteps=TIMESTEPS):
-    x, cond, uncond, weight = inputs
-    unet.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    cond = cond.clone().requires_grad_()
-    uncond = uncond.clone().requires_grad_() if guidance_scale != 1 else None
-    x0 = adpm.sample(unet, x, schedule=SCHEDULE, timesteps=timesteps, cond=cond, uncond=uncond,
-                     guidance_scale=guidance_scale, solver="ddim", grad=grad, prediction_type=prediction_type)
-    (x0 * weight).sum().backward()
-    weights = torch.cat([p.grad.flatten() for p in unet.parameters()])
-    return {"sample": x0.detach(), "x_T": x.grad, "cond": cond.grad,
-            "uncond": None if uncond is None else uncond.grad, "weights": weights}
+class TestReversible(GradModeContract):
+    """Inverting EDICT's steps gives the gradient of back-propagation through the same EDICT sampler (≤ 1e-8),
+    and the same sample, bit for bit: one sampler, two ways to differentiate it."""
 
+    MODE = "reversible"
+    REFERENCE = adpm.Reversible(backward="autograd")
+    SAMPLE_RTOL = 0.0
+    CASES = ((3.0, "epsilon"), (1.0, "v_prediction"))
+    API_SOLVER = "ddim"
 
-@pytest.mark.parametrize("guidance_scale, prediction_type", [(3.0, "epsilon"), (1.0, "v_prediction")])
-def test_inverted_gradient_equals_float64_backprop_through_edict(unet, inputs, guidance_scale, prediction_type):
-    ref = gradients(unet, inputs, adpm.Reversible(backward="autograd"), guidance_scale, prediction_type)
-    got = gradients(unet, inputs, "reversible", guidance_scale, prediction_type)
-    assert torch.equal(got["sample"], ref["sample"])  # one sampler, two ways to differentiate it
-    for key in ("x_T", "cond", "uncond", "weights"):
-        if ref[key] is None:
-            assert got[key] is None and guidance_scale == 1.0
-            continue
-        assert ref[key].abs().max() > 0
-        assert rel(got[key], ref[key]) <= 1e-8, key
+    def problem(self, case):
+        guidance_scale, prediction_type = case
+        problem = unet_problem("ddim", guidance_scale, prediction_type)
+
+        def reached(ref):
+            problem_check(ref)
+            weights = torch.cat([g.flatten() for g in ref["weights"].values()])
+            assert all(t.abs().max() > 0 for t in (ref["x_T"], ref["cond"], weights))
+            assert (ref["uncond"] is None) == (guidance_scale == 1.0)
+            assert ref["uncond"] is None or ref["uncond"].abs().max() > 0
+
+        problem_check, problem.check_reference = problem.check_reference, reached
+        return problem
 
 
 def test_edict_is_its_own_sampler(unet, inputs):
@@ -69,8 +62,7 @@ def test_edict_is_its_own_sampler(unet, inputs):
 def test_step_inversion_reconstructs_states(unet, inputs):
     """Inverting each EDICT step recovers its input to float64 rounding, along a 12-step chain with CFG."""
     x, cond, uncond, _ = inputs
-    denoiser = Denoiser(unet, SCHEDULE, "epsilon", 5.0)
-    solver = make_solver("ddim", denoiser, TimeGrid.from_timesteps(SCHEDULE, np.linspace(999, 0, 12)))
+    solver = adpm.build_sampler(unet, SCHEDULE, np.linspace(999, 0, 12), guidance_scale=5.0).solver
     states = [(x, x)]
     with torch.no_grad():
         for i in range(solver.num_steps):

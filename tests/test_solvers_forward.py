@@ -1,4 +1,6 @@
-"""Forward sampling: each solver reproduces its reference step loop (diffusers, torchdiffeq) to ≤ 1e-5."""
+"""Each deterministic solver under its contract (``_contracts.SolverContract``): its forward pass reproduces
+its twin's step loop (diffusers' DDIM and DPM-Solver++(2M) schedulers to ≤ 1e-5, torchdiffeq's heun2 to
+≤ 1e-10) and its exact gradient equals float64 back-propagation; the three converge to each other."""
 
 import math
 
@@ -9,6 +11,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torchdiffeq import odeint
 
 import adjointdpm as adpm
+from _contracts import SolverContract, pytest_generate_tests, unet_problem  # noqa: F401 (parametrises the contracts)
 from conftest import SD_BETAS
 
 GUIDANCE = 3.0
@@ -27,50 +30,78 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("steps", [1, 2, 7, 20])
-def test_ddim_matches_diffusers(unet, inputs, prediction_type, steps):
-    x, cond, uncond, _ = inputs
-    scheduler = DDIMScheduler(**SD_BETAS, set_alpha_to_one=True, clip_sample=False, prediction_type=prediction_type)
-    scheduler.set_timesteps(steps)
-    reference = _diffusers_loop(unet, scheduler, x, cond, uncond)
-    ours = adpm.sample(unet, x, schedule=scheduler, timesteps=scheduler.timesteps, cond=cond, uncond=uncond,
-                       guidance_scale=GUIDANCE, solver="ddim", grad=None)
-    assert _rel(ours, reference) <= 1e-5
+class DiffusersTwinContract(SolverContract):
+    """Forward cases (prediction type, steps): the scheduler's own loop under guidance 3; exact = backprop."""
+
+    FORWARD_CASES = tuple((p, n) for n in (1, 2, 7, 20) for p in ("epsilon", "v_prediction", "sample"))
+    SOLVER = ""
+
+    def scheduler(self, prediction_type):
+        raise NotImplementedError
+
+    def forward_pair(self, forward_case, request):
+        prediction_type, steps = forward_case
+        unet, (x, cond, uncond, _) = request.getfixturevalue("unet"), request.getfixturevalue("inputs")
+        scheduler = self.scheduler(prediction_type)
+        scheduler.set_timesteps(steps)
+        reference = _diffusers_loop(unet, scheduler, x, cond, uncond)
+        ours = adpm.sample(unet, x, schedule=scheduler, timesteps=scheduler.timesteps, cond=cond, uncond=uncond,
+                           guidance_scale=GUIDANCE, solver=self.SOLVER, grad=None)
+        return ours, reference
+
+    def problem(self, case):
+        return unet_problem(case)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("steps", [1, 2, 7, 20])
-def test_dpmpp2m_matches_diffusers(unet, inputs, prediction_type, steps):
-    x, cond, uncond, _ = inputs
-    scheduler = DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++", solver_order=2,
-                                            final_sigmas_type="zero", prediction_type=prediction_type)
-    scheduler.set_timesteps(steps)
-    reference = _diffusers_loop(unet, scheduler, x, cond, uncond)
-    ours = adpm.sample(unet, x, schedule=scheduler, timesteps=scheduler.timesteps, cond=cond, uncond=uncond,
-                       guidance_scale=GUIDANCE, solver="dpmpp2m", grad=None)
-    assert _rel(ours, reference) <= 1e-5
+class TestDDIM(DiffusersTwinContract):
+    SOLVER = "ddim"
+    GRADIENT_CASES = ("ddim",)
+
+    def scheduler(self, prediction_type):
+        return DDIMScheduler(**SD_BETAS, set_alpha_to_one=True, clip_sample=False, prediction_type=prediction_type)
 
 
-def test_heun_matches_torchdiffeq_heun2(unet, inputs):
+class TestDPMSolverPP2M(DiffusersTwinContract):
+    SOLVER = "dpmpp2m"
+    GRADIENT_CASES = ("dpmpp2m",)
+
+    def scheduler(self, prediction_type):
+        return DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++", solver_order=2,
+                                           final_sigmas_type="zero", prediction_type=prediction_type)
+
+
+class TestHeun(SolverContract):
     """Heun in ρ on dy/dρ = ε̂(α(ρ) y, t(ρ)) then the final jump, against torchdiffeq's heun2."""
-    x, cond, _, _ = inputs
-    schedule = adpm.VPSchedule.from_scheduler(DDIMScheduler(**SD_BETAS))
-    timesteps = np.linspace(999, 0, 6)
 
-    def drift(rho, y):
-        r = float(rho)
-        t = torch.full((y.shape[0],), float(schedule.t_from_rho(r)), dtype=y.dtype)
-        return unet(y / math.sqrt(1 + r * r), t, encoder_hidden_states=cond).sample
+    FORWARD_CASES = ("torchdiffeq-heun2-6-steps",)
+    FORWARD_RTOL = 1e-10
+    GRADIENT_CASES = ("heun",)
 
-    rho = torch.tensor(schedule.rho(timesteps))
-    with torch.no_grad():
-        y_last = odeint(drift, x / float(schedule.alpha(timesteps[0])), rho, method="heun2")[-1]
-        x_last = y_last * float(schedule.alpha(timesteps[-1]))
-        eps = unet(x_last, torch.zeros(2, dtype=torch.float64), encoder_hidden_states=cond).sample
-        reference = (x_last - float(schedule.sigma(0.0)) * eps) / float(schedule.alpha(0.0))
-    ours = adpm.sample(unet, x, schedule=schedule, timesteps=timesteps, cond=cond, solver="heun", grad=None)
-    assert _rel(ours, reference) <= 1e-10
+    def forward_pair(self, forward_case, request):
+        unet, (x, cond, _, _) = request.getfixturevalue("unet"), request.getfixturevalue("inputs")
+        schedule = adpm.VPSchedule.from_scheduler(DDIMScheduler(**SD_BETAS))
+        timesteps = np.linspace(999, 0, 6)
+
+        def drift(rho, y):
+            r = float(rho)
+            t = torch.full((y.shape[0],), float(schedule.t_from_rho(r)), dtype=y.dtype)
+            return unet(y / math.sqrt(1 + r * r), t, encoder_hidden_states=cond).sample
+
+        rho = torch.tensor(schedule.rho(timesteps))
+        with torch.no_grad():
+            y_last = odeint(drift, x / float(schedule.alpha(timesteps[0])), rho, method="heun2")[-1]
+            x_last = y_last * float(schedule.alpha(timesteps[-1]))
+            eps = unet(x_last, torch.zeros(2, dtype=torch.float64), encoder_hidden_states=cond).sample
+            reference = (x_last - float(schedule.sigma(0.0)) * eps) / float(schedule.alpha(0.0))
+        ours = adpm.sample(unet, x, schedule=schedule, timesteps=timesteps, cond=cond, solver="heun", grad=None)
+        return ours, reference
+
+    def problem(self, case):
+        return unet_problem(case)
+
+
+def test_every_deterministic_solver_is_under_its_contract():
+    assert {c.GRADIENT_CASES[0] for c in (TestDDIM, TestDPMSolverPP2M, TestHeun)} == set(adpm.SOLVERS)
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpmpp2m", "heun"])

@@ -1,121 +1,80 @@
 """Stochastic samplers (DDPM, η-DDIM, Euler ancestral, SDE-DPM-Solver++(2M), LCM / FlowMatchEuler's
 stochastic step, trailing one/few-step grids): given the same injected noises each equals its diffusers
-scheduler's loop; exact and checkpoint equal back-propagation for x_T, every injected noise, the
-conditioning and the weights; back-propagation equals finite differences; a seeded run equals the run
+scheduler's loop and exact equals back-propagation for x_T, every injected noise, the conditioning and
+the weights (each solver's contract; checkpoint's is under its mode's contract); back-propagation equals finite differences; a seeded run equals the run
 with its noises stored, and same-seed runs are bit-identical; bad input gets one clear error.
 
-The diffusers loops are driven with our noise tensor: ``variance_noise=noise[i]`` where ``step`` takes
-it (DDIMScheduler, DPMSolverMultistepScheduler); elsewhere (DDPM, EulerAncestral, LCM, FlowMatchEuler)
-the scheduler module's ``randn_tensor`` is monkeypatched to return noise[i] at step i.
+The cases and the diffusers loops driven with our noises are in ``_stochastic_cases.py``.
 """
-
-import importlib
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, LCMScheduler)
+from diffusers import DDIMScheduler, DDPMScheduler
 
 import adjointdpm as adpm
-from _tiny_networks import FAMILIES
+from _contracts import SolverContract, pytest_generate_tests  # noqa: F401 (parametrises the contracts)
+from _stochastic_cases import (CASES, GRAD_CASES, _diffusers_loop, _gradients, _noise, _rel, _sample, _sched, _setup,
+                               stochastic_problem)
 from adjointdpm.conditioning import floating_leaves, map_floating
 from conftest import SD_BETAS
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+class StochasticSolverContract(SolverContract):
+    """A stochastic solver's contract on ``CASES``: cases are (case, steps) for the forward pass (its diffusers
+    loop given the same noises; at several steps another noise gives another sample), case names for the
+    exact gradient (x_T, every injected noise, the conditioning and the weights)."""
+
+    def forward_pair(self, forward_case, request):
+        case, steps = forward_case
+        name, make, solver, eta, how = CASES[case]
+        family, net, x, cond, uncond = _setup(name)
+        noise = _noise(steps, x)
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        reference = _diffusers_loop(monkeypatch, family, net, make(steps), x, cond, uncond, noise, eta, how)
+        ours = _sample(family, net, x, cond, uncond, make(steps), solver, eta, noise, None)
+        if steps > 1 and case != "ddim_eta05":  # the noise matters (η = 0.5 is checked by the η = 1 case)
+            other = _sample(family, net, x, cond, uncond, make(steps), solver, eta, _noise(steps, x, seed=10), None)
+            assert _rel(other, reference) > 1e-3
+        return ours, reference
+
+    def problem(self, case):
+        return stochastic_problem(case)
 
 
-def _sched(cls, n, **kw):
-    s = cls(**kw)
-    s.set_timesteps(n)
-    return s
+def _forward(*cases):
+    return tuple((case, steps) for case in cases for steps in (1, 4))
 
 
-# name -> (family, scheduler factory, solver, eta, how the loop injects the noise)
-CASES = {
-    "ddpm": ("sdxl", lambda n: _sched(DDPMScheduler, n, **SD_BETAS, clip_sample=False), "ddpm", 0.0, "patch"),
-    "ddpm_large": ("sdxl", lambda n: _sched(DDPMScheduler, n, **SD_BETAS, clip_sample=False, variance_type="fixed_large",
-                                            timestep_spacing="trailing"), "ddpm", 0.0, "patch"),
-    "ddim_eta1": ("sdxl", lambda n: _sched(DDIMScheduler, n, **SD_BETAS, clip_sample=False, set_alpha_to_one=False,
-                                           steps_offset=1), "ddim", 1.0, "variance_noise"),
-    "ddim_eta05": ("sdxl", lambda n: _sched(DDIMScheduler, n, **SD_BETAS, clip_sample=False), "ddim", 0.5,
-                   "variance_noise"),
-    "euler_ancestral": ("sdxl", lambda n: _sched(EulerAncestralDiscreteScheduler, n, **SD_BETAS), "euler_ancestral",
-                        0.0, "patch"),
-    "euler_ancestral_trailing": ("sdxl", lambda n: _sched(EulerAncestralDiscreteScheduler, n, **SD_BETAS,
-                                                          timestep_spacing="trailing"), "euler_ancestral", 0.0, "patch"),
-    "dpmpp2m_sde": ("sdxl", lambda n: _sched(DPMSolverMultistepScheduler, n, **SD_BETAS,
-                                             algorithm_type="sde-dpmsolver++"), "dpmpp2m_sde", 0.0, "variance_noise"),
-    "dpmpp2m_sde_karras_heun": ("sdxl", lambda n: _sched(DPMSolverMultistepScheduler, n, **SD_BETAS,
-                                                         algorithm_type="sde-dpmsolver++", use_karras_sigmas=True,
-                                                         solver_type="heun"), "dpmpp2m_sde", 0.0, "variance_noise"),
-    "lcm": ("sdxl", lambda n: _sched(LCMScheduler, n, **SD_BETAS), "lcm", 0.0, "patch"),
-    # a small timestep_scaling makes the boundary condition c_skip x + c_out x̂₀ visible (c_skip ≈ 0 at 10)
-    "lcm_boundary": ("sdxl", lambda n: _sched(LCMScheduler, n, **SD_BETAS, timestep_scaling=0.002), "lcm", 0.0,
-                     "patch"),
-    "flow_dpmpp2m_sde": ("sd3", lambda n: _sched(DPMSolverMultistepScheduler, n, use_flow_sigmas=True,
-                                                 prediction_type="flow_prediction", flow_shift=3.0,
-                                                 algorithm_type="sde-dpmsolver++"), "dpmpp2m_sde", 0.0, "variance_noise"),
-    "flow_stochastic_euler": ("sd3", lambda n: _sched(FlowMatchEulerDiscreteScheduler, n, shift=3.0,
-                                                      stochastic_sampling=True), "lcm", 0.0, "patch"),
-}
-#: the module whose randn_tensor a scheduler draws with
-MODULES = {DDPMScheduler: "scheduling_ddpm", EulerAncestralDiscreteScheduler: "scheduling_euler_ancestral_discrete",
-           LCMScheduler: "scheduling_lcm", FlowMatchEulerDiscreteScheduler: "scheduling_flow_match_euler_discrete"}
+class TestDDPM(StochasticSolverContract):
+    FORWARD_CASES = _forward("ddpm", "ddpm_large")
+    GRADIENT_CASES = ("ddpm",)
 
 
-def _setup(name, batch=2, seed=1):
-    family = FAMILIES[name]
-    net = family.network()
-    x, cond, uncond = family.inputs(torch.Generator().manual_seed(seed), batch)
-    return family, net, x, cond, uncond
+class TestEtaDDIM(StochasticSolverContract):
+    FORWARD_CASES = _forward("ddim_eta1", "ddim_eta05")
+    GRADIENT_CASES = ("ddim_eta05",)
 
 
-def _noise(steps, x, seed=9):
-    return torch.randn(steps, *x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(seed))
+class TestEulerAncestral(StochasticSolverContract):
+    FORWARD_CASES = _forward("euler_ancestral", "euler_ancestral_trailing")
+    GRADIENT_CASES = ("euler_ancestral",)
 
 
-def _diffusers_loop(monkeypatch, family, net, scheduler, x_T, cond, uncond, noise, eta, how):
-    """The pipeline loop with noise[i] injected at step i (see the module docstring)."""
-    current = {"i": 0}
-    if how == "patch":
-        module = importlib.import_module(f"diffusers.schedulers.{MODULES[type(scheduler)]}")
-        monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: noise[current["i"]].clone())
-    x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
-    with torch.no_grad():
-        for i, t in enumerate(scheduler.timesteps):
-            current["i"] = i
-            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-            out = family.call(net, x_in, t, cond, uncond, family.guidance)
-            extra = {}
-            if how == "variance_noise":
-                extra["variance_noise"] = noise[i]
-            if isinstance(scheduler, DDIMScheduler):
-                extra["eta"] = eta
-            x = scheduler.step(out, t, x, **extra).prev_sample
-    return x
+class TestDPMSolverPP2MSDE(StochasticSolverContract):
+    FORWARD_CASES = _forward("dpmpp2m_sde", "dpmpp2m_sde_karras_heun", "flow_dpmpp2m_sde")
+    GRADIENT_CASES = ("dpmpp2m_sde", "flow_dpmpp2m_sde")
 
 
-def _sample(family, net, x, cond, uncond, scheduler, solver, eta, noise, grad):
-    w = family.guidance
-    return adpm.sample(net, x, schedule=scheduler, timesteps=scheduler.timesteps, cond=cond,
-                       uncond=uncond if w != 1 else None, guidance_scale=w, solver=solver, eta=eta, noise=noise,
-                       grad=grad)
+class TestLCM(StochasticSolverContract):
+    FORWARD_CASES = _forward("lcm", "lcm_boundary", "flow_stochastic_euler")
+    GRADIENT_CASES = ("lcm_boundary", "flow_stochastic_euler")
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("steps", [1, 4])
-def test_forward_equals_the_diffusers_loop_with_the_same_noise(monkeypatch, case, steps):
-    name, make, solver, eta, how = CASES[case]
-    family, net, x, cond, uncond = _setup(name)
-    noise = _noise(steps, x)
-    reference = _diffusers_loop(monkeypatch, family, net, make(steps), x, cond, uncond, noise, eta, how)
-    ours = _sample(family, net, x, cond, uncond, make(steps), solver, eta, noise, None)
-    assert _rel(ours, reference) <= 1e-5, f"{case}/{steps}: {_rel(ours, reference):.2e}"
-    if steps > 1 and case != "ddim_eta05":  # the noise matters (η = 0.5 is checked by the η = 1 case)
-        other = _sample(family, net, x, cond, uncond, make(steps), solver, eta, _noise(steps, x, seed=10), None)
-        assert _rel(other, reference) > 1e-3
+def test_every_stochastic_solver_and_case_is_under_its_contract():
+    contracts = [TestDDPM, TestEtaDDIM, TestEulerAncestral, TestDPMSolverPP2MSDE, TestLCM]
+    assert {case for c in contracts for case, _ in c.FORWARD_CASES} == set(CASES)
+    assert sorted(case for c in contracts for case in c.GRADIENT_CASES) == sorted(GRAD_CASES)
+    assert {CASES[case][2] for case in CASES} == set(adpm.STOCHASTIC_SOLVER_NAMES) | {"ddim"}
 
 
 def test_one_step_turbo_and_lcm_are_deterministic():
@@ -141,39 +100,6 @@ def test_eta_one_ddim_is_ddpm_on_the_same_grid():
     assert _rel(deterministic, ddpm) > 1e-2
 
 
-# ------------------------------------------------------------------------------------------ gradients
-def _gradients(family, net, x, cond, uncond, scheduler, solver, eta, noise, grad, weight):
-    net.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    noise = noise.clone().requires_grad_()
-    cond = map_floating(lambda t: t.clone().requires_grad_(), cond)
-    uncond = map_floating(lambda t: t.clone().requires_grad_(), uncond)
-    x0 = _sample(family, net, x, cond, uncond, scheduler, solver, eta, noise, grad)
-    (x0 * weight).sum().backward()
-    leaves = [x, noise, *floating_leaves(cond)] + (floating_leaves(uncond) if family.guidance != 1 else [])
-    grads = [leaf.grad for leaf in leaves]
-    grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
-    return grads
-
-
-GRAD_CASES = ["ddpm", "ddim_eta05", "euler_ancestral", "dpmpp2m_sde", "lcm_boundary", "flow_dpmpp2m_sde", "flow_stochastic_euler"]
-
-
-@pytest.mark.parametrize("case", GRAD_CASES)
-def test_exact_and_checkpoint_equal_backprop_for_noises_and_every_tensor(case):
-    name, make, solver, eta, _ = CASES[case]
-    family, net, x, cond, uncond = _setup(name)
-    steps = 3
-    noise = _noise(steps, x)
-    weight = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
-    ref = _gradients(family, net, x, cond, uncond, make(steps), solver, eta, noise, "backprop", weight)
-    assert all(g is not None for g in ref)
-    assert ref[1][: steps - 1].abs().sum() > 0, "the injected noises reach the sample"
-    for mode in ("exact", "checkpoint"):
-        got = _gradients(family, net, x, cond, uncond, make(steps), solver, eta, noise, mode, weight)
-        for i, (a, b) in enumerate(zip(got, ref)):
-            assert a is not None, f"{mode}: input {i} received no gradient"
-            assert _rel(a, b) <= 1e-8, f"{mode}: input {i}: {_rel(a, b):.2e}"
 
 
 def test_truncated_gives_the_exact_gradient_of_the_last_noises_and_none_before():

@@ -11,6 +11,7 @@ x_T is the pipeline's ``latents=``; cond/uncond a tensor or a dict of the networ
 (SDXL, SD3, Flux, PixArt, DiT); x_0 is what the pipeline decodes.
 """
 
+from .engine import Sampler, build_sampler, time_grid
 from .gradients import Adjoint, Backprop, Checkpoint, Exact, GradMode, Reversible, Truncated
 from .flow_schedule import FlowMatchingSchedule
 from .grid import TimeGrid, grid_from_scheduler, schedule_from_scheduler
@@ -24,6 +25,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "sample",
+    "Sampler",
+    "build_sampler",
+    "time_grid",
     "NoiseSchedule",
     "FlowMatchingSchedule",
     "schedule_from_scheduler",

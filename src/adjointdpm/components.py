@@ -42,8 +42,6 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "digits"
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
-# Defaults for folders without an adjointdpm.json (a Stable Diffusion folder).
-SD_SETTINGS = dict(BY_NAME["sd"].settings)
 
 
 class ComponentsError(RuntimeError):
@@ -70,8 +68,8 @@ class DiffusionComponents:
 
     # ------------------------------------------------------------------ properties
     @property
-    def spec(self) -> Family:
-        """The family's behaviour (:mod:`adjointdpm.families`)."""
+    def family_spec(self) -> Family:
+        """The family's behaviour (:mod:`adjointdpm.families`); ``family`` is its name."""
         return BY_NAME[self.family]
 
     @property
@@ -90,12 +88,12 @@ class DiffusionComponents:
     @property
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one x_T: (C, H, W), or (tokens, 4C) for Flux's packed latents."""
-        return self.spec.latent_shape(self)
+        return self.family_spec.latent_shape(self)
 
     @property
     def image_latent_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the latent the VAE decodes (the same as ``latent_shape`` except for Flux)."""
-        return self.spec.image_latent_shape(self)
+        return self.family_spec.image_latent_shape(self)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -111,40 +109,32 @@ class DiffusionComponents:
     @property
     def prompt_tokenizer(self):
         """The tokenizer whose length limit prompts must respect (the first CLIP tokenizer, or T5's)."""
-        return self.spec.prompt_tokenizer(self)
+        return self.family_spec.prompt_tokenizer(self)
 
     # ------------------------------------------------------------------ text and images
-    def token_ids(self, prompts: list[str]) -> torch.Tensor:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        tok = self.tokenizer
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        return ids.to(self.text_encoder.device)
-
     def encode_prompt(self, prompts: list[str], **kwargs):
         """``cond`` for ``prompts``: a (B, L, D) tensor (SD 1.x/2.x) or the network's keyword arguments.
 
         Flux takes ``guidance_scale=`` (the value of its ``guidance`` input; default: the model's).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return self.spec.encode_prompt(self, prompts, **kwargs)
+        return self.family_spec.encode_prompt(self, prompts, **kwargs)
 
     def negative_cond(self, n: int = 1, **kwargs):
         """``uncond`` for classifier-free guidance with ``n`` images: the empty prompt as the pipeline encodes it."""
-        return self.spec.negative_cond(self, int(n), **kwargs)
+        return self.family_spec.negative_cond(self, int(n), **kwargs)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (what the pipeline hands to its VAE step) -> images in [-1, 1] (identity in pixel space)."""
-        return self.spec.decode(self, latents)
+        return self.family_spec.decode(self, latents)
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
         """x_T for ``n`` images: standard normal from a CPU generator seeded with ``seed`` (packed for Flux)."""
-        return self.spec.noise(self, n, seed)
+        return self.family_spec.noise(self, n, seed)
 
     def scheduler_timesteps(self, steps: int) -> torch.Tensor:
         """Set the scheduler's grid for ``steps`` steps as the family's pipeline does; its timesteps."""
-        return self.spec.set_timesteps(self, steps)
+        return self.family_spec.set_timesteps(self, steps)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, seed: int = 0, steps: int | None = None, solver: str | None = None,
@@ -176,38 +166,24 @@ class DiffusionComponents:
 
         streams = sample_streams(seed, range(len(prompts))) if is_stochastic(solver_name(solver), eta) else None
         noise_of = lambda rows: None if streams is None else streams.rows(rows)  # noqa: E731
-        if self.family == "sd":
-            return self._generate_sd(prompts, x_T, steps, solver, eta, noise_of, w, batch_size, decode)
-        w_cfg, encode_kwargs = self.spec.guidance(self, w, true_cfg_scale)
-        timesteps = self.scheduler_timesteps(steps)
+        family = self.family_spec
+        setup = family.sampling_setup(self, steps, w, true_cfg_scale, with_uncond=False)
         out = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
-            cond = self.encode_prompt(chunk, **encode_kwargs)
-            uncond = self.negative_cond(len(chunk), **encode_kwargs) if w_cfg != 1.0 else None
-            x0 = adpm.sample(self.network, x_T[i:i + batch_size], schedule=self.scheduler, timesteps=timesteps,
-                             cond=cond, uncond=uncond, guidance_scale=w_cfg, solver=solver, eta=eta,
-                             noise=noise_of(slice(i, i + batch_size)), grad=None)
-            out.append(self.decode(x0).float() if decode else x0)
-        return torch.cat(out)
-
-    def _generate_sd(self, prompts, x_T, steps, solver, eta, noise_of, w, batch_size, decode=True) -> torch.Tensor:
-        import adjointdpm as adpm
-
-        schedule = adpm.VPSchedule.from_alphas_cumprod(self.alphas_cumprod)
-        uncond = self.encode_prompt([""]) if w != 1.0 else None
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            cond = self.encode_prompt(prompts[i:i + batch_size])
-            x0 = adpm.sample(self.unet, x_T[i:i + batch_size], schedule=schedule, steps=steps, cond=cond,
-                             uncond=uncond, guidance_scale=w, solver=solver, eta=eta,
-                             noise=noise_of(slice(i, i + batch_size)), grad=None, prediction_type=self.prediction_type)
+            cond = self.encode_prompt(chunk, **setup.encode_kwargs)
+            uncond = family.sampling_uncond(self, len(chunk), setup.guidance_scale, setup.encode_kwargs)
+            x0 = adpm.sample(self.network, x_T[i:i + batch_size], schedule=setup.schedule, timesteps=setup.timesteps,
+                             cond=cond, uncond=uncond, guidance_scale=setup.guidance_scale, solver=solver, eta=eta,
+                             noise=noise_of(slice(i, i + batch_size)), grad=None,
+                             prediction_type=self.prediction_type)
             out.append(self.decode(x0).float() if decode else x0)
         return torch.cat(out)
 
 
 # ---------------------------------------------------------------------- loading
-def _resolve(path) -> Path:
+def model_folder(path) -> Path:
+    """The folder of ``path`` (None: the embedded model), which must exist (nothing is downloaded)."""
     if path is None:
         return EMBEDDED_MODEL
     p = Path(path).expanduser()
@@ -337,7 +313,7 @@ def _load_parts(root: Path, index: dict, fam: Family, dtype) -> dict:
 
 def load_components(path: str | os.PathLike | None = None, device="cpu", dtype=torch.float32) -> DiffusionComponents:
     """Open a diffusers folder (default: the embedded digits model) offline, in eval mode, no grads."""
-    root = _resolve(path)
+    root = model_folder(path)
     index = _read_index(root)
     fam = _family(root, index)
     parts = _load_parts(root, index, fam, dtype)
@@ -358,20 +334,3 @@ def load_components(path: str | os.PathLike | None = None, device="cpu", dtype=t
         comps.settings.update(json.loads(extra.read_text()))
     return comps
 
-
-def load_critics(path: str | os.PathLike | None = None, device="cpu"):
-    """The embedded critics (guide, judge, safety filter, Frechet distance) of a model folder.
-
-    ``path`` is a model folder holding ``critics/`` (default: the embedded model) or a critics folder.
-    Returns an ``adjointdpm.embedded.critics.Critics`` module (eval mode, weights frozen).
-    """
-    from .embedded.critics import load_critics_folder
-
-    root = _resolve(path)
-    folder = root / "critics" if (root / "critics").is_dir() else root
-    if not (folder / "config.json").is_file() or not (folder / "guide.safetensors").is_file():
-        raise ComponentsError(f"{root} has no critics/ folder (critics ship only with the embedded digits model)")
-    try:
-        return load_critics_folder(folder, device=device)
-    except (FileNotFoundError, KeyError, RuntimeError) as e:
-        raise ComponentsError(f"cannot load critics from {folder}: {str(e).splitlines()[0]}") from e

@@ -35,8 +35,6 @@ from .model import GridPoint
 from .schedule import DiscreteVPSchedule, NoiseSchedule, VPSchedule
 
 COORDINATES = ("rho", "kappa")
-#: drift coefficients (of x̂₀, of ε̂) of dz/dτ in each coordinate system
-DRIFT = {"rho": (0.0, 1.0), "kappa": (-1.0, 1.0)}
 
 
 def _float64(values) -> np.ndarray:

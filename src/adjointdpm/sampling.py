@@ -16,14 +16,8 @@ from typing import Callable, Sequence
 import torch
 
 from .conditioning import Tree
-from .gradients import Adjoint, GradMode, Reversible, resolve_grad_mode
-from .gradients.base import CustomBackwardMode
-from .grid import TimeGrid, grid_from_scheduler, prediction_type_of, schedule_from_scheduler
-from .model import Denoiser, trainable_parameters
-from .schedule import NoiseSchedule
-from .solvers import make_solver, solver_name
-from .stochastic import check_deterministic_scheduler, is_stochastic, make_stochastic_solver, resolve_noise
-from .validation import check_eta, check_noise_unused, check_sample_inputs, resolve_timesteps
+from .engine import build_sampler
+from .gradients import GradMode
 
 
 def sample(
@@ -86,86 +80,8 @@ def sample(
             sample's noises then do not depend on its batch), or None (a seed from torch's global
             generator). Their gradient modes: exact, backprop, checkpoint, truncated.
     """
-    if isinstance(schedule, NoiseSchedule):
-        path, scheduler = schedule, None
-    else:
-        scheduler, path = schedule, schedule_from_scheduler(schedule)
-        if prediction_type is None:
-            prediction_type = prediction_type_of(scheduler)
-    denoiser = Denoiser(model, path, prediction_type or "epsilon", float(guidance_scale), dict(model_kwargs or {}),
-                        classifier, float(classifier_scale))
-    solver = solver_name(solver)
-    eta = check_eta(eta, solver)
-    stochastic = is_stochastic(solver, eta)
-    mode = resolve_grad_mode(grad)
-    if stochastic and isinstance(mode, (Adjoint, Reversible)):
-        raise ValueError(
-            f"grad={mode.name!r} differentiates deterministic samplers only; solver={solver!r}"
-            f"{' with eta > 0' if solver == 'ddim' else ''} injects noise: use grad='exact', 'backprop', "
-            "'checkpoint' or 'truncated'"
-        )
-    if not stochastic:
-        check_noise_unused(noise, solver)
-    check_sample_inputs(model, x_T, cond, uncond, float(guidance_scale), denoiser.style)
-    if scheduler is None:
-        grid = TimeGrid.from_timesteps(path, resolve_timesteps(path, timesteps, steps))
-    else:
-        if timesteps is None and steps is not None:
-            scheduler, timesteps = _scheduler_timesteps(scheduler, steps)
-            steps = None
-        grid = grid_from_scheduler(scheduler, path, resolve_timesteps(path, timesteps, steps))
-    noises, read = [], []  # the noise tensors given, and those the solver reads
-    if stochastic:
-        source = resolve_noise(noise, len(grid), x_T)
-        noises = list(source.tensors)
-        if isinstance(mode, CustomBackwardMode):
-            source = source.with_leaf_tensors()  # its backward accumulates into leaves (see CustomBackwardMode.run)
-        read = list(source.tensors)
-        ode_solver = make_stochastic_solver(solver, denoiser, grid, source, scheduler, eta)
-    else:
-        check_deterministic_scheduler(scheduler, solver)
-        ode_solver = make_solver(solver, denoiser, grid)
-    if not denoiser.uses_guidance:
-        uncond = None
-    if grid.input_scale != 1.0:
-        x_T = grid.input_scale * x_T
-    if mode is None:
-        with torch.no_grad():
-            x, hist = x_T, ()
-            for i in range(ode_solver.num_steps):
-                x, hist = ode_solver.step(i, x, hist, cond, uncond)
-        return x
-    weights = trainable_parameters(model, [p for p in params or [] if all(p is not n for n in noises)])
-    pairs = [(given, used) for given, used in zip(noises, read) if given.requires_grad]
-    noises, read = [given for given, _ in pairs], [used for _, used in pairs]
-    if isinstance(mode, CustomBackwardMode):
-        x0 = mode.run(ode_solver, x_T, cond, uncond, weights + noises, stand_ins=weights + read)
-    else:
-        x0 = mode.run(ode_solver, x_T, cond, uncond, weights + noises)
-    if x0.requires_grad:
-        x0.register_hook(_check_incoming_gradient)
-    return x0
-
-
-def _scheduler_timesteps(scheduler, steps):
-    """The scheduler's own grid for ``steps`` steps, set on a copy (the caller's scheduler is untouched)."""
-    import copy
-
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer ≥ 1, got {steps!r}")
-    if getattr(scheduler.config, "use_dynamic_shifting", False):
-        raise ValueError(
-            f"{type(scheduler).__name__} uses dynamic shifting, so its grid depends on the image size: call "
-            "scheduler.set_timesteps(N, mu=…) as the pipeline does and pass timesteps=scheduler.timesteps"
-        )
-    own = copy.deepcopy(scheduler)
-    own.set_timesteps(steps)
-    return own, own.timesteps
-
-
-def _check_incoming_gradient(grad: torch.Tensor) -> None:
-    if not torch.isfinite(grad).all():
-        raise FloatingPointError(
-            "the gradient of the loss with respect to the sample contains NaN or inf; "
-            "check the loss for log(0), division by zero or overflow (try float32/float64)"
-        )
+    sampler = build_sampler(model, schedule, timesteps, steps=steps, solver=solver, eta=eta, grad=grad,
+                            prediction_type=prediction_type, guidance_scale=guidance_scale, model_kwargs=model_kwargs,
+                            classifier=classifier, classifier_scale=classifier_scale, noise=noise, x_T=x_T, cond=cond,
+                            uncond=uncond)
+    return sampler.sample(x_T, cond, uncond, params)

@@ -57,6 +57,16 @@ class Solver:
     def step(self, i: int, x, hist: History, cond, uncond) -> tuple[torch.Tensor, History]:
         raise NotImplementedError
 
+    def run(self, x, hist: History, cond, uncond, start: int = 0, stop: int | None = None,
+            step=None) -> tuple[torch.Tensor, History]:
+        """The step loop: Φ_{stop−1} ∘ … ∘ Φ_start applied to (x, hist) (``stop`` default: N), under
+        whatever autograd state the caller set. ``step(i, x, hist, cond, uncond)`` replaces ``self.step``
+        where a mode wraps or records each step (checkpointing, the stored states of a backward pass)."""
+        step = self.step if step is None else step
+        for i in range(start, self.num_steps if stop is None else stop):
+            x, hist = step(i, x, hist, cond, uncond)
+        return x, hist
+
 
 class DDIM(Solver):
     name, order = "ddim", 1

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = json.loads(Path(args.json).read_text())
         if result.get("suite") == "budget":
-            from .budget import budget_table, plot_budget
+            from .memory_budget_suite import budget_table, plot_budget
 
             print(budget_table(result))
             if args.img:
@@ -186,7 +186,7 @@ def _model_specs(names: list[str], notes: list[str]) -> list:
 
 
 def _budget_command(args) -> int:
-    from .budget import BudgetConfig, budget_table, plot_budget, run_budget
+    from .memory_budget_suite import BudgetConfig, budget_table, plot_budget, run_budget
     from .common import write_report
 
     notes = []

@@ -101,13 +101,10 @@ def odeint_adjoint_sample(setup, solver: str, steps: int, x_T, cond, uncond):
     """x_0 by torchdiffeq.odeint_adjoint on the ρ-ODE (see the module docstring)."""
     from torchdiffeq import odeint_adjoint
 
-    from adjointdpm.model import Denoiser
-    from adjointdpm.solvers import TimeGrid
-    from adjointdpm.validation import resolve_timesteps
-
     schedule = setup.schedule
-    grid = TimeGrid.from_timesteps(schedule, resolve_timesteps(schedule, None, steps))
-    denoiser = Denoiser(setup.model, schedule, setup.prediction_type, setup.guidance_scale)
+    sampler = adpm.build_sampler(setup.model, schedule, steps=steps, prediction_type=setup.prediction_type,
+                                 guidance_scale=setup.guidance_scale)
+    grid, denoiser = sampler.grid, sampler.denoiser
     uncond = uncond if denoiser.uses_guidance else None
 
     class Drift(torch.nn.Module):

@@ -18,6 +18,9 @@ end to end, because the applications back-propagate through them.
   unit vector e; the flagged concept is represented by K unit "concept embeddings" c_k (k-means
   centres of the flagged class's training embeddings) with thresholds t_k. The score is
   max_k (cos(e, c_k) - t_k) and an image is flagged when the score is > 0.
+
+``load_critics(path)`` opens them from a model folder that ships them (``critics/``; default: the embedded
+model) or from a critics folder, offline, safetensors only.
 """
 from __future__ import annotations
 
@@ -230,3 +233,22 @@ def load_critics_folder(folder: str | Path, device="cpu") -> Critics:
     critics = Critics(guide, judge, safety, frechet, cfg).to(device).eval()
     critics.requires_grad_(False)
     return critics
+
+
+def load_critics(path=None, device="cpu") -> Critics:
+    """The embedded critics (guide, judge, safety filter, Frechet distance) of a model folder.
+
+    ``path`` is a model folder holding ``critics/`` (default: the embedded model) or a critics folder.
+    Returns a :class:`Critics` module (eval mode, weights frozen); a folder without critics raises
+    :class:`~adjointdpm.components.ComponentsError`.
+    """
+    from ..components import ComponentsError, model_folder
+
+    root = model_folder(path)
+    folder = root / "critics" if (root / "critics").is_dir() else root
+    if not (folder / "config.json").is_file() or not (folder / "guide.safetensors").is_file():
+        raise ComponentsError(f"{root} has no critics/ folder (critics ship only with the embedded digits model)")
+    try:
+        return load_critics_folder(folder, device=device)
+    except (FileNotFoundError, KeyError, RuntimeError) as e:
+        raise ComponentsError(f"cannot load critics from {folder}: {str(e).splitlines()[0]}") from e

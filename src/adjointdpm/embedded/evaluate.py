@@ -27,8 +27,8 @@ from .data import GENERIC_CAPTION, WORDS, prompt_for
 def evaluate(path: str | None = None, images_per_prompt: int = 64, generic_images: int | None = None,
              digits=tuple(range(10)), seed: int = 0, guidance_scale: float | None = None,
              steps: int | None = None, solver: str | None = None, batch_size: int = 256) -> dict:
-    from ..components import load_components, load_critics
-    from .critics import feature_stats, frechet_distance
+    from ..components import load_components
+    from .critics import feature_stats, frechet_distance, load_critics
 
     comps = load_components(path)
     critics = load_critics(path)

@@ -5,7 +5,7 @@ picks the family of a folder from ``model_index.json``'s ``_class_name`` (None o
 """
 from __future__ import annotations
 
-from .base import Family, Part
+from .base import Family, Part, SamplingSetup
 from .flux import Flux
 from .pixart import PixArt
 from .sd import StableDiffusion
@@ -24,4 +24,4 @@ def family_of(class_name: str | None) -> Family | None:
     return BY_PIPELINE.get(class_name)
 
 
-__all__ = ["BY_NAME", "BY_PIPELINE", "FAMILIES", "Family", "Part", "family_of"]
+__all__ = ["BY_NAME", "BY_PIPELINE", "FAMILIES", "Family", "Part", "SamplingSetup", "family_of"]

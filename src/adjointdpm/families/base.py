@@ -11,14 +11,19 @@ those of a latent UNet / transformer family with an ``AutoencoderKL``:
   which is what ``randn_tensor`` draws for the pipeline's ``prepare_latents`` with that generator;
 * ``decode(x0)``: ``vae.decode(x0 / scaling_factor + shift_factor)`` (shift 0 when the VAE has none);
 * ``set_timesteps(steps)``: ``scheduler.set_timesteps(steps)``, the pipeline's ``retrieve_timesteps``
-  without custom grids.
+  without custom grids;
+* ``sampling_setup(steps, guidance_scale)``: what the engine samples with — the folder's configured
+  scheduler and its grid for N steps, the guidance scale the engine applies (with the extra
+  ``encode_prompt`` keywords it implies) and the negative cond (see :class:`SamplingSetup`).
 
 A family instance holds no state: every method takes the :class:`~adjointdpm.components.DiffusionComponents`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -55,6 +60,25 @@ def calculate_shift(seq_len: int, base_seq_len: int, max_seq_len: int, base_shif
     """Dynamic-shift exponent mu, linear in the image token count: base_shift at base_seq_len, max_shift at max_seq_len."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+@dataclass(frozen=True)
+class SamplingSetup:
+    """How a family's model is sampled for N steps and a user's guidance settings.
+
+    schedule:       what ``adjointdpm.sample(schedule=…)`` takes (a configured scheduler, or a NoiseSchedule)
+    timesteps:      the grid's model times t_0 > … > t_{N−1} (float64)
+    guidance_scale: the classifier-free guidance scale the engine applies
+    encode_kwargs:  extra ``encode_prompt`` keywords (Flux: the value of its ``guidance`` input)
+    uncond:         the negative cond of one image under that guidance (None without guidance, or when
+                    not asked for)
+    """
+
+    schedule: Any
+    timesteps: np.ndarray
+    guidance_scale: float
+    encode_kwargs: dict = field(default_factory=dict)
+    uncond: Any = None
 
 
 def pad_ids(tok, prompts: list[str], max_length: int, device) -> torch.Tensor:
@@ -144,6 +168,23 @@ class Family:
     def guidance(self, c, guidance_scale: float, true_cfg_scale: float | None) -> tuple[float, dict]:
         """(CFG scale for the engine, extra encode_prompt keywords) for the user's guidance settings."""
         return guidance_scale, {}
+
+    # ------------------------------------------------------------------ sampling
+    def sampling_setup(self, c, steps: int, guidance_scale: float, true_cfg_scale: float | None = None,
+                       with_uncond: bool = True) -> SamplingSetup:
+        """The folder's scheduler with its grid set for ``steps`` steps as the pipeline sets it, the guidance
+        of :meth:`guidance`, and (``with_uncond``) the negative cond of one image."""
+        cfg_scale, encode_kwargs = self.guidance(c, float(guidance_scale), true_cfg_scale)
+        cfg_scale = float(cfg_scale)
+        timesteps = self.set_timesteps(c, steps).detach().cpu().double().numpy()
+        uncond = self.sampling_uncond(c, 1, cfg_scale, encode_kwargs) if with_uncond else None
+        return SamplingSetup(c.scheduler, timesteps, cfg_scale, encode_kwargs, uncond)
+
+    def sampling_uncond(self, c, n: int, guidance_scale: float, encode_kwargs: dict):
+        """The negative cond of ``n`` images under ``guidance_scale`` (None at 1: guidance is off)."""
+        if guidance_scale == 1.0:
+            return None
+        return self.negative_cond(c, int(n), **encode_kwargs)
 
     def prompt_tokenizer(self, c):
         """The tokenizer whose length limit the CLI checks prompts against."""

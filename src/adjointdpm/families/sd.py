@@ -6,12 +6,18 @@ a plain tensor, which is what ``encode_prompt`` returns; the negative prompt is 
 encoder. x_T is unit noise on the UNet's ``sample_size`` grid (the pipeline scales it by the
 scheduler's ``init_noise_sigma``); the VAE decodes ``x0 / scaling_factor``. The embedded digits
 model (``AdjointDPMPixelPipeline``) is the same layout in pixel space, without a VAE.
+
+Sampling (``sampling_setup``): the continuous VP path of the scheduler's ``alphas_cumprod`` at N model
+times uniform over the training range, t_max … t_min (the figures' grid, not the scheduler's own), and
+the empty prompt's hidden states as one negative row that the engine shares across the batch.
 """
 from __future__ import annotations
 
 import torch
 
-from .base import SCHEDULER, UNET, VAE, Family, Part, pad_ids, text_encoder, tokenizer
+from ..schedule import VPSchedule
+from ..validation import resolve_timesteps
+from .base import SCHEDULER, UNET, VAE, Family, Part, SamplingSetup, pad_ids, text_encoder, tokenizer
 
 
 class StableDiffusion(Family):
@@ -32,3 +38,17 @@ class StableDiffusion(Family):
     def encode_prompt(self, c, prompts, **kwargs) -> torch.Tensor:
         ids = pad_ids(c.tokenizer, prompts, c.tokenizer.model_max_length, c.text_encoder.device)
         return c.text_encoder(ids)[0]
+
+    def sampling_setup(self, c, steps: int, guidance_scale: float, true_cfg_scale: float | None = None,
+                       with_uncond: bool = True) -> SamplingSetup:
+        schedule = VPSchedule.from_alphas_cumprod(c.alphas_cumprod)
+        timesteps = resolve_timesteps(schedule, None, steps)
+        w = float(guidance_scale)
+        return SamplingSetup(schedule, timesteps, w, {}, self.sampling_uncond(c, 1, w, {}) if with_uncond else None)
+
+    def sampling_uncond(self, c, n: int, guidance_scale: float, encode_kwargs: dict):
+        """The empty prompt's hidden states, one row whatever ``n`` (the engine shares it across the batch)."""
+        if guidance_scale == 1.0:
+            return None
+        with torch.no_grad():
+            return self.encode_prompt(c, [""]).detach()

@@ -83,11 +83,14 @@ class Adjoint(CustomBackwardMode):
     def record(self, solver, x_T, cond, uncond):
         keep = set(self.backward_indices(solver.num_steps).tolist()) if self.state == "stored" else set()
         keep.add(solver.num_steps - 1)
-        x, hist, states = x_T, (), {}
-        for i in range(solver.num_steps):
+        states = {}
+
+        def recorded_step(i, x, hist, cond, uncond):
             if i in keep:
                 states[i] = x
-            x, hist = solver.step(i, x, hist, cond, uncond)
+            return solver.step(i, x, hist, cond, uncond)
+
+        x, _ = solver.run(x_T, (), cond, uncond, step=recorded_step)
         return x, states
 
     # -- backward -----------------------------------------------------------------------------

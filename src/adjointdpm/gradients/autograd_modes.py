@@ -19,21 +19,12 @@ from torch.utils.checkpoint import checkpoint
 from .base import GradMode
 
 
-def _run_steps(solver, x, hist, cond, uncond, steps, wrap_step=None):
-    for i in steps:
-        if wrap_step is None:
-            x, hist = solver.step(i, x, hist, cond, uncond)
-        else:
-            x, hist = wrap_step(i, x, hist)
-    return x, hist
-
-
 @dataclass(frozen=True)
 class Backprop(GradMode):
     name = "backprop"
 
     def run(self, solver, x_T, cond, uncond, params):
-        x0, _ = _run_steps(solver, x_T, (), cond, uncond, range(solver.num_steps))
+        x0, _ = solver.run(x_T, (), cond, uncond)
         return x0
 
 
@@ -42,7 +33,7 @@ class Checkpoint(GradMode):
     name = "checkpoint"
 
     def run(self, solver, x_T, cond, uncond, params):
-        def wrap_step(i, x, hist):
+        def checkpointed_step(i, x, hist, cond, uncond):
             def flat_step(x, *hist):
                 x_next, hist_next = solver.step(i, x, hist, cond, uncond)
                 return (x_next, *hist_next)
@@ -50,7 +41,7 @@ class Checkpoint(GradMode):
             out = checkpoint(flat_step, x, *hist, use_reentrant=False)
             return out[0], tuple(out[1:])
 
-        x0, _ = _run_steps(solver, x_T, (), cond, uncond, range(solver.num_steps), wrap_step)
+        x0, _ = solver.run(x_T, (), cond, uncond, step=checkpointed_step)
         return x0
 
 
@@ -67,9 +58,9 @@ class Truncated(GradMode):
         n = solver.num_steps
         start = max(0, n - self.k)
         with torch.no_grad():
-            x, hist = _run_steps(solver, x_T, (), cond, uncond, range(start))
+            x, hist = solver.run(x_T, (), cond, uncond, stop=start)
         if start > 0:
             scale = solver.grid.scale_at(start) / solver.grid.scale_at(0)
             x = x + scale * (x_T - x_T.detach())
-        x0, _ = _run_steps(solver, x, hist, cond, uncond, range(start, n))
+        x0, _ = solver.run(x, hist, cond, uncond, start=start)
         return x0

@@ -10,7 +10,7 @@ By the chain rule this equals back-propagation through the loop, to rounding, wh
 stored step inputs (N latents, 2N for the multistep solver) plus one step's activations.
 
 With a memory budget (``Exact(memory=B)``) the forward pass keeps the autograd graph of the last steps
-whose graphs fit in B (see ``budget.py`` for the rule) and the backward pass replays them instead of
+whose graphs fit in B (see ``memory_budget.py`` for the rule) and the backward pass replays them instead of
 recomputing them (``kept_steps.py``): the same operations in the same order, so the same gradient, and
 with ``memory=float("inf")`` the cost of back-propagation (one forward with graph + one backward).
 """
@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 from .base import CustomBackwardMode, check_step_cotangent
-from .budget import SavedActivations, network_calls, parse_memory, steps_to_keep
+from .memory_budget import SavedActivations, network_calls, parse_memory, steps_to_keep
 from .kept_steps import GraphLeaves, StepGraph
 
 
@@ -53,9 +53,11 @@ class Exact(CustomBackwardMode):
         n, budget = solver.num_steps, self.budget_bytes
         x, hist, record = x_T, (), []
         if budget <= 0:
-            for i in range(n):
+            def recorded_step(i, x, hist, cond, uncond):
                 record.append((x, hist))
-                x, hist = solver.step(i, x, hist, cond, uncond)
+                return solver.step(i, x, hist, cond, uncond)
+
+            x, _ = solver.run(x, hist, cond, uncond, step=recorded_step)
             return x, record
         leaves = GraphLeaves(cond, uncond)
         keep_from = 0 if math.isinf(budget) else None
