@@ -2,8 +2,6 @@
 the callers assembled by hand before (Denoiser + grid + ``make_solver`` + their own step loop), bit for bit,
 and engine modules import no application."""
 
-import ast
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,32 +109,3 @@ def test_steps_set_on_a_copy_of_the_scheduler():
     scheduler = DDIMScheduler(**SD_BETAS)
     grid = adpm.time_grid(scheduler, steps=4)
     assert len(grid) == 4 and scheduler.num_inference_steps is None
-
-
-# ------------------------------------------------------------------------------ import direction
-SRC = Path(adpm.__file__).parent
-APPLICATIONS = ("adjointdpm.tasks", "adjointdpm.commands", "adjointdpm.cli")
-# the engine, its families and benchmarks (the embedded model's package is held to its own direction by the
-# application layer's test)
-ENGINE = [p for p in SRC.rglob("*.py")
-          if p.relative_to(SRC).parts[0] not in ("tasks", "commands", "embedded", "critics", "cli.py", "__main__.py")]
-
-
-def _imports(path: Path) -> set[str]:
-    package = ".".join(("adjointdpm", *path.relative_to(SRC).parent.parts))
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-            out.add((f"{base}.{node.module}" if node.module else base) if node.level else node.module)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-    return out
-
-
-def test_engine_modules_import_no_application_and_components_no_embedded_model():
-    assert len(ENGINE) > 35  # (the files are found)
-    offenders = {str(p.relative_to(SRC)): sorted(m for m in _imports(p) if m.startswith(APPLICATIONS)) for p in ENGINE}
-    assert not {f: m for f, m in offenders.items() if m}, offenders
-    assert not [m for m in _imports(SRC / "components.py") if m.startswith("adjointdpm.embedded")]
-    assert not [m for p in (SRC / "families").glob("*.py") for m in _imports(p) if m.startswith("adjointdpm.embedded")]

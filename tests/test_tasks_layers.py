@@ -50,6 +50,16 @@ def test_nothing_below_the_applications_imports_them():
     assert any(p.relative_to(SRC).parts[0] == "families" for p in ENGINE)
 
 
+def test_the_engine_does_not_import_the_digits_model():
+    """Components, families, solvers, gradient modes: no module outside embedded/ and the applications knows the
+    digits model (the benchmarks excepted: they measure it)."""
+    engine = [p for p in ENGINE if p.relative_to(SRC).parts[0] not in ("embedded",)]
+    offenders = {str(p.relative_to(SRC)): sorted(m for m in _imports(p) if m.startswith("adjointdpm.embedded"))
+                 for p in engine}
+    assert not {f: m for f, m in offenders.items() if m}, offenders
+    assert SRC / "components.py" in engine and any(p.relative_to(SRC).parts[0] == "families" for p in engine)
+
+
 def test_generic_applications_and_critics_do_not_import_the_digits_model():
     offenders = {f: sorted(m for m in _imports(SRC / f) if m.startswith("adjointdpm.embedded")) for f in GENERIC}
     assert not {f: m for f, m in offenders.items() if m}, offenders

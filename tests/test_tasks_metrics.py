@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from adjointdpm.apps import audit, guide
 from adjointdpm.apps.baselines import OneStep, grad_label
+from adjointdpm.apps.choose import model_critics
 from adjointdpm.apps.baselines import resolve_grad as parse_grad
 from adjointdpm.apps.errors import UserInputError
 from adjointdpm.apps.image_files import read_image
@@ -144,7 +145,7 @@ def test_audit_cross_entropy_is_on_logits(pix):
     task = audit_task(s, 4, n=6)
     task.setup()
     x0 = s.sample(task.x.detach(), task.cond, grad=None)
-    logits = s.critics.guide(s.decode(x0))
+    logits = model_critics(s).guide(s.decode(x0))
     expected = -F.cross_entropy(logits, task.label, reduction="none")
     torch.testing.assert_close(task.objective(x0), expected)
     on_probs = -F.cross_entropy(logits.softmax(-1), task.label, reduction="none")
@@ -156,7 +157,7 @@ def test_audit_evaluates_the_attacked_images(pix, tmp_path):
     task = audit_task(s, 4, n=6, eps=0.3, step_size=0.3)
     summary = run(task, LoopConfig(out=tmp_path, iters=3, progress=False))
     images = s.generate(task.x.detach(), task.cond)  # regenerate from the final (attacked) noises
-    c = s.critics
+    c = model_critics(s)
     success = (c.guide(images).argmax(-1) != task.label) & (c.judge(images).argmax(-1) == task.label) & task.valid
     assert summary["after"]["success_rate"] == pytest.approx(float(success.sum()) / float(task.valid.sum()))
     from PIL import Image
@@ -182,7 +183,7 @@ def test_audit_attacks_the_injected_noises_within_the_budget(pix, tmp_path):
     assert float(moved[task.valid].max()) > 0.1
     assert not task.valid.all() and float(moved[~task.valid].max()) == 0.0  # samples left out never move
     images = s.generate(task.x.detach(), task.cond, noise=task.noise.detach().transpose(0, 1))
-    c = s.critics
+    c = model_critics(s)
     success = (c.guide(images).argmax(-1) != task.label) & (c.judge(images).argmax(-1) == task.label) & task.valid
     assert summary["after"]["success_rate"] == pytest.approx(float(success.sum()) / float(task.valid.sum()))
 
@@ -230,7 +231,7 @@ def test_effects_and_psnr():
 def test_style_loss_vanishes_on_the_reference(pix):
     s = session(pix)
     ref = reference_image("outline", (1, 16, 16), {"outline": outline_reference})
-    style = StyleLoss(s.critics.guide, ref)
+    style = StyleLoss(model_critics(s).guide, ref)
     assert float(style(ref)) == pytest.approx(0.0, abs=1e-10)
     assert float(style(-ref)) > 1e-3
     assert float(outline(ref).max()) <= 1 and reference_image("skimage:brick", (3, 16, 16)).shape == (1, 3, 16, 16)

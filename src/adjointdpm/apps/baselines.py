@@ -25,8 +25,6 @@ from typing import Callable
 import torch
 
 from ..gradients import GRAD_MODES, GradMode, resolve_grad_mode
-from ..model import Denoiser
-from ..solvers import make_solver
 from .errors import UserInputError
 from .options import GRAD_CHOICES
 
@@ -69,10 +67,6 @@ def grad_label(mode) -> str:
     return mode.name + (f"({', '.join(args)})" if args else "")
 
 
-def _denoiser(session) -> Denoiser:
-    return Denoiser(session.network, session.path, session.comps.prediction_type, session.guidance_scale, {})
-
-
 def onestep_backward(session, x_start: torch.Tensor, cond: torch.Tensor, objective: Callable, weights: torch.Tensor,
                      *, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Back-propagate the one-step x̂₀ surrogate into x_start, cond and the weights' ``.grad``.
@@ -91,18 +85,10 @@ def onestep_backward(session, x_start: torch.Tensor, cond: torch.Tensor, objecti
     if cond.requires_grad and cond.grad_fn is not None:
         pending.append((cond, cond.detach().requires_grad_(True)))
         cond = pending[-1][1]
-    den = _denoiser(session)
-    grid = session.grid(start)
-    solver = make_solver(session.solver, den, grid)
-    uncond = session.uncond if den.uses_guidance else None
-    n = solver.num_steps
-    states = []
-    with torch.no_grad():
-        x, hist = grid.input_scale * x_start.detach(), ()
-        for i in range(n):
-            states.append(x)
-            x, hist = solver.step(i, x, hist, cond.detach(), uncond)
-    x0 = x
+    sampler = session.sampler(start)
+    grid, n = sampler.grid, sampler.num_steps
+    uncond = sampler.guided(session.uncond)
+    *states, x0 = sampler.trajectory(x_start.detach(), cond.detach(), uncond)
     with torch.no_grad():
         per_sample = objective(x0).detach()
     scale0 = grid.scale_at(0)
@@ -111,7 +97,7 @@ def onestep_backward(session, x_start: torch.Tensor, cond: torch.Tensor, objecti
         if x_start.requires_grad:
             x_in = x_i + (grid.input_scale * grid.scale_at(i) / scale0) * (x_start - x_start.detach())
         with torch.enable_grad():
-            _, x0_hat = den.eps_and_x0(x_in, grid.point(i), cond, uncond)
+            _, x0_hat = sampler.predict(i, x_in, cond, uncond)
             loss = (objective(x0_hat) * weights.to(x0_hat.dtype)).sum() / n
         if loss.requires_grad:
             loss.backward()

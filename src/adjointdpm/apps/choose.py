@@ -10,14 +10,45 @@ critic option the command stops with one line saying which option to give.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..critics.folder_objectives import (BackboneStyle, ClassifierAttack, ClassifierJudge, ClassifierTarget,
                                          ClipJudge, ClipTarget, PluginStyle, PluginTarget, SafetyAttack,
                                          target_label_for_judge)
 from .errors import UserInputError
 
+_LOADED_CRITICS: dict = {}
+
+
+def model_critics(session):
+    """The critics a model folder ships (``critics/``: the digits model's guide, judge, safety filter), loaded at
+    first use and kept per session: from ``--critics``, else the folder's own, else the embedded model's."""
+    from ..components import ComponentsError
+    from ..embedded.critics import load_critics
+
+    key = id(session)
+    if _LOADED_CRITICS.get(key, (None,))[0] is not session:
+        if session.critics_path is not None:
+            critics = load_critics(session.critics_path, device=session.device)
+        else:
+            try:
+                critics = load_critics(session.model_path, device=session.device)
+            except ComponentsError:
+                if session.model_path is None:
+                    raise
+                critics = load_critics(None, device=session.device)
+        _LOADED_CRITICS[key] = (session, critics)
+    return _LOADED_CRITICS[key][1]
+
+
+def has_own_critics(session) -> bool:
+    """Whether the model ships critics (the embedded model, a folder with critics/) or some were given."""
+    return (session.critics_path is not None or session.model_path is None
+            or (Path(session.model_path) / "critics").is_dir())
+
 
 def _needs(session, command: str, options: str) -> None:
-    if not session.has_own_critics:
+    if not has_own_critics(session):
         raise UserInputError(f"{command} on {session.model_path}: give an objective ({options}); the digit "
                              "critics belong to the embedded model")
 
@@ -79,7 +110,7 @@ def guide_objective(session, options):
     from ..embedded.digit_objectives import DigitJudge, DigitTarget, check_digit, digit_prompt
 
     digit = check_digit(8 if target_class is None else target_class)
-    critics = session.critics
+    critics = model_critics(session)
     judge_obj = judge_from(session, judge, text=clip_prompt) if judge is not None else DigitJudge(critics, digit, session.device)
     return DigitTarget(critics, digit), judge_obj, prompt if prompt is not None else digit_prompt(session.comps.settings, digit)
 
@@ -94,7 +125,7 @@ def audit_attack(session, options):
         from ..critics.classifier import Classifier
 
         return ClassifierAttack(Classifier.from_folder(classifier, session.device), judge_obj)
-    if attack == "safety" and session.model_path is not None and not session.has_own_critics:
+    if attack == "safety" and session.model_path is not None and not has_own_critics(session):
         from ..critics.safety import SafetyChecker
 
         return SafetyAttack(SafetyChecker.from_pipeline(session.model_path, session.device), margin, judge_obj)
@@ -103,7 +134,7 @@ def audit_attack(session, options):
 
     if judge_obj is not None:
         raise UserInputError("--judge: the digits model's attacks use its own judge")
-    return DigitClassifierAttack(session.critics) if attack == "classifier" else DigitSafetyAttack(session.critics, margin)
+    return DigitClassifierAttack(model_critics(session)) if attack == "classifier" else DigitSafetyAttack(model_critics(session), margin)
 
 
 def stylize_objective(session, options):
@@ -127,7 +158,7 @@ def stylize_objective(session, options):
     _needs(session, "stylize", "--backbone PATH --reference IMAGE, or --loss FILE.py:FUNC")
     from ..embedded.digit_objectives import REFERENCES, DigitJudge, DigitStyle, digit_prompts
 
-    critics = session.critics
+    critics = model_critics(session)
     judge_obj = judge_from(session, judge) if judge is not None else DigitJudge(critics)
     prompts = digit_prompts(session.comps.settings) if prompt is None and session.comps.settings.get("words") else None
     return (lambda ref: DigitStyle(critics, ref, content_weight)), judge_obj, prompts, REFERENCES, reference or "outline"

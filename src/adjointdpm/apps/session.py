@@ -1,15 +1,15 @@
 """The loaded model and how the applications sample from it: :class:`Session`.
 
 A session holds a :class:`~adjointdpm.components.DiffusionComponents` (the embedded model or a local diffusers
-folder), the engine settings (gradient mode, solver, steps, guidance) and, loaded at first use, the critics a
-model folder ships (the digits model's; other critics come from :mod:`adjointdpm.critics`). Its
+folder), the engine settings (gradient mode, solver, steps, guidance) and where the model's critics are
+(``critics_path``; :mod:`.choose` loads them). Its
 :meth:`Session.sampled_loss` is the only place where an application meets the engine: it samples x_0 from a
 starting state with the chosen gradient mode, applies the objective (which decodes), and returns the loss to
 back-propagate, whatever the mode (the one-step x̂₀ baseline back-propagates step by step itself; see
 :mod:`.baselines`).
 
-The methods that assemble engine objects — the sampling setup in ``__init__`` (:meth:`_setup_sampler`),
-:meth:`sample`, :meth:`advance`, :attr:`path` and :meth:`grid` — are kept together under "engine".
+The engine is asked, never assembled here: the family's sampling setup (schedule, grid, guidance, negative
+conditioning) in ``__init__``, ``adpm.sample`` in :meth:`sample`, ``adpm.build_sampler`` in :meth:`sampler`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ class Session:
         self.comps = load_components(model, device=device)
         self.model_path = None if model is None else str(Path(model).expanduser())
         self.critics_path = engine.critics
-        self._critics = None
         settings = self.comps.settings
         self.solver = engine.solver or settings.get("default_solver", "dpmpp2m")
         known = [*adpm.SOLVERS, *adpm.STOCHASTIC_SOLVER_NAMES]
@@ -78,21 +77,10 @@ class Session:
     # ------------------------------------------------------------------ engine
     def _setup_sampler(self, w: float) -> None:
         """The schedule, the model times of the grid, the guidance scale, the negative conditioning and the
-        family's prompt-encoding arguments."""
-        self._encode_kwargs = {}
-        if self.comps.family == "sd":
-            # SD 1.x/2.x and the embedded model: N times uniform over the training range (the figures' grid)
-            self.guidance_scale = float(w)
-            self.schedule = adpm.VPSchedule.from_alphas_cumprod(self.comps.alphas_cumprod)
-            self._times = self.schedule.default_timesteps(self.steps)
-            self.uncond = self.encode([""]) if self.guidance_scale != 1.0 else None
-        else:
-            # other families: the folder's scheduler, its grid set as the family's pipeline sets it
-            cfg_scale, self._encode_kwargs = self.comps.spec.guidance(self.comps, w, None)
-            self.guidance_scale = float(cfg_scale)
-            self.schedule = self.comps.scheduler
-            self._times = self.comps.scheduler_timesteps(self.steps).detach().cpu().double().numpy()
-            self.uncond = self.comps.negative_cond(1, **self._encode_kwargs) if self.guidance_scale != 1.0 else None
+        family's prompt-encoding arguments: the family's own sampling setup (:mod:`adjointdpm.families`)."""
+        setup = self.comps.family_spec.sampling_setup(self.comps, self.steps, w)
+        self.schedule, self._times = setup.schedule, setup.timesteps
+        self.guidance_scale, self._encode_kwargs, self.uncond = setup.guidance_scale, setup.encode_kwargs, setup.uncond
 
     def _uncond(self):
         return self.uncond if self.guidance_scale != 1.0 else None
@@ -116,60 +104,20 @@ class Session:
                            eta=self.eta, grad=grad, prediction_type=self.comps.prediction_type,
                            noise=self._noise_or_streams(noise, x_start.shape[0]))
 
-    @torch.no_grad()
+    def sampler(self, start: int = 0) -> adpm.Sampler:
+        """The engine's sampler of this session from step ``start`` on (no gradient mode: plain steps)."""
+        return adpm.build_sampler(self.network, self.schedule, self.timesteps(start), solver=self.solver, eta=self.eta,
+                                  prediction_type=self.comps.prediction_type, guidance_scale=self.guidance_scale)
+
     def advance(self, x_T: torch.Tensor, cond: torch.Tensor, to_step: int) -> torch.Tensor:
         """The sampler's state x at step ``to_step`` (its first ``to_step`` steps from x_T, no graph)."""
-        from ..model import Denoiser
-        from ..solvers import make_solver
-
         self.timesteps(to_step)  # validates the index
         if self.stochastic:
             raise UserInputError("--start-step needs a deterministic --solver (ddim with --eta 0, dpmpp2m, heun), "
                                  f"not {self.solver}{' with --eta > 0' if self.solver == 'ddim' else ''}")
-        grid = self.grid()
-        den = Denoiser(self.network, self.path, self.comps.prediction_type, self.guidance_scale, {})
-        solver = make_solver(self.solver, den, grid)
-        x, hist = grid.input_scale * x_T, ()
-        for i in range(to_step):
-            x, hist = solver.step(i, x, hist, cond, self._uncond())
-        return x
-
-    @property
-    def path(self):
-        """The continuous noise schedule (VP or flow matching) of the session's grid."""
-        return adpm.schedule_from_scheduler(self.schedule)
-
-    def grid(self, start: int = 0):
-        """The sampler's time grid from step ``start`` on, as ``adpm.sample`` builds it."""
-        if isinstance(self.schedule, adpm.NoiseSchedule):
-            return adpm.TimeGrid.from_timesteps(self.schedule, self.timesteps(start))
-        return adpm.grid_from_scheduler(self.schedule, self.path, self.timesteps(start))
+        return self.sampler().advance(x_T, cond, self.uncond, to_step)
 
     # ------------------------------------------------------------------ settings
-    @property
-    def critics(self):
-        """The critics a model folder ships (``critics/``: the digits model's guide, judge, safety filter),
-        loaded at first use: from ``critics_path``, else the folder's own, else the embedded model's."""
-        if self._critics is None:
-            from ..components import ComponentsError, load_critics
-
-            if self.critics_path is not None:
-                self._critics = load_critics(self.critics_path, device=self.device)
-            else:
-                try:
-                    self._critics = load_critics(self.model_path, device=self.device)
-                except ComponentsError:
-                    if self.model_path is None:
-                        raise
-                    self._critics = load_critics(None, device=self.device)
-        return self._critics
-
-    @property
-    def has_own_critics(self) -> bool:
-        """Whether the model ships critics (the embedded model, a folder with critics/) or some were given."""
-        return (self.critics_path is not None or self.model_path is None
-                or (Path(self.model_path) / "critics").is_dir())
-
     @property
     def network(self) -> torch.nn.Module:
         """The denoising network (a UNet, or the SD3/Flux/PixArt transformer)."""
