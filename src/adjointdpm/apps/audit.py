@@ -17,7 +17,9 @@ With a stochastic solver each sample's injected noises z_{b,i} come from its own
 ``optimize_noises`` attacks them too: they take the same normalised steps (the RMS over all of a sample's
 noises), projected on the ℓ∞ ball of radius ε around their own untouched copies.
 
-Success rates are measured on the attacked images, re-generated from the final noises. Several processes:
+Success rates are measured on the attacked images, re-generated from the final noises; each attacked image also
+gets the base model's denoising-error z-score against the original samples and the off-manifold flag
+(:mod:`.manifold`), reported per image and counted (``off_manifold_count``, ``off_manifold_succeeded``). Several processes:
 the samples are sharded (each process attacks its own, no gradient communication) and gathered for the
 metrics, the checkpoint and ``attack.safetensors``.
 (The original code aliased ``initial = x_T`` so its clamp did nothing, applied CE to softmax outputs
@@ -102,8 +104,11 @@ class AuditTask(Task):
             # the centre, re-made identically on resume
             self.original_noise = s.noises_to_optimise(self.sample_ids, self.seed, x_T)
             self.noise = self.original_noise.clone().requires_grad_(True)
-        images = s.generate(self.x_orig, self.cond, noise=self.injected_noise(original=True))
-        self.original_images = images
+        with torch.no_grad():
+            latents = s.sample(self.x_orig, self.cond, noise=self.injected_noise(original=True))
+            images = s.decode(latents).float()
+        self.original_latents, self.original_images = latents, images
+        self.manifold = self._manifold_check(latents)
         self.label, self.valid = self.attack.setup(images)
         if not dp.any(self.valid.any()):
             raise UserInputError(f"none of the {self.opts.n} samples is one {self.attack.none_valid}; "
@@ -111,6 +116,18 @@ class AuditTask(Task):
         self.done = ~self.valid  # samples left out count as done from the start
         self.succeeded = torch.zeros_like(self.valid)
         self._active = torch.arange(self.x.shape[0], device=self.x.device)
+
+    def _manifold_check(self, original_latents: torch.Tensor):
+        """The base model's denoising error, calibrated on the original samples (the model's own, unattacked):
+        an attacked image above the threshold left the model's manifold (:mod:`.manifold`)."""
+        import adjointdpm as adpm
+
+        from .manifold import ManifoldCheck
+
+        s = self.session
+        sampler = adpm.build_sampler(s.network, s.schedule, s.timesteps(0), solver="ddim",
+                                     prediction_type=s.comps.prediction_type, guidance_scale=1.0)
+        return ManifoldCheck.calibrated(sampler, self.cond, original_latents, seed=self.seed)
 
     def injected_noise(self, idx: torch.Tensor | None = None, *, original: bool = False):
         """The injected noises of rows ``idx`` (default all) as ``adpm.sample`` takes them: (N, b, …) of
@@ -188,11 +205,14 @@ class AuditTask(Task):
         x = self.x.detach()
         untouched = self.noise is None or torch.equal(self.noise.detach(), self.original_noise)
         if stage == "before" and torch.equal(x, self.x_orig) and untouched:
-            images = self.original_images  # generated in setup from the same noises
+            latents, images = self.original_latents, self.original_images  # sampled in setup from the same noises
         else:
             noise = self.injected_noise()
             noise = noise.detach() if isinstance(noise, torch.Tensor) else noise
-            images = s.generate(x, self.cond, noise=noise)  # the attacked images themselves
+            with torch.no_grad():  # the attacked images themselves
+                latents = s.sample(x, self.cond, noise=noise)
+                images = s.decode(latents).float()
+        z, flags = self.manifold.flags(latents)
         # every process's samples (one process: these very tensors)
         images, label, valid = dp.gather_shards(images), dp.gather_shards(self.label), dp.gather_shards(self.valid)
         linf = dp.gather_shards((x - self.x_orig).flatten(1).abs().max(1).values)
@@ -207,10 +227,15 @@ class AuditTask(Task):
             **({} if noise_linf is None else {"noise_linf_max": float(noise_linf.max())}),
             **self.attack.metrics(images, label, valid),
         }
+        z, flags = dp.gather_shards(z.float()), dp.gather_shards(flags)
+        metrics.update(manifold_z=[round(float(v), 2) for v in z], off_manifold=[bool(f) for f in flags],
+                       off_manifold_count=int(flags.sum()), off_manifold_succeeded=int((flags & success).sum()),
+                       manifold_calibration=self.manifold.calibration.describe())
         return Evaluation(images, metrics)
 
     def summarize(self, before, after):
         return {"success_rate": after["success_rate"], "eps": self.opts.eps,
+                "off_manifold_after": after.get("off_manifold_count"),
                 "metrics_from": "the attacked critic" + (" and the judge" if "judge_keeps_label" in after else
                                                          " only (no --judge given)")}
 

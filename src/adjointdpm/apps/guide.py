@@ -15,6 +15,15 @@ starting norm for an intermediate state). The result is, per sample, the iterate
 seen (``keep_best``); a sample whose loss falls below ``stop_loss`` is done. Metrics: the optimised
 critic's and, when a judge is given (evaluation only, never optimised), the judge's.
 
+On the model's manifold (:mod:`.manifold`): every iterate's sample x_0 gets the base model's denoising-error
+z-score, calibrated on ``calibration_samples`` plain samples of the same prompt (fresh noises); an iterate
+with z > ``manifold_threshold`` is *off the manifold* and ranks after every iterate on it in keep-best (and a
+sample is done only when the critic is satisfied on the manifold), so the result is not an image that only
+fools the critic. ``manifold_weight`` w adds the prior w·relu(z_b) to each sample's loss (differentiated
+through the model's denoiser and the sampler), ``typicality_weight`` the noise prior w·T(x_b) (ReNO's norm
+regulariser over frequency bands and spatial blocks). summary.json lists per after-image the z-score, the
+flag and the noise's typicality z-score; the comparison picture captions each image with its z-score.
+
 Defaults are the recipe of docs/results.md (normalised steps of 0.1, 8 noisy views, stop at CE 0.1, 16
 noises, 20 iterations); ``views`` and ``stop_loss`` default to the target's (none for a plug-in loss).
 
@@ -39,6 +48,7 @@ from ..critics.objectives import Judge, Target
 from ..critics.views import random_affine
 from . import prompt_embeddings
 from .errors import UserInputError
+from .manifold import THRESHOLD as MANIFOLD_THRESHOLD
 from .options import judge_option, loss_option, option, settings_of
 from .session import Session
 from .task import Application, Evaluation, ParamGroup, Task
@@ -69,11 +79,16 @@ class Options:
     keep_best: bool = True  # the result is each sample's iterate of lowest loss (not with optimize_cond); not an option
     stop_loss: Optional[float] = option(None, "--stop-loss", help="A noise whose loss falls below this is done (0: never) (default: 0.1 for classifiers, 0 otherwise).")
     iters: int = option(20, "--iters", help="Optimisation iterations.")
+    manifold_weight: float = option(0.0, "--manifold-weight", help="Weight of the base model's denoising-error prior in the loss: + w·relu(z) per sample, z the z-score of its denoising error against plain samples (0: none).")
+    typicality_weight: float = option(0.0, "--typicality-weight", help="Weight of the noise typicality prior: + w·mean_g z_g² of x_T's frequency bands and spatial blocks (0: none).")
+    manifold_threshold: float = option(MANIFOLD_THRESHOLD, "--manifold-threshold", help="Denoising-error z-score above which an image is off the model's manifold: flagged in summary.json and never kept as a result while an unflagged iterate exists (0: no check).")
+    calibration_samples: int = option(64, "--calibration-samples", help="Plain samples (fresh noises, same prompt) that calibrate the denoising-error z-score.")
 
 
 #: what summary.json's settings hold and --resume compares, in this order
 SETTINGS = ("prompt", "n", "lr", "weight_decay", "renorm", "optimize_cond", "optimize_noises", "cond_lr", "start_step",
-            "views", "view_noise", "optimizer", "keep_best", "stop_loss")
+            "views", "view_noise", "optimizer", "keep_best", "stop_loss", "manifold_weight", "typicality_weight",
+            "manifold_threshold", "calibration_samples")
 
 
 def build(session: Session, options: Options, seed: int = 0) -> "GuideTask":
@@ -101,6 +116,10 @@ class GuideTask(Task):
         self.stop_loss = target.default_stop_loss if opts.stop_loss is None else opts.stop_loss
         if self.views < 0:
             raise UserInputError(f"--views must be >= 0, got {self.views}")
+        if min(opts.manifold_weight, opts.typicality_weight, opts.manifold_threshold) < 0 or opts.calibration_samples < 2:
+            raise UserInputError("--manifold-weight, --typicality-weight and --manifold-threshold must be >= 0 and "
+                                 f"--calibration-samples >= 2, got {opts.manifold_weight}, {opts.typicality_weight}, "
+                                 f"{opts.manifold_threshold}, {opts.calibration_samples}")
         self.prompt = opts.prompt or ""
         session.check_prompt(self.prompt)
         session.timesteps(opts.start_step)
@@ -131,6 +150,29 @@ class GuideTask(Task):
         self.done = torch.zeros(n, dtype=torch.bool, device=x.device)
         self._rows = None
         self._active = torch.arange(n, device=x.device)
+        self.manifold = self._manifold_check() if (o.manifold_threshold > 0 or o.manifold_weight > 0) else None
+        self._last_z = self._last_critic = None
+
+    #: seed offset of the calibration's plain noises (never the run's own noises)
+    CALIBRATION_SEED = 104_729
+
+    def _manifold_check(self):
+        """The base model's denoising error on this prompt, calibrated on plain samples from fresh noises."""
+        import adjointdpm as adpm
+
+        from .manifold import ManifoldCheck
+
+        s, o = self.session, self.opts
+        sampler = adpm.build_sampler(s.network, s.schedule, s.timesteps(0), solver="ddim",
+                                     prediction_type=s.comps.prediction_type, guidance_scale=1.0)
+        with torch.no_grad():
+            plain = torch.cat([s.sample(s.noise(o.calibration_samples, self.seed + self.CALIBRATION_SEED)[i:i + 64],
+                                        self.cond0) for i in range(0, o.calibration_samples, 64)])
+        return ManifoldCheck.calibrated(sampler, self.cond0, plain, threshold=o.manifold_threshold or float("inf"),
+                                        seed=self.seed)
+
+    #: what ranks a flagged iterate after every unflagged one in keep-best
+    OFF_MANIFOLD_RANK = 1e6
 
     @property
     def keeps_best(self) -> bool:
@@ -216,8 +258,15 @@ class GuideTask(Task):
         ids = self.sample_ids.to(self._active.device)[self._active].tolist()
         if self.views > 0:
             images = self._views(images)
-        per = self.target.loss(images, prompts=[self.prompt] * (k * b), indices=ids * k)
-        return per.view(k, b).mean(0)
+        per = self.target.loss(images, prompts=[self.prompt] * (k * b), indices=ids * k).view(k, b).mean(0)
+        self._last_critic = per.detach()
+        if self.manifold is not None:  # the base model's denoising error: a prior (weight > 0) and the flag
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.opts.manifold_weight > 0):
+                z = self.manifold.z(x0)
+            self._last_z = z.detach()
+            if self.opts.manifold_weight > 0:
+                per = per + self.opts.manifold_weight * torch.relu(z).to(per.dtype)
+        return per
 
     def compute_loss(self, iteration, generator):
         self._view_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -233,19 +282,37 @@ class GuideTask(Task):
         every = idx.numel() == n
         x = self.x if every else self.x[idx]
         weights = None if active == idx.numel() else torch.full((idx.numel(),), 1.0 / active, device=x.device)
+        self._last_z = self._last_critic = None
         loss, per, x0 = self.session.sampled_loss(x, self.cond, self.objective, weights=weights,
                                                   start=self.opts.start_step,
                                                   noise=self.injected_noise(None if every else idx))
+        if self.opts.typicality_weight > 0:  # the noise's typicality prior (bands and blocks of x_T)
+            from .manifold import typicality_penalty
+
+            w = torch.full((idx.numel(),), 1.0 / idx.numel(), device=x.device) if weights is None else weights
+            prior = self.opts.typicality_weight * typicality_penalty(x)
+            loss = loss + (prior * w.to(prior.dtype)).sum()
+            per = per + prior.detach().to(per.dtype)
         logs = {"active": float(active)}
         with torch.no_grad():
             per = per.to(self.best_loss.dtype)  # per-sample losses of the current x
+            critic = per if self._last_critic is None else self._last_critic.to(per.dtype)
+            flagged = None
+            if self._last_z is not None and self._last_z.shape == per.shape:
+                flagged = self._last_z.to(per.device) > self.manifold.calibration.threshold
+                # an iterate off the manifold ranks after every one on it, whatever the critic says
+                per = per + self.OFF_MANIFOLD_RANK * flagged.to(per.dtype)
+                logs["off_manifold"] = self.dp.mean(flagged.float())
             better = per < self.best_loss[idx]
             self.best_loss[idx[better]] = per[better]
             self.best_x[idx[better]] = self.x.detach()[idx[better]]
             if self.noise is not None:
                 self.best_noise[idx[better]] = self.noise.detach()[idx[better]]
-            if self.keeps_best and self.stop_loss > 0:
-                self.done |= self.best_loss < self.stop_loss
+            if self.keeps_best and self.stop_loss > 0:  # done: the critic is satisfied by an iterate on the manifold
+                reached = critic < self.stop_loss
+                if flagged is not None:
+                    reached &= ~flagged
+                self.done[idx[reached & better]] = True
             hits = self.target.hits(self.session.decode(x0))
             if hits is not None:
                 logs["critic_hits"] = self.dp.mean(hits)
@@ -273,9 +340,23 @@ class GuideTask(Task):
         x = self.result_x() if stage == "after" else self.x.detach()
         noise = self.injected_noise(result=stage == "after")
         noise = noise.detach() if isinstance(noise, torch.Tensor) else noise
-        images = self.dp.gather_shards(s.generate(x, prompt_embeddings.detached(self.cond), start=o.start_step, noise=noise))
+        with torch.no_grad():
+            latents = s.sample(x, prompt_embeddings.detached(self.cond), start=o.start_step, noise=noise)
+            images = self.dp.gather_shards(s.decode(latents).float())
         prompts = [self.prompt] * images.shape[0]
         metrics = dict(self.target.metrics(images))
+        captions = None
+        if self.manifold is not None:  # per image: the base model's denoising-error z-score and the flag
+            from .manifold import typicality_z
+
+            z, flags = self.manifold.flags(latents)
+            z, flags = self.dp.gather_shards(z.float()), self.dp.gather_shards(flags)
+            metrics.update(manifold_z=[round(float(v), 2) for v in z], off_manifold=[bool(f) for f in flags],
+                           off_manifold_count=int(flags.sum()),
+                           noise_typicality_z=[round(float(v), 2) for v in self.dp.gather_shards(typicality_z(x.float()))])
+            captions = [f"z {float(v):.1f}" + (" OFF" if f else "") for v, f in zip(z, flags)]
+            if stage == "before":
+                metrics["manifold_calibration"] = self.manifold.calibration.describe()
         if self.judge is not None:
             metrics.update(self.judge.metrics(images, prompts=prompts))
             if o.optimize_cond and stage == "after":
@@ -283,7 +364,7 @@ class GuideTask(Task):
                 fresh = s.generate_all(s.noise(o.n, self.seed + 7919), prompt_embeddings.detached(self.cond))
                 metrics.update({f"fresh_noise_{k}": v for k, v in self.judge.metrics(fresh, prompts=prompts).items()
                                 if isinstance(v, float)})
-        return Evaluation(images, metrics)
+        return _evaluation(images, metrics, captions)
 
     def summarize(self, before, after):
         out = {"metrics_from": ("the judge (independent, never optimised) and the optimised critic"
@@ -291,6 +372,8 @@ class GuideTask(Task):
                                 "the optimised critic only (no --judge given: not an independent evaluation)")}
         if "judge_accuracy" in after:
             out.update(judge_accuracy_before=before["judge_accuracy"], judge_accuracy_after=after["judge_accuracy"])
+        if "off_manifold_count" in after:
+            out.update(off_manifold_after=after["off_manifold_count"], manifold_calibration=before["manifold_calibration"])
         return out
 
     def write_artifacts(self, out):
@@ -308,6 +391,12 @@ class GuideTask(Task):
         if self.dp.is_main:
             save_file(tensors, str(out / "latents.safetensors"))
         return {"latents": "latents.safetensors"}
+
+
+def _evaluation(images, metrics, captions) -> Evaluation:
+    """An Evaluation, with one caption per image where Evaluation takes captions (the comparison picture's)."""
+    fields = getattr(Evaluation, "__dataclass_fields__", {})
+    return Evaluation(images, metrics, **({"captions": captions} if captions and "captions" in fields else {}))
 
 
 APPLICATION = Application(

@@ -125,6 +125,7 @@ def _guide_section(res: dict, img: Path) -> tuple[list[str], list[str], str]:
                   *_method_table(rows, ["judge accuracy after", "Fréchet to class after", "guide CE (last)"],
                                  lambda r: [_f(r["after"]["judge_accuracy"], pct=True),
                                             _f(r["after"]["frechet_to_class"], 1), _f(r["loss"]["last"], 3)])]
+    lines += _seed_table(res.get("seeds") or {})
     panels = []
     for d, row in res["digits"].items():
         f = Path(row["folder"])
@@ -132,6 +133,29 @@ def _guide_section(res: dict, img: Path) -> tuple[list[str], list[str], str]:
                    (f"digit {d}: after (judge {_f(row['after']['judge_accuracy'], pct=True)})", f / "after" / "grid.png")]
     pic = _panel_figure(panels, img / "results_guide.png", cols=len(panels))
     return lines, head, pic
+
+
+def _seed_table(seeds: dict) -> list[str]:
+    """Per seed, the command with every default (`adjointdpm guide --target-class D --seed S`): the judge's
+    accuracy, the Fréchet distance, the after-images flagged off the model's manifold, the time."""
+    if not seeds:
+        return []
+    lines = ["", "Every default, ten seeds (`adjointdpm guide --target-class D -n 16 --seed S`; flagged: after-images "
+             "whose denoising-error z-score exceeds the threshold, see docs/guide_robustness.md):", "",
+             "| digit | seed | judge accuracy after | Fréchet to class after | flagged off-manifold | iterations | model calls | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d, rows in seeds.items():
+        for r in rows:
+            lines.append(f"| {d} | {r['seed']} | {_f(r['judge_accuracy'], pct=True)} | {_f(r['frechet_to_class'], 1)} | "
+                         f"{r['off_manifold'] if r['off_manifold'] is not None else '–'} | {r['iterations']} | "
+                         f"{r['model_calls']} | {r['seconds']:.0f} |")
+        acc = [r["judge_accuracy"] for r in rows if r["judge_accuracy"] is not None]
+        fd = [r["frechet_to_class"] for r in rows if r["frechet_to_class"] is not None]
+        if acc and fd:
+            lines.append(f"| {d} | mean (min) | {_f(sum(acc) / len(acc), pct=True)} ({_f(min(acc), pct=True)}) | "
+                         f"{_f(sum(fd) / len(fd), 1)} (max {_f(max(fd), 1)}) | "
+                         f"{sum(r['off_manifold'] or 0 for r in rows)} | | | {sum(r['seconds'] for r in rows) / len(rows):.0f} |")
+    return lines
 
 
 def _best(rows: list[dict], key: str, lower: bool = False, pct: bool = True, digits: int = 2) -> str:

@@ -61,6 +61,7 @@ class Scale:
     invert: invert.Options
     baselines: tuple = BASELINES
     guide_extra: tuple = ()
+    guide_seeds: tuple = ()  # the command's defaults (``adjointdpm guide --target-class D --seed S``) on these seeds
     baseline_digits: tuple = (8,)
     gradcheck_steps: tuple = (10, 15, 20)
     gradcheck_n: int = 4
@@ -81,7 +82,7 @@ SCALES = {
         safety=audit.Options(attack="safety", n=48),
         stylize=stylize.Options(reference="outline"),
         invert=invert.Options(),
-        guide_extra=("reversible",),
+        guide_extra=("reversible",), guide_seeds=tuple(range(10)),
     ),
     "tiny": Scale(
         steps=6, solver="dpmpp2m",
@@ -91,7 +92,7 @@ SCALES = {
         stylize=stylize.Options(reference="outline", lora_rank=2, lr=1e-3, content_weight=1.0, n_train=2, batch=2,
                                 n_eval=2, iters=2),
         invert=invert.Options(effect="thicken", n_train=2, n_heldout=2, lr=0.05, iters=2),
-        baselines=("truncated", "onestep"), gradcheck_steps=(2, 3), gradcheck_n=2, jobs=1,
+        baselines=("truncated", "onestep"), gradcheck_steps=(2, 3), gradcheck_n=2, jobs=1, guide_seeds=(0, 1),
     ),
 }
 
@@ -111,11 +112,11 @@ class Runner:
 
     def run(self, folder: str, grad: str, options, budget: int | None, seed: int = 0) -> dict:
         """One run of this application with ``options`` (``budget``: run until it, not ``options.iters``);
-        ``seed``: the task's (the loop's is 0)."""
+        ``seed``: the task's and the loop's, as the command's ``--seed``."""
         s = self.session(grad, solver="ddim" if grad == "reversible" else None)
         task = APPLICATIONS[self.app].build(s, options, seed=seed)
         cfg = LoopConfig(out=self.out / folder, iters=options.iters if budget is None else 10**6, budget=budget,
-                         checkpoint_every=10**6, progress=self.progress, seed=0)
+                         checkpoint_every=10**6, progress=self.progress, seed=seed)
         summary = run(task, cfg)
         summary["folder"] = str(self.out / folder)
         summary["method"] = grad
@@ -142,7 +143,18 @@ def run_guide(r: Runner) -> dict:
             res["digits"][d] = rows[0]
         else:
             res["digits"][d] = r.run(f"guide/adjoint_{d}", "adjoint", options, None)
+    # robustness across seeds: the command as a user runs it (its own gradient mode, every default)
+    res["seeds"] = {d: [_seed_row(r.run(f"guide/seeds_{d}/seed_{s}", "exact", replace(r.preset.guide, target_class=str(d)),
+                                        None, seed=s), s)
+                        for s in r.preset.guide_seeds] for d in r.preset.guide_digits} if r.preset.guide_seeds else {}
     return res
+
+
+def _seed_row(summary: dict, seed: int) -> dict:
+    a = summary["after"]
+    return {"seed": seed, "judge_accuracy": a.get("judge_accuracy"), "frechet_to_class": a.get("frechet_to_class"),
+            "off_manifold": a.get("off_manifold_count"), "seconds": summary["seconds"],
+            "iterations": summary["iterations"], "model_calls": summary["model_calls"]["total"]}
 
 
 def run_audit(r: Runner) -> dict:
