@@ -119,3 +119,16 @@ def test_bad_manifold_options_are_one_line_errors(tmp_path):
 
     with pytest.raises(UserInputError, match="--manifold-weight"):
         _task(tmp_path, manifold_weight=-1.0)
+
+
+def test_audit_reports_the_flag(tmp_path, capsys):
+    from adjointdpm.cli import run
+
+    out = tmp_path / "a"
+    code = run([str(a) for a in ["audit", "--out", out, "-n", "4", "--iters", "1", "--steps", "8", "--quiet"]])
+    assert code == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    for stage in ("before", "after"):
+        assert len(s[stage]["manifold_z"]) == 4 and s[stage]["off_manifold_count"] == sum(s[stage]["off_manifold"])
+    assert s["before"]["manifold_calibration"]["plain_samples"] == 4
+    assert s["off_manifold_after"] == s["after"]["off_manifold_count"]

@@ -17,7 +17,8 @@ from adjointdpm.commands.applications import application_command
 
 # the recipes of docs/results.md, as measured (written out here so that a changed default fails a test)
 RECIPES = {
-    "guide": dict(n=16, lr=0.1, optimizer="normalized", views=8, view_noise=0.3, stop_loss=0.1, iters=20),
+    "guide": dict(n=16, lr=0.1, optimizer="normalized", views=8, view_noise=0.3, stop_loss=0.1, iters=20,
+                  manifold_weight=0.1, manifold_threshold=6.0, typicality_weight=0.0),
     "audit": dict(n=100, eps=0.2, step_size=0.05, iters=6),
     "stylize": dict(reference="outline", lora_rank=4, lr=3e-3, content_weight=1.0, n_train=16, batch=8, n_eval=32,
                     iters=10),

@@ -29,5 +29,8 @@ def test_reproduce_tiny(tmp_path, capsys):
     assert f"{a['psnr_train']:.2f}" in md
     guide = res["results"]["guide"]["digits"]["8"]
     assert f"{100 * guide['after']['judge_accuracy']:.0f} %" in md
+    seeds = res["results"]["guide"]["seeds"]["8"]  # the command's defaults per seed, with the off-manifold count
+    assert [r["seed"] for r in seeds] == [0, 1] and all(isinstance(r["off_manifold"], int) for r in seeds)
+    assert f"| 8 | 1 | {100 * seeds[1]['judge_accuracy']:.0f} % | {seeds[1]['frechet_to_class']:.1f} | {seeds[1]['off_manifold']} |" in md
     for row in rows:  # each run is an ordinary application run with its own outputs
         assert (out / "invert" / row["method"] / "summary.json").is_file()

@@ -79,7 +79,7 @@ class Options:
     keep_best: bool = True  # the result is each sample's iterate of lowest loss (not with optimize_cond); not an option
     stop_loss: Optional[float] = option(None, "--stop-loss", help="A noise whose loss falls below this is done (0: never) (default: 0.1 for classifiers, 0 otherwise).")
     iters: int = option(20, "--iters", help="Optimisation iterations.")
-    manifold_weight: float = option(0.0, "--manifold-weight", help="Weight of the base model's denoising-error prior in the loss: + w·relu(z) per sample, z the z-score of its denoising error against plain samples (0: none).")
+    manifold_weight: float = option(0.1, "--manifold-weight", help="Weight of the base model's denoising-error prior in the loss: + w·relu(z) per sample, z the z-score of its denoising error against plain samples (0: none).")
     typicality_weight: float = option(0.0, "--typicality-weight", help="Weight of the noise typicality prior: + w·mean_g z_g² of x_T's frequency bands and spatial blocks (0: none).")
     manifold_threshold: float = option(MANIFOLD_THRESHOLD, "--manifold-threshold", help="Denoising-error z-score above which an image is off the model's manifold: flagged in summary.json and never kept as a result while an unflagged iterate exists (0: no check).")
     calibration_samples: int = option(64, "--calibration-samples", help="Plain samples (fresh noises, same prompt) that calibrate the denoising-error z-score.")

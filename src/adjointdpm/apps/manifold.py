@@ -93,6 +93,11 @@ def typicality_z(x: torch.Tensor, bands: int = 4, blocks: int = 4) -> torch.Tens
     return ((z.pow(2).sum(1) - g) / math.sqrt(2 * g)).to(x.dtype)
 
 
+def noise_flags(x: torch.Tensor, threshold: float = THRESHOLD, bands: int = 4, blocks: int = 4) -> torch.Tensor:
+    """Per sample (B,): is the noise atypical for N(0, I) (``typicality_z`` above ``threshold``)?"""
+    return typicality_z(x, bands, blocks) > threshold
+
+
 # ------------------------------------------------------------------------------------ denoising error
 def _level_points(num_steps: int, levels=LEVELS) -> list[int]:
     return sorted({min(num_steps - 1, max(0, round(f * (num_steps - 1)))) for f in levels})
