@@ -78,7 +78,9 @@ def test_guide_sharded_noises_equal_single_process(runs):
     two, one, _ = runs["guide"]
     a, b = load_file(str(two / "latents.safetensors")), load_file(str(one / "latents.safetensors"))
     assert a["latents"].shape == b["latents"].shape == (4, 1, 16, 16)
-    assert _relative(a, b) <= 1e-6
+    # (the manifold prior's denoiser calls run on each process's rows: its batch-size rounding, amplified by the
+    # normalised steps, shows at ~1e-5; a wrong sharding gives ~0.1)
+    assert _relative(a, b) <= 1e-4
     from adjointdpm.components import load_components
 
     initial = {"latents": load_components().noise(4, 0)}
@@ -87,7 +89,7 @@ def test_guide_sharded_noises_equal_single_process(runs):
     assert sa["model_calls"] == sb["model_calls"] and sa["iterations"] == sb["iterations"] == 3
     assert sa["after"]["judge_class_histogram"] == sb["after"]["judge_class_histogram"]
     assert [h["loss"] for h in sa["loss"]["history"]] == pytest.approx([h["loss"] for h in sb["loss"]["history"]],
-                                                                         rel=1e-6)
+                                                                         rel=1e-4)
 
 
 @pytest.mark.parametrize("name, file", [("guide_noises", "latents.safetensors"), ("audit_noises", "attack.safetensors")])

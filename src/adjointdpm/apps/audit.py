@@ -122,12 +122,14 @@ class AuditTask(Task):
         an attacked image above the threshold left the model's manifold (:mod:`.manifold`)."""
         import adjointdpm as adpm
 
-        from .manifold import ManifoldCheck
+        from .manifold import ManifoldCalibration, ManifoldCheck, denoising_error
 
         s = self.session
         sampler = adpm.build_sampler(s.network, s.schedule, s.timesteps(0), solver="ddim",
                                      prediction_type=s.comps.prediction_type, guidance_scale=1.0)
-        return ManifoldCheck.calibrated(sampler, self.cond, original_latents, seed=self.seed)
+        with torch.no_grad():  # every process's original samples calibrate (one process: these rows)
+            errors = self.dp.gather_shards(denoising_error(sampler, original_latents, self.cond, seed=self.seed))
+        return ManifoldCheck(sampler, self.cond, ManifoldCalibration.from_errors(errors), seed=self.seed)
 
     def injected_noise(self, idx: torch.Tensor | None = None, *, original: bool = False):
         """The injected noises of rows ``idx`` (default all) as ``adpm.sample`` takes them: (N, b, …) of
