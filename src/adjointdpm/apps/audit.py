@@ -207,7 +207,9 @@ class AuditTask(Task):
             **({} if noise_linf is None else {"noise_linf_max": float(noise_linf.max())}),
             **self.attack.metrics(images, label, valid),
         }
-        return Evaluation(images, metrics)
+        captions = [("fooled" if hit else "kept") if attacked else "not attacked"
+                    for hit, attacked in zip(success.tolist(), valid.tolist())]
+        return Evaluation(images, metrics, captions=captions)
 
     def summarize(self, before, after):
         return {"success_rate": after["success_rate"], "eps": self.opts.eps,
@@ -232,6 +234,12 @@ class AuditTask(Task):
         if dp.is_main:
             save_file(tensors, str(out / "attack.safetensors"))
         return {"attack": "attack.safetensors"}
+
+    def pipeline_call(self) -> dict:
+        """The attacked latents of attack.safetensors with the run's prompts."""
+        from .pipeline_call import pipeline_call
+
+        return pipeline_call(self.session, tensors={"latents": "attack.safetensors:latents"}, prompts=self.prompts)
 
 
 APPLICATION = Application(

@@ -1,5 +1,5 @@
 """Checks of user input that every command shares: a torch device, a writable output folder, a prompt the
-tokenizer takes whole. Each failure is one :class:`~.errors.UserInputError` line naming the fix."""
+tokenizer takes whole, the image size, prompt length and negative prompt put into a model's settings. Each failure is one :class:`~.errors.UserInputError` line naming the fix."""
 
 from __future__ import annotations
 
@@ -43,3 +43,30 @@ def check_prompt_length(tokenizer, prompt: str) -> None:
         raise UserInputError(
             f"prompt {prompt!r} is {n} tokens long; this model's tokenizer takes at most "
             f"{tokenizer.model_max_length} (start and end tokens included): shorten it")
+
+
+def apply_image_settings(comps, height: int | None = None, width: int | None = None,
+                         max_sequence_length: int | None = None, negative_prompt: str | None = None) -> None:
+    """Put ``--height``, ``--width``, ``--max-sequence-length`` and ``--negative-prompt`` into the model's
+    settings (what its family's latent shape and prompt encoding read), each checked: the size a multiple of
+    what the latent grid needs, the sequence length on the families with a T5 encoder, the negative prompt
+    within the tokenizer's length."""
+    settings = comps.settings
+    family = comps.family_spec
+    step = family.vae_scale_factor(comps) * (2 if comps.family == "flux" else 1)  # (Flux packs 2x2 latent patches)
+    for name, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
+        if value < step or value % step:
+            raise UserInputError(f"--{name} must be a positive multiple of {step} for this model, got {value}")
+        settings[name] = int(value)
+    if max_sequence_length is not None:
+        if "max_sequence_length" not in settings:
+            raise UserInputError("--max-sequence-length applies to models with a T5 text encoder (SD3, Flux, "
+                                 "PixArt), not this one")
+        if max_sequence_length < 1:
+            raise UserInputError(f"--max-sequence-length must be >= 1, got {max_sequence_length}")
+        settings["max_sequence_length"] = int(max_sequence_length)
+    if negative_prompt is not None:
+        check_prompt_length(comps.prompt_tokenizer, negative_prompt)
+        settings["negative_prompt"] = negative_prompt

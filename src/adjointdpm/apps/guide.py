@@ -86,6 +86,7 @@ def build(session: Session, options: Options, seed: int = 0) -> "GuideTask":
 
 class GuideTask(Task):
     name = "guide"
+    loss_name = "target loss (mean over views)"
 
     sharded_state = ("best_x", "best_loss", "done", "best_noise")
 
@@ -276,6 +277,8 @@ class GuideTask(Task):
         images = self.dp.gather_shards(s.generate(x, prompt_embeddings.detached(self.cond), start=o.start_step, noise=noise))
         prompts = [self.prompt] * images.shape[0]
         metrics = dict(self.target.metrics(images))
+        per_image = self.target.loss(images, prompts=prompts, indices=list(range(images.shape[0])))
+        captions = [f"loss {float(v):.3g}" for v in per_image.flatten().tolist()]
         if self.judge is not None:
             metrics.update(self.judge.metrics(images, prompts=prompts))
             if o.optimize_cond and stage == "after":
@@ -283,7 +286,7 @@ class GuideTask(Task):
                 fresh = s.generate_all(s.noise(o.n, self.seed + 7919), prompt_embeddings.detached(self.cond))
                 metrics.update({f"fresh_noise_{k}": v for k, v in self.judge.metrics(fresh, prompts=prompts).items()
                                 if isinstance(v, float)})
-        return Evaluation(images, metrics)
+        return Evaluation(images, metrics, captions=captions)
 
     def summarize(self, before, after):
         out = {"metrics_from": ("the judge (independent, never optimised) and the optimised critic"
@@ -308,6 +311,18 @@ class GuideTask(Task):
         if self.dp.is_main:
             save_file(tensors, str(out / "latents.safetensors"))
         return {"latents": "latents.safetensors"}
+
+    def pipeline_call(self) -> dict:
+        """The latents (and with --optimize-cond the embeddings, repeated per image) of latents.safetensors."""
+        from .pipeline_call import pipeline_call
+
+        o, file = self.opts, "latents.safetensors"
+        tensors = {"latents": f"{file}:latents"}
+        if not o.optimize_cond:
+            return pipeline_call(self.session, tensors=tensors, prompts=[self.prompt] * o.n, start=o.start_step)
+        names = prompt_embeddings.pipeline_tensors(self.cond, self.session.uncond)
+        tensors.update({k: f"{file}:{k}" for k in names})
+        return pipeline_call(self.session, tensors=tensors, num_images_per_prompt=o.n, start=o.start_step)
 
 
 APPLICATION = Application(

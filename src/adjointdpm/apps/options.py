@@ -8,8 +8,9 @@ option is declared twice.
 
 Shared groups (every application command takes them): :class:`OutputOptions` (``--out``),
 :class:`EngineOptions` (model and sampler: ``--model``, ``--grad``, ``--memory-budget``, ``--solver``,
-``--eta``, ``--steps``, ``--guidance-scale``, ``--device``, ``--critics``), :class:`LoopOptions` (``--seed``,
-``--budget``, ``--checkpoint-every``, ``--resume``, ``--on-nonfinite``) and :class:`ConsoleOptions`
+``--eta``, ``--steps``, ``--guidance-scale``, ``--height``, ``--width``, ``--max-sequence-length``,
+``--negative-prompt``, ``--device``, ``--critics``), :class:`LoopOptions` (``--seed``,
+``--budget``, ``--checkpoint-every``, ``--resume``, ``--overwrite``, ``--on-nonfinite``) and :class:`ConsoleOptions`
 (``--quiet``, ``--debug``); the critic options two applications share are :func:`loss_option` and
 :func:`judge_option`.
 """
@@ -95,8 +96,8 @@ class OutputOptions:
 class EngineOptions:
     """The model and how to sample from it (what a :class:`~.session.Session` is made from)."""
 
-    model: Optional[Path] = option(None, "--model", "-m", help="Local diffusers folder (SD 1.x/2.x layout) (default: "
-                                                               "the embedded digits model).")
+    model: Optional[Path] = option(None, "--model", "-m", help="Local diffusers pipeline folder: SD 1.x/2.x, SDXL, "
+                                   "SD3/3.5, Flux or PixArt (default: the embedded digits model).")
     grad: str = option("exact", "--grad", help=GRAD_HELP)
     memory_budget: Optional[str] = option(
         None, "--memory-budget", help="With --grad exact: keep the autograd graphs of as many sampling steps as fit "
@@ -112,6 +113,13 @@ class EngineOptions:
         None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; on the embedded "
         "model audit, stylize and invert use 1, their recipe).")
     device: str = option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".')
+    height: Optional[int] = option(None, "--height", help="Image height in pixels (default: the model's).")
+    width: Optional[int] = option(None, "--width", help="Image width in pixels (default: the model's).")
+    max_sequence_length: Optional[int] = option(
+        None, "--max-sequence-length", help="T5 prompt length in tokens on SD3, Flux and PixArt (default: the "
+        "model's: 256, 512, 300).")
+    negative_prompt: Optional[str] = option(None, "--negative-prompt", help="The prompt classifier-free guidance "
+                                            "steers away from (default: the empty prompt, as the pipeline).")
     critics: Optional[Path] = option(None, "--critics", help="The digits model's critics folder (critics/) to use on "
                                      "another model (default: the model's own critics/, if any).")
 
@@ -137,6 +145,8 @@ class LoopOptions:
     checkpoint_every: int = option(5, "--checkpoint-every", help="Save the state every K iterations (also on Ctrl-C "
                                                                  "and at the end).")
     resume: bool = option(False, "--resume", help="Continue the run saved in --out/checkpoint.")
+    overwrite: bool = option(False, "--overwrite", help="Replace the earlier run in --out (its outputs are removed "
+                             "when the run starts); without it, or --resume, an earlier run there is refused.")
     on_nonfinite: str = option("stop", "--on-nonfinite", help="On a NaN/inf loss or gradient: stop (saving the last "
                                                               "good state) or skip the step.")
 

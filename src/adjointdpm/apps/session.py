@@ -8,6 +8,9 @@ starting state with the chosen gradient mode, applies the objective (which decod
 back-propagate, whatever the mode (the one-step x̂₀ baseline back-propagates step by step itself; see
 :mod:`.baselines`).
 
+The image size, the T5 prompt length and the negative prompt (``--height``, ``--width``,
+``--max-sequence-length``, ``--negative-prompt``) go into the model's settings, which the family reads.
+
 The engine is asked, never assembled here: the family's sampling setup (schedule, grid, guidance, negative
 conditioning) in ``__init__``, ``adpm.sample`` in :meth:`sample`, ``adpm.build_sampler`` in :meth:`sampler`.
 """
@@ -24,7 +27,7 @@ import adjointdpm as adpm
 
 from . import prompt_embeddings
 from .baselines import OneStep, grad_label, resolve_grad
-from .checks import check_prompt_length, parse_device
+from .checks import apply_image_settings, check_prompt_length, parse_device
 from .errors import UserInputError
 from .options import EngineOptions
 
@@ -47,6 +50,12 @@ class Session:
         self.comps = load_components(model, device=device)
         self.model_path = None if model is None else str(Path(model).expanduser())
         self.critics_path = engine.critics
+        # --height/--width/--max-sequence-length/--negative-prompt: the family's latent shape and prompt encoding
+        apply_image_settings(self.comps, engine.height, engine.width, engine.max_sequence_length,
+                             engine.negative_prompt)
+        self.negative_prompt = engine.negative_prompt
+        self._image_options = {k: getattr(engine, k) for k in ("height", "width", "max_sequence_length",
+                                                               "negative_prompt") if getattr(engine, k) is not None}
         settings = self.comps.settings
         self.solver = engine.solver or settings.get("default_solver", "dpmpp2m")
         known = [*adpm.SOLVERS, *adpm.STOCHASTIC_SOLVER_NAMES]
@@ -129,7 +138,7 @@ class Session:
 
     def describe(self) -> dict:
         return {"model": self.model_path or "embedded", "grad": grad_label(self.grad), "solver": self.solver,
-                "eta": self.eta, "steps": self.steps, "guidance_scale": self.guidance_scale}
+                "eta": self.eta, "steps": self.steps, "guidance_scale": self.guidance_scale, **self._image_options}
 
     def timesteps(self, start: int = 0) -> np.ndarray:
         """Model times of the sampling grid, from step ``start`` on."""

@@ -6,7 +6,9 @@ components a folder must list, how the pipeline turns prompts into the network's
 those of a latent UNet / transformer family with an ``AutoencoderKL``:
 
 * latent grid: ``height // f`` x ``width // f`` with the VAE factor ``f = 2 ** (len(block_out_channels) - 1)``,
-  ``height = width = sample_size * f`` unless the folder's ``adjointdpm.json`` sets ``height`` / ``width``;
+  ``height = width = sample_size * f`` unless the settings (the folder's ``adjointdpm.json``, or the
+  session's ``--height`` / ``--width``) set ``height`` / ``width``; the negative prompt is the settings'
+  ``negative_prompt`` (default "");
 * ``noise(n, seed)``: ``torch.randn`` from a CPU generator seeded with ``seed`` (float32 draws, then cast),
   which is what ``randn_tensor`` draws for the pipeline's ``prepare_latents`` with that generator;
 * ``decode(x0)``: ``vae.decode(x0 / scaling_factor + shift_factor)`` (shift 0 when the VAE has none);
@@ -79,6 +81,11 @@ class SamplingSetup:
     guidance_scale: float
     encode_kwargs: dict = field(default_factory=dict)
     uncond: Any = None
+
+
+def negative_prompt(c) -> str:
+    """The prompt classifier-free guidance steers away from: the settings' ``negative_prompt``, else ""."""
+    return c.settings.get("negative_prompt") or ""
 
 
 def pad_ids(tok, prompts: list[str], max_length: int, device) -> torch.Tensor:
@@ -159,8 +166,9 @@ class Family:
         raise NotImplementedError
 
     def negative_cond(self, c, n: int, **kwargs):
-        """The empty-prompt cond for classifier-free guidance, batch ``n``, without the shared keys."""
-        neg = self.encode_prompt(c, [""] * n, **kwargs)
+        """The negative prompt's cond for classifier-free guidance (the settings' ``negative_prompt``, default
+        the empty prompt, as the pipeline), batch ``n``, without the shared keys."""
+        neg = self.encode_prompt(c, [negative_prompt(c)] * n, **kwargs)
         if isinstance(neg, dict):
             neg = {k: v for k, v in neg.items() if k not in self.shared_keys}
         return neg

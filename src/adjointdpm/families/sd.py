@@ -17,7 +17,8 @@ import torch
 
 from ..schedule import VPSchedule
 from ..validation import resolve_timesteps
-from .base import SCHEDULER, UNET, VAE, Family, Part, SamplingSetup, pad_ids, text_encoder, tokenizer
+from .base import (SCHEDULER, UNET, VAE, Family, Part, SamplingSetup, negative_prompt, pad_ids, text_encoder,
+                   tokenizer)
 
 
 class StableDiffusion(Family):
@@ -33,7 +34,10 @@ class StableDiffusion(Family):
     def image_latent_shape(self, c) -> tuple[int, int, int]:
         s = c.unet.config.sample_size
         h, w = (s, s) if isinstance(s, int) else tuple(s)
-        return int(c.unet.config.in_channels), int(h), int(w)
+        f = self.vae_scale_factor(c)  # (the settings' height / width in pixels, where given)
+        h = int(c.settings["height"]) // f if c.settings.get("height") else int(h)
+        w = int(c.settings["width"]) // f if c.settings.get("width") else int(w)
+        return int(c.unet.config.in_channels), h, w
 
     def encode_prompt(self, c, prompts, **kwargs) -> torch.Tensor:
         ids = pad_ids(c.tokenizer, prompts, c.tokenizer.model_max_length, c.text_encoder.device)
@@ -51,4 +55,4 @@ class StableDiffusion(Family):
         if guidance_scale == 1.0:
             return None
         with torch.no_grad():
-            return self.encode_prompt(c, [""]).detach()
+            return self.encode_prompt(c, [negative_prompt(c)]).detach()
