@@ -52,8 +52,7 @@ def apply_image_settings(comps, height: int | None = None, width: int | None = N
     what the latent grid needs, the sequence length on the families with a T5 encoder, the negative prompt
     within the tokenizer's length."""
     settings = comps.settings
-    family = comps.family_spec
-    step = family.vae_scale_factor(comps) * (2 if comps.family == "flux" else 1)  # (Flux packs 2x2 latent patches)
+    step = size_multiple(comps)
     for name, value in (("height", height), ("width", width)):
         if value is None:
             continue
@@ -70,3 +69,17 @@ def apply_image_settings(comps, height: int | None = None, width: int | None = N
     if negative_prompt is not None:
         check_prompt_length(comps.prompt_tokenizer, negative_prompt)
         settings["negative_prompt"] = negative_prompt
+
+
+def size_multiple(comps) -> int:
+    """What an image's height and width must be a multiple of, as the family's pipeline checks them: 8 on
+    SD/SDXL UNets, the VAE factor times the patch size on SD3/PixArt, twice the VAE factor on Flux (2x2
+    packed latent patches)."""
+    import math
+
+    f = comps.family_spec.vae_scale_factor(comps)
+    if comps.family == "flux":
+        return 2 * f
+    if comps.family in ("sd", "sdxl"):
+        return math.lcm(8, f)
+    return f * int(getattr(comps.network.config, "patch_size", 1) or 1)

@@ -101,6 +101,17 @@ def run_summary(task, cfg, state, iteration, reason, after, files) -> dict:
 
 
 def plot_loss(history: list[dict], path: Path, title: str, loss_name: str = "loss") -> None:
+    """``loss_curve.png``: :func:`loss_figure`, written atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(history, title, loss_name)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def loss_figure(history: list[dict], title: str, loss_name: str = "loss"):
     """The loss per iteration: integer iteration ticks, the loss named and its direction (minimised)."""
     import matplotlib
 
@@ -115,13 +126,10 @@ def plot_loss(history: list[dict], path: Path, title: str, loss_name: str = "los
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"{loss_name} (lower is better)")
     calls = history[-1]["calls"] if history else 0
-    ax.set_title(f"{title}: {loss_name}, minimised ({calls} model calls)")
+    ax.set_title(f"{title}: {loss_name} ({calls} model calls)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return fig
 
 
 #: what a run writes at the top of ``--out`` (besides the files its task lists in summary.json)
@@ -143,7 +151,7 @@ def check_out(out: Path, resume: bool = False, overwrite: bool = False) -> Path:
     if resume and overwrite:
         raise UserInputError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if out.exists() and not out.is_dir():
-        raise UserInputError(f"--out {out} exists and is not a folder")
+        raise UserInputError(f"cannot write to --out {out}: it is a file, not a folder")
     if out.is_dir() and holds_run(out) and not (resume or overwrite):
         raise UserInputError(f"--out {out} holds an earlier run: pass --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")

@@ -241,15 +241,19 @@ def replay(out, model=None, device="cpu", dtype: torch.dtype | None = None) -> t
 
 
 def model_of_run(out: Path) -> Path:
-    """The model folder a run used (summary.json's ``settings.model``; the embedded model's own folder)."""
+    """The model folder a run used (summary.json's ``settings.model``, a sample's sample.json ``model``)."""
     from ..components import EMBEDDED_MODEL
     from .errors import UserInputError
 
-    try:
-        model = json.loads((Path(out) / "summary.json").read_text())["settings"]["model"]
-    except (OSError, ValueError, KeyError):
-        raise UserInputError(f"{out}/summary.json names no model: pass the model folder") from None
-    return EMBEDDED_MODEL if model == "embedded" else Path(model)
+    for name, keys in (("summary.json", ("settings", "model")), ("sample.json", ("model",))):
+        try:
+            model = json.loads((Path(out) / name).read_text())
+            for key in keys:
+                model = model[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return EMBEDDED_MODEL if model == "embedded" else Path(model)
+    raise UserInputError(f"{out} has no summary.json or sample.json naming its model: pass the model folder")
 
 
 def _transformer_class(folder: Path) -> str:
