@@ -101,7 +101,7 @@ def run_app(app, family, world, capsys, tmp_path, *extra):
 CASES = ([(app, "embedded") for app in ("guide", "audit", "stylize", "invert")]
          + [(app, "sd") for app in ("guide", "audit", "stylize", "invert")]
          + [("guide", f) for f in ("sdxl", "sd3", "flux", "pixart")]
-         + [("invert", f) for f in ("sdxl", "sd3", "flux")]
+         + [("invert", f) for f in ("sdxl", "sd3", "flux", "pixart")]
          + [("stylize", "flux"), ("stylize", "pixart"), ("audit", "sd3")])
 
 

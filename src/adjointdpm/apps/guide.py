@@ -307,22 +307,25 @@ class GuideTask(Task):
         if self.session.stochastic:
             tensors["noises"] = self.session.gathered_noise(self.injected_noise(result=True), self.x)
         if self.opts.optimize_cond:
+            from .pipeline_call import attention_masks
+
             tensors.update(prompt_embeddings.pipeline_tensors(self.cond, self.session.uncond))
+            tensors.update(attention_masks(self.cond, self.session.uncond))
         if self.dp.is_main:
             save_file(tensors, str(out / "latents.safetensors"))
         return {"latents": "latents.safetensors"}
 
     def pipeline_call(self) -> dict:
         """The latents (and with --optimize-cond the embeddings, repeated per image) of latents.safetensors."""
-        from .pipeline_call import pipeline_call
+        from .pipeline_call import given_embeddings, pipeline_call
 
         o, file = self.opts, "latents.safetensors"
         tensors = {"latents": f"{file}:latents"}
         if not o.optimize_cond:
             return pipeline_call(self.session, tensors=tensors, prompts=[self.prompt] * o.n, start=o.start_step)
-        names = prompt_embeddings.pipeline_tensors(self.cond, self.session.uncond)
-        tensors.update({k: f"{file}:{k}" for k in names})
-        return pipeline_call(self.session, tensors=tensors, num_images_per_prompt=o.n, start=o.start_step)
+        refs, extra, per_prompt = given_embeddings(self.session, prompt_embeddings.detached(self.cond), file, o.n)
+        return pipeline_call(self.session, tensors={**tensors, **refs}, num_images_per_prompt=per_prompt,
+                             start=o.start_step, extra_tensors=extra)
 
 
 APPLICATION = Application(

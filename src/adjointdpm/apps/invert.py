@@ -231,7 +231,10 @@ class InvertTask(Task):
             if self.train_targets is not None:
                 targets = [self.train_targets] + ([self.held_targets] if self.held_targets is not None else [])
                 save_images(torch.cat(targets), out / "targets", nrow=max(self.n_train, self.opts.n_heldout))
+            from .pipeline_call import attention_masks
+
             tensors = {**prompt_embeddings.pipeline_tensors(self.cond, self.session.uncond),
+                       **attention_masks(self.cond, self.session.uncond),
                        **{f"initial_{k}": v for k, v in prompt_embeddings.pipeline_tensors(self.cond0).items()},
                        "latents": self._after_noise().cpu().contiguous()}
             save_file(tensors, str(out / "embedding.safetensors"))
@@ -243,11 +246,12 @@ class InvertTask(Task):
 
     def pipeline_call(self) -> dict:
         """The learned embedding (repeated per image) on the noises of ``after/``."""
-        from .pipeline_call import pipeline_call
+        from .pipeline_call import given_embeddings, pipeline_call
 
-        names = prompt_embeddings.pipeline_tensors(self.cond, self.session.uncond)
-        tensors = {"latents": "embedding.safetensors:latents", **{k: f"embedding.safetensors:{k}" for k in names}}
-        return pipeline_call(self.session, tensors=tensors, num_images_per_prompt=len(self._after_noise()))
+        refs, extra, per_prompt = given_embeddings(self.session, prompt_embeddings.detached(self.cond),
+                                                   "embedding.safetensors", len(self._after_noise()))
+        return pipeline_call(self.session, tensors={"latents": "embedding.safetensors:latents", **refs},
+                             num_images_per_prompt=per_prompt, extra_tensors=extra)
 
 
 APPLICATION = Application(

@@ -255,8 +255,10 @@ def run(task: Task, cfg: LoopConfig) -> dict:
         files = task.write_artifacts(out)
         call = task.pipeline_call()
         if call is not None:
-            from .pipeline_call import FILE, write
+            from .pipeline_call import EXTRA_FILE, FILE, write
 
+            if call.get("_extra_tensors"):
+                files["pipeline_call_tensors"] = EXTRA_FILE
             files["pipeline_call"] = write(out, call) if main else FILE
         summary = run_summary(task, cfg, state, iteration, reason, ev.metrics, files)
         if main:

@@ -134,7 +134,7 @@ def loss_figure(history: list[dict], title: str, loss_name: str = "loss"):
 
 #: what a run writes at the top of ``--out`` (besides the files its task lists in summary.json)
 RUN_OUTPUTS = ("before", "after", CHECKPOINT_DIR, "comparison.png", "loss_curve.png", "summary.json",
-               "pipeline_call.json")
+               "pipeline_call.json", "pipeline_call.safetensors")
 
 
 def holds_run(out: Path) -> bool:

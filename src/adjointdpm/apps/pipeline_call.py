@@ -14,9 +14,12 @@ Every application writes, beside its tensors, one JSON object::
 and :func:`replay` does exactly what a diffusers user would: ``<pipeline>.from_pretrained(model folder)``, the
 scheduler set where one is given, ``load_lora_weights`` where there is a LoRA, the tensors loaded from their
 safetensors files, and the pipeline called with ``kwargs`` plus those tensors. The images are ``after/`` to
-the 8-bit rounding of its PNGs (``exact`` false says where they cannot be; ``notes`` says why: a stochastic
-solver's injected noises are no pipeline argument, a model time between integers is rounded by diffusers'
-schedulers, a ``--start-step`` or a ``--solver`` other than the folder's scheduler has no pipeline twin).
+the 8-bit rounding of its PNGs. The tensors are the run's own files, except optimised prompt embeddings on
+SD3 and Flux, whose pipelines take given embeddings as they are: those are written repeated per image in
+``pipeline_call.safetensors``. ``exact`` false says where the images cannot be ``after/`` and ``notes`` says
+why: a stochastic solver's injected noises are no pipeline argument, a model time between integers is rounded
+by diffusers' schedulers, a ``--start-step`` or a ``--solver`` other than the folder's scheduler has no
+pipeline twin.
 
 How the run sampled is read off the session in one place, :func:`sampling_call`: on SD 1.x/2.x folders and the
 embedded model the engine samples the VP path at N uniform model times with the chosen solver, which the
@@ -138,10 +141,12 @@ def guidance_kwargs(session) -> dict:
 
 def pipeline_call(session, *, tensors: dict[str, str], prompts: list[str] | None = None,
                   num_images_per_prompt: int | None = None, lora: str | None = None,
-                  components: dict[str, str] | None = None, start: int = 0, notes: list[str] = ()) -> dict:
+                  components: dict[str, str] | None = None, start: int = 0, notes: list[str] = (),
+                  extra_tensors: dict | None = None) -> dict:
     """The ``pipeline_call.json`` object of a run of ``session``: ``tensors`` {pipeline keyword:
     "FILE.safetensors:KEY"} (the latents, optimised embeddings), ``prompts`` (one per image; None when the
-    embeddings are given), ``lora`` / ``components`` relative to the output folder."""
+    embeddings are given), ``lora`` / ``components`` relative to the output folder; ``extra_tensors``: what
+    :func:`write` saves as ``pipeline_call.safetensors`` (see :func:`given_embeddings`)."""
     comps = session.comps
     sampling = sampling_call(session, start)
     pipeline = comps.pipeline_config.get("_class_name") or "StableDiffusionPipeline"
@@ -158,6 +163,8 @@ def pipeline_call(session, *, tensors: dict[str, str], prompts: list[str] | None
         negative = getattr(session, "negative_prompt", None)
         if negative is not None or "true_cfg_scale" in kwargs:
             kwargs["negative_prompt"] = [negative or ""] * len(prompts)
+    if "negative_prompt_embeds" in tensors:  # (PixArt's default negative prompt "" would clash with them)
+        kwargs["negative_prompt"] = None
     if num_images_per_prompt is not None:
         kwargs["num_images_per_prompt"] = int(num_images_per_prompt)
     height, width = comps.family_spec.image_size(comps)
@@ -167,15 +174,55 @@ def pipeline_call(session, *, tensors: dict[str, str], prompts: list[str] | None
     if comps.family == "pixart":
         kwargs.update(PIXART_CALL)
     all_notes = [*sampling.notes, *notes]
-    return {"pipeline": pipeline, "from_pretrained": load, "scheduler": sampling.scheduler, "lora": lora,
+    call = {"pipeline": pipeline, "from_pretrained": load, "scheduler": sampling.scheduler, "lora": lora,
             "components": dict(components or {}), "kwargs": kwargs, "tensors": dict(tensors),
             "exact": not all_notes, "notes": all_notes}
+    if extra_tensors:
+        call["_extra_tensors"] = extra_tensors  # (not JSON: write saves them)
+    return call
+
+
+#: families whose pipeline repeats given prompt embeddings ``num_images_per_prompt`` times (SD3's and Flux's
+#: use given embeddings as they are: their call gets them repeated per image, in pipeline_call.safetensors)
+REPEATS_GIVEN_EMBEDDINGS = ("sd", "sdxl", "pixart")
+EXTRA_FILE = "pipeline_call.safetensors"
+
+
+def given_embeddings(session, cond, file: str, n: int) -> tuple[dict[str, str], dict, int | None]:
+    """How a call passes optimised embeddings ``cond`` (saved in ``file`` under the pipeline's names, with the
+    session's negative ones) for ``n`` images: (tensor references, tensors to write to
+    ``pipeline_call.safetensors``, ``num_images_per_prompt``)."""
+    from .prompt_embeddings import pipeline_tensors
+
+    tensors = {**pipeline_tensors(cond, session.uncond), **attention_masks(cond, session.uncond)}
+    if session.comps.family in REPEATS_GIVEN_EMBEDDINGS:
+        return {k: f"{file}:{k}" for k in tensors}, {}, n
+    repeated = {k: (t.expand(n, *t.shape[1:]) if t.shape[0] == 1 else t).contiguous() for k, t in tensors.items()}
+    return {k: f"{EXTRA_FILE}:{k}" for k in repeated}, repeated, None
+
+
+def attention_masks(cond, uncond=None) -> dict[str, torch.Tensor]:
+    """The prompt attention masks a pipeline needs beside given embeddings (PixArt's ``prompt_attention_mask``
+    and ``negative_prompt_attention_mask``), from the conditionings' ``encoder_attention_mask``."""
+    out = {}
+    for prefix, tree in (("", cond), ("negative_", uncond)):
+        mask = tree.get("encoder_attention_mask") if isinstance(tree, dict) else None
+        if isinstance(mask, torch.Tensor):
+            out[f"{prefix}prompt_attention_mask"] = mask.detach().cpu().contiguous()
+    return out
 
 
 def write(out: Path, call: dict) -> str:
-    """Write ``call`` as ``out/pipeline_call.json``; its name relative to ``out``."""
+    """Write ``call`` as ``out/pipeline_call.json`` (and its extra tensors as ``pipeline_call.safetensors``); its
+    name relative to ``out``."""
     from .checkpoint import atomic_write_json
 
+    call = dict(call)
+    extra = call.pop("_extra_tensors", None)
+    if extra:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(Path(out) / EXTRA_FILE))
     atomic_write_json(Path(out) / FILE, call)
     return FILE
 

@@ -189,8 +189,9 @@ def sample_pipeline_call(session, prompt, embeddings, n: int) -> dict:
     if embeddings is None:
         return pipeline_call(session, tensors=tensors, prompts=[prompt] * n)
     tensors.update({k: f"embedding.safetensors:{k}" for k in embeddings
-                    if k.startswith(("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
-                                     "negative_pooled_prompt_embeds"))})
+                    if k in ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+                             "negative_pooled_prompt_embeds", "prompt_attention_mask",
+                             "negative_prompt_attention_mask")})
     rows = int(embeddings["prompt_embeds"].shape[0]) if "prompt_embeds" in embeddings else 1
     return pipeline_call(session, tensors=tensors, num_images_per_prompt=max(1, n // rows))
 
