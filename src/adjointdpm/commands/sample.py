@@ -73,7 +73,8 @@ def sample(
     if (prompt is None) == (embedding is None):
         raise UserInputError("give --prompt or --embedding (one of them)")
     out = check_out(out, overwrite=True)  # a folder, writable; nothing created yet
-    if (out / "sample.json").is_file() and not overwrite:
+    earlier = (out / "sample.json").is_file()
+    if earlier and not overwrite:
         raise UserInputError(f"--out {out} holds an earlier sample: pass --overwrite to replace it, or choose "
                              "another --out")
     x_given = None if latents is None else read_tensor(latents, "latents", "--latents")
@@ -101,7 +102,7 @@ def sample(
     images = session.generate(x_T, cond, batch_size=batch_size, noise=session.noise_streams(range(n), seed))
 
     out = check_writable(out)  # (created now: every argument was checked)
-    if overwrite:  # (the earlier sample's images, which may be more than this one's)
+    if earlier:  # (--overwrite: the earlier sample's images, which may be more than this one's)
         for old in out.glob("[0-9]*.png"):
             old.unlink()
     files, grid = save_images(images, out)
