@@ -155,13 +155,14 @@ def test_calls_that_cannot_be_exact_say_why(tmp_path, capsys, world):
     assert call["exact"] is False and "between integers" in " ".join(call["notes"])
 
 
-def test_sample_looks_at_a_runs_latents_and_embedding(tmp_path, capsys, world):
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_sample_looks_at_a_runs_latents_and_embedding(tmp_path, capsys, world, family):
     """``sample --latents --embedding`` remakes invert's after/ without Python, and writes its own call."""
-    out = run_app("invert", "sd", world, capsys, tmp_path)
+    out = run_app("invert", family, world, capsys, tmp_path)
     settings = json.loads((out / "summary.json").read_text())["settings"]
     look = tmp_path / "look"
-    code, err = cli(["sample", "--model", world["sd"], "--embedding", out / "embedding.safetensors",
-                     "--latents", f"{out / 'embedding.safetensors'}:latents", "--steps", "4", "--solver", "dpmpp2m",
+    code, err = cli(["sample", "--model", model_folder(world, family), "--embedding", out / "embedding.safetensors",
+                     "--latents", f"{out / 'embedding.safetensors'}:latents", "--steps", "4",
                      "--guidance-scale", settings["guidance_scale"], "--out", look], capsys)
     assert code == 0, err
     assert torch.equal(pngs(look), pngs(out / "after"))

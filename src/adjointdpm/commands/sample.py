@@ -118,7 +118,8 @@ def sample(
     meta = {
         "prompt": prompt, "embedding": None if embedding is None else str(embedding),
         "latents": latents, "num_images": n, "seed": seed, "steps": session.steps, "solver": session.solver,
-        "eta": eta, "guidance_scale": session.guidance_scale, **session._image_options,
+        "eta": eta,
+        "guidance_scale": session.comps.settings["default_guidance_scale"] if guidance_scale is None else guidance_scale, **session._image_options,
         "model": str(session.comps.path), "files": [f.name for f in files], "grid": grid.name,
         "x_T": "latents.safetensors", "pipeline_call": "pipeline_call.json",
     }
@@ -182,19 +183,29 @@ def _replace(tree, replaced: dict, device):
     return {k: _replace(v, replaced, device) if isinstance(v, (dict, torch.Tensor)) else v for k, v in tree.items()}
 
 
-def sample_pipeline_call(session, prompt, embeddings, n: int) -> dict:
-    """The pipeline call of a sample: its x_T, and its prompt (one per image) or saved embeddings."""
+def sample_pipeline_call(session, prompt, embeddings, n: int, lora: str | None = None) -> dict:
+    """The pipeline call of a sample: its x_T, and its prompt (one per image) or saved embeddings; ``lora``: a
+    LoRA folder the network was given, relative to the output folder."""
     from adjointdpm.apps.pipeline_call import pipeline_call
 
     tensors = {"latents": "latents.safetensors:latents"}
     if embeddings is None:
-        return pipeline_call(session, tensors=tensors, prompts=[prompt] * n)
-    tensors.update({k: f"embedding.safetensors:{k}" for k in embeddings
-                    if k in ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
-                             "negative_pooled_prompt_embeds", "prompt_attention_mask",
-                             "negative_prompt_attention_mask")})
-    rows = int(embeddings["prompt_embeds"].shape[0]) if "prompt_embeds" in embeddings else 1
-    return pipeline_call(session, tensors=tensors, num_images_per_prompt=max(1, n // rows))
+        return pipeline_call(session, tensors=tensors, prompts=[prompt] * n, lora=lora)
+    from adjointdpm.apps.pipeline_call import EXTRA_FILE, REPEATS_GIVEN_EMBEDDINGS
+
+    given = {k: v for k, v in embeddings.items() if k in EMBEDDING_NAMES}
+    rows = int(given["prompt_embeds"].shape[0]) if "prompt_embeds" in given else 1
+    if session.comps.family in REPEATS_GIVEN_EMBEDDINGS:  # (the pipeline repeats them per image)
+        tensors.update({k: f"embedding.safetensors:{k}" for k in given})
+        return pipeline_call(session, tensors=tensors, num_images_per_prompt=max(1, n // rows), lora=lora)
+    repeated = {k: (v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v).contiguous() for k, v in given.items()}
+    tensors.update({k: f"{EXTRA_FILE}:{k}" for k in repeated})
+    return pipeline_call(session, tensors=tensors, lora=lora, extra_tensors=repeated)
+
+
+#: the pipeline keywords a saved embedding file may hold
+EMBEDDING_NAMES = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
+                   "prompt_attention_mask", "negative_prompt_attention_mask")
 
 
 def register(app: typer.Typer) -> None:
