@@ -23,7 +23,7 @@ def runnable_blocks() -> list[tuple[str, str]]:
     blocks = []
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = doc.read_text()
-        for i, match in enumerate(BLOCK.finditer(text)):
+        for match in BLOCK.finditer(text):
             line = text[: match.start()].count("\n") + 1
             blocks.append((f"{doc.name}:{line}", match.group(1)))
         assert text.count(MARKER) == len(BLOCK.findall(text)), f"{doc.name}: a runnable marker not before ```python"

@@ -131,7 +131,7 @@ def guidance_kwargs(session) -> dict:
     if session.comps.family != "flux":
         return {"guidance_scale": w}
     out = {}
-    distilled = session._encode_kwargs.get("guidance_scale")
+    distilled = session.encode_kwargs.get("guidance_scale")
     if distilled is not None:
         out["guidance_scale"] = float(distilled)
     if w != 1.0:
@@ -259,7 +259,8 @@ def load_pipeline(out, model=None, device="cpu", dtype: torch.dtype | None = Non
 
     out = Path(out).expanduser()
     call = load_call(out)
-    folder = Path(model).expanduser() if model is not None else model_of_run(out)
+    folder = model_of_run(out) if model is None else model
+    folder = Path(folder).expanduser() if Path(folder).expanduser().exists() else folder  # (else a hub id)
     kw = {"local_files_only": True, **({"torch_dtype": dtype} if dtype is not None else {})}
     for name, rel in call.get("components", {}).items():
         cls = getattr(diffusers, "UNet2DConditionModel" if name == "unet" else _transformer_class(folder))
@@ -287,7 +288,7 @@ def replay(out, model=None, device="cpu", dtype: torch.dtype | None = None) -> t
     return images.float().clamp(0, 1).cpu()
 
 
-def model_of_run(out: Path) -> Path:
+def model_of_run(out: Path) -> Path | str:
     """The model folder a run used (summary.json's ``settings.model``, a sample's sample.json ``model``)."""
     from ..components import EMBEDDED_MODEL
     from .errors import UserInputError
@@ -299,7 +300,7 @@ def model_of_run(out: Path) -> Path:
                 model = model[key]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        return EMBEDDED_MODEL if model == "embedded" else Path(model)
+        return EMBEDDED_MODEL if model == "embedded" else model
     raise UserInputError(f"{out} has no summary.json or sample.json naming its model: pass the model folder")
 
 

@@ -54,7 +54,7 @@ class Session:
         apply_image_settings(self.comps, engine.height, engine.width, engine.max_sequence_length,
                              engine.negative_prompt)
         self.negative_prompt = engine.negative_prompt
-        self._image_options = {k: getattr(engine, k) for k in ("height", "width", "max_sequence_length",
+        self.image_options = {k: getattr(engine, k) for k in ("height", "width", "max_sequence_length",
                                                                "negative_prompt") if getattr(engine, k) is not None}
         settings = self.comps.settings
         self.solver = engine.solver or settings.get("default_solver", "dpmpp2m")
@@ -90,6 +90,11 @@ class Session:
         setup = self.comps.family_spec.sampling_setup(self.comps, self.steps, w)
         self.schedule, self._times = setup.schedule, setup.timesteps
         self.guidance_scale, self._encode_kwargs, self.uncond = setup.guidance_scale, setup.encode_kwargs, setup.uncond
+
+    @property
+    def encode_kwargs(self) -> dict:
+        """The family's extra prompt-encoding keywords (Flux: its distilled ``guidance`` value)."""
+        return self._encode_kwargs
 
     def _uncond(self):
         return self.uncond if self.guidance_scale != 1.0 else None
@@ -138,7 +143,7 @@ class Session:
 
     def describe(self) -> dict:
         return {"model": self.model_path or "embedded", "grad": grad_label(self.grad), "solver": self.solver,
-                "eta": self.eta, "steps": self.steps, "guidance_scale": self.guidance_scale, **self._image_options}
+                "eta": self.eta, "steps": self.steps, "guidance_scale": self.guidance_scale, **self.image_options}
 
     def timesteps(self, start: int = 0) -> np.ndarray:
         """Model times of the sampling grid, from step ``start`` on."""

@@ -119,7 +119,7 @@ def sample(
         "prompt": prompt, "embedding": None if embedding is None else str(embedding),
         "latents": latents, "num_images": n, "seed": seed, "steps": session.steps, "solver": session.solver,
         "eta": eta,
-        "guidance_scale": session.comps.settings["default_guidance_scale"] if guidance_scale is None else guidance_scale, **session._image_options,
+        "guidance_scale": session.comps.settings["default_guidance_scale"] if guidance_scale is None else guidance_scale, **session.image_options,
         "model": str(session.comps.path), "files": [f.name for f in files], "grid": grid.name,
         "x_T": "latents.safetensors", "pipeline_call": "pipeline_call.json",
     }
