@@ -67,13 +67,19 @@ def checkpointed_blocks(decoder: torch.nn.Module):
     from diffusers.models.upsampling import Upsample2D
 
     patched = [m for m in decoder.modules() if isinstance(m, (ResnetBlock2D, Attention, Upsample2D))]
+    # a module's own forward: the class's, or one a hook installed on the instance (accelerate's offload
+    # hooks, which bring the weights to the device), which the checkpoint then runs (and re-runs)
+    own = [m.__dict__.get("forward") for m in patched]
     for m in patched:
-        m.forward = partial(_checkpoint, type(m).forward.__get__(m), use_reentrant=False)
+        m.forward = partial(_checkpoint, m.forward, use_reentrant=False)
     try:
         yield
     finally:
-        for m in patched:
-            del m.forward  # back to the class's forward
+        for m, forward in zip(patched, own):
+            if forward is None:
+                del m.forward  # back to the class's forward
+            else:
+                m.forward = forward
 
 
 def _starts(size: int, tile: int, overlap: int) -> list[int]:

@@ -35,8 +35,8 @@ class StableDiffusion(Family):
         h, w = (s, s) if isinstance(s, int) else tuple(s)
         return int(c.unet.config.in_channels), int(h), int(w)
 
-    def encode_prompt(self, c, prompts, **kwargs) -> torch.Tensor:
-        ids = pad_ids(c.tokenizer, prompts, c.tokenizer.model_max_length, c.text_encoder.device)
+    def encode_text(self, c, prompts, **kwargs) -> torch.Tensor:
+        ids = pad_ids(c.tokenizer, prompts, c.tokenizer.model_max_length, c.device)
         return c.text_encoder(ids)[0]
 
     def sampling_setup(self, c, steps: int, guidance_scale: float, true_cfg_scale: float | None = None,
