@@ -151,8 +151,10 @@ class DiffusionComponents:
     def decode(self, latents: torch.Tensor, checkpoint: bool = True) -> torch.Tensor:
         """Latents (what the pipeline hands to its VAE step) -> images in [-1, 1] (identity in pixel space).
 
-        With a graph recorded and ``checkpoint`` (the default) the decoder's blocks are checkpointed."""
-        return self.family_spec.decode(self, latents, checkpoint=checkpoint)
+        With a graph recorded and ``checkpoint`` (the default) the decoder's blocks are checkpointed. Images of a
+        half-precision VAE come back in float32 (critics and losses run in float32; the cast is differentiable)."""
+        images = self.family_spec.decode(self, latents, checkpoint=checkpoint)
+        return images.float() if images.dtype in (torch.float16, torch.bfloat16) else images
 
     # ------------------------------------------------------------------ memory
     @property
@@ -457,12 +459,18 @@ def _single_file_network(comps: DiffusionComponents, file: Path, config_root: Pa
     cls = type(comps.network)
     if not hasattr(cls, "from_single_file"):
         raise ComponentsError(f"{cls.__name__} cannot be loaded from a single file (diffusers has no converter for it)")
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # (it warns about float32 modules when it casts, even when there are none)
     try:
         return cls.from_single_file(str(file), config=str(config_root), subfolder=name, torch_dtype=dtype,
                                     local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ComponentsError(f"cannot load {file} as the {name} of {config_root}: {first}") from e
+    finally:
+        logging.set_verbosity(level)
 
 
 def load_components(path: str | os.PathLike | None = None, device="cpu", dtype="auto", *, config=None,

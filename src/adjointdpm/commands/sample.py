@@ -1,8 +1,9 @@
 """``adjointdpm sample``: text-to-image generation with the embedded model or a local diffusers folder.
 
-``--model`` opens an SD 1.x/2.x, SDXL, SD3/3.5, Flux or PixArt-alpha/Sigma pipeline folder (safetensors,
-offline); steps, solver and guidance scale default to the model's (the solver that reproduces the
-folder's scheduler).
+``--model`` opens an SD 1.x/2.x, SDXL, SD3/3.5, Flux or PixArt-alpha/Sigma pipeline folder, a Hugging Face
+id (through its cache) or a single-file network checkpoint with ``--config`` (safetensors only); ``--dtype``,
+``--offload`` and ``--compile`` as on every command; steps, solver and guidance scale default to the
+model's (the solver that reproduces the folder's scheduler).
 
 Writes one PNG per image (``000.png`` ...), ``grid.png`` and ``sample.json`` (the settings used)
 into ``--out``. Initial noise x_T is drawn from a CPU generator seeded with ``--seed``.
@@ -15,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from adjointdpm.apps.options import ConsoleOptions, typer_option
+from adjointdpm.apps.options import ConsoleOptions, EngineOptions, typer_option
 
 
 def sample(
@@ -27,7 +28,11 @@ def sample(
     solver: Optional[str] = typer.Option(None, "--solver", help="ODE solver: ddim (Euler; FlowMatchEuler's step on flow models), dpmpp2m or heun (default: the model's); stochastic: ddpm, euler_ancestral, dpmpp2m_sde, lcm, or ddim with --eta > 0 (image i's injected noises from its own stream of --seed)."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM's eta in [0, 1] (--solver ddim only): 0 deterministic, 1 DDPM's posterior noise."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; guidance-distilled Flux: the guidance it is given)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Local diffusers folder: SD 1.x/2.x, SDXL, SD3/3.5, Flux or PixArt (default: the embedded digits model)."),
+    model: Optional[Path] = typer_option(EngineOptions, "model"),
+    config: Optional[Path] = typer_option(EngineOptions, "config"),
+    dtype: str = typer_option(EngineOptions, "dtype"),
+    offload: bool = typer_option(EngineOptions, "offload"),
+    compile: bool = typer_option(EngineOptions, "compile"),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per network batch."),
     device: str = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".'),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's choice; 1 is best on a busy machine)."),
@@ -58,7 +63,7 @@ def sample(
 
     if threads:
         torch.set_num_threads(threads)
-    comps = load_components(model, device=dev)
+    comps = load_components(model, device=dev, dtype=dtype, config=config, offload=offload, compile=compile)
     check_prompt_length(comps.prompt_tokenizer, prompt)  # (longer prompts would be cut silently)
     out = check_writable(out)  # before the work, not after it
     images = comps.generate([prompt] * num_images, seed=seed, steps=steps, solver=solver, eta=eta,
