@@ -452,11 +452,13 @@ def _place(module: torch.nn.Module, device, offload: bool) -> torch.nn.Module:
     return cpu_offload(module.to("cpu"), execution_device=torch.device(device))
 
 
-def _single_file_network(comps: DiffusionComponents, file: Path, config_root: Path, dtype) -> torch.nn.Module:
-    """The network of ``comps`` re-loaded from a single-file checkpoint (its own key layout or diffusers'),
-    with ``config_root``'s config (diffusers' ``from_single_file(..., config=)``)."""
-    name = comps.family_spec.network
-    cls = type(comps.network)
+def _single_file_network(root: Path, index: dict, fam: Family, file: Path, dtype) -> torch.nn.Module:
+    """The family's network from a single-file checkpoint (its original key layout or diffusers'), with the
+    config in ``root``'s network subfolder (diffusers' ``from_single_file(..., config=root)``)."""
+    name = fam.network
+    cls = _component_class(root, index, name, _fallback(name) if fam.name == "sd" else None)
+    if not (root / name / "config.json").is_file():
+        raise ComponentsError(f"{root} has no {name}/config.json for the single-file checkpoint {file}")
     if not hasattr(cls, "from_single_file"):
         raise ComponentsError(f"{cls.__name__} cannot be loaded from a single file (diffusers has no converter for it)")
     from diffusers.utils import logging
@@ -464,11 +466,11 @@ def _single_file_network(comps: DiffusionComponents, file: Path, config_root: Pa
     level = logging.get_verbosity()
     logging.set_verbosity_error()  # (it warns about float32 modules when it casts, even when there are none)
     try:
-        return cls.from_single_file(str(file), config=str(config_root), subfolder=name, torch_dtype=dtype,
+        return cls.from_single_file(str(file), config=str(root), subfolder=name, torch_dtype=dtype,
                                     local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ComponentsError(f"cannot load {file} as the {name} of {config_root}: {first}") from e
+        raise ComponentsError(f"cannot load {file} as the {name} of {root}: {first}") from e
     finally:
         logging.set_verbosity(level)
 
@@ -494,7 +496,11 @@ def load_components(path: str | os.PathLike | None = None, device="cpu", dtype="
     root = model_folder(config if file is not None else path)
     index = _read_index(root)
     fam = _family(root, index)
-    parts = _load_parts(root, index, fam, dtype)
+    # a single file replaces the network: the folder need not hold its weights, and they are not read
+    parts = _load_parts(root, index, fam, dtype, only=None if file is None else
+                        tuple(p for p in fam.parts if p.name != fam.network))
+    if file is not None:
+        parts[fam.network] = _single_file_network(root, index, fam, file, dtype)
     for name, m in parts.items():
         if isinstance(m, torch.nn.Module):
             parts[name] = _place(m, device, offload and name != fam.network)
@@ -507,9 +513,6 @@ def load_components(path: str | os.PathLike | None = None, device="cpu", dtype="
         tokenizer_2=parts.get("tokenizer_2"), text_encoder_3=parts.get("text_encoder_3"),
         tokenizer_3=parts.get("tokenizer_3"), pipeline_config=index,
         load_options={"root": root, "dtype": dtype, "offload": bool(offload), "single_file": file})
-    if file is not None:
-        network = _place(_single_file_network(comps, file, root, dtype), device, False)
-        setattr(comps, fam.network, network)
     if compile:
         comps.network.compile(**(compile if isinstance(compile, dict) else {}))
     comps.settings = fam.default_settings(comps)

@@ -104,16 +104,16 @@ def snapshot(repo_id: str, revision: str | None = None, *, layout: str = "pipeli
                                    allow_patterns=allow, ignore_patterns=ignore)
     except LocalEntryNotFoundError:
         if offline:
-            raise HubError(f"{what} {label} is not in the Hugging Face cache {cache_dir()} and HF_HUB_OFFLINE=1 "
-                           f"forbids downloading it: run `hf download {repo_id}"
+            raise HubError(f"{what} {label} is no local path, nor in the Hugging Face cache {cache_dir()}, and "
+                           f"HF_HUB_OFFLINE=1 forbids downloading it: run `hf download {repo_id}"
                            f"{f' --revision {revision}' if revision else ''}` online, or unset HF_HUB_OFFLINE") from None
-        raise HubError(f"{what} {label} is not in the Hugging Face cache {cache_dir()} and the Hub cannot be "
-                       "reached: check the connection, or download it where the Hub can be reached") from None
+        raise HubError(f"{what} {label} is no local path, nor in the Hugging Face cache {cache_dir()}, and the Hub "
+                       "cannot be reached: check the connection, or download it where the Hub can be reached") from None
     except RevisionNotFoundError:
         raise HubError(f"{what} {label}: the Hub has no revision {revision!r} of {repo_id}") from None
     except (RepositoryNotFoundError, GatedRepoError) as e:
         kind = "is gated (accept its licence on the Hub and log in: hf auth login)" if isinstance(e, GatedRepoError) \
-            else "does not exist on the Hub (or is private: log in with hf auth login)"
+            else "is no local path, and no Hub repository (or a private one: log in with hf auth login)"
         raise HubError(f"{what} {label} {kind}") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
