@@ -166,3 +166,23 @@ def test_compile_wraps_the_network_in_place(folders):
     assert list(compiled.network.state_dict()) == list(plain.network.state_dict())
     torch.testing.assert_close(compiled.generate(PROMPTS[:1], seed=0, steps=1, guidance_scale=1.0),
                                plain.generate(PROMPTS[:1], seed=0, steps=1, guidance_scale=1.0), rtol=1e-6, atol=1e-6)
+
+
+def test_exact_weight_gradients_of_a_bf16_folder(folders):
+    """The network loaded in bfloat16: exact's weight gradients are bfloat16 (accumulated over the steps in
+    float32, gradients/_vjp.py), finite and close to those of the float32 network."""
+    import adjointdpm as adpm
+
+    grads = {}
+    for dtype in ("fp32", "bf16"):
+        comps = load_components(folders["sd"], dtype=dtype)
+        layer = comps.unet.conv_in
+        layer.weight.requires_grad_(True)
+        setup = comps.family_spec.sampling_setup(comps, 4, 1.0)
+        x0 = adpm.sample(comps.unet, comps.noise(2, 0), schedule=setup.schedule, timesteps=setup.timesteps,
+                         cond=comps.encode_prompt(PROMPTS), solver="dpmpp2m", grad="exact")
+        comps.decode(x0).square().mean().backward()
+        grads[dtype] = layer.weight.grad
+    assert grads["bf16"].dtype == torch.bfloat16 and torch.isfinite(grads["bf16"]).all()
+    rel = ((grads["bf16"].float() - grads["fp32"]).norm() / grads["fp32"].norm()).item()
+    assert rel < 0.1, rel
