@@ -186,3 +186,24 @@ def test_exact_weight_gradients_of_a_bf16_folder(folders):
     assert grads["bf16"].dtype == torch.bfloat16 and torch.isfinite(grads["bf16"]).all()
     rel = ((grads["bf16"].float() - grads["fp32"]).norm() / grads["fp32"].norm()).item()
     assert rel < 0.1, rel
+
+
+def test_commands_take_dtype_and_offload(folders, tmp_path, capsys):
+    import json
+
+    from adjointdpm.cli import run
+
+    loss = tmp_path / "loss.py"
+    loss.write_text("def bright(images):\n    return (images - 1).pow(2).mean((1, 2, 3))\n")
+    out = tmp_path / "guide"
+    code = run(["guide", "--model", str(folders["sd"]), "--out", str(out), "-n", "2", "--iters", "2", "--steps", "3",
+                "--loss", f"{loss}:bright", "--prompt", "a photo", "--quiet", "--dtype", "bf16", "--offload"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "summary.json").is_file()
+    code = run(["sample", "--model", str(folders["sd"]), "-p", "a photo", "-n", "1", "--steps", "2",
+                "-o", str(tmp_path / "s"), "--dtype", "bf16"])
+    assert code == 0 and json.loads((tmp_path / "s" / "sample.json").read_text())["dtype"] == "bfloat16"
+    capsys.readouterr()
+    code = run(["sample", "-p", "a photo", "-n", "1", "-o", str(tmp_path / "bad"), "--dtype", "int4"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "unknown dtype 'int4': use bf16, fp16 or fp32" in err

@@ -74,7 +74,8 @@ def sample(
         "prompt": prompt, "num_images": num_images, "seed": seed,
         "steps": steps or settings["default_steps"], "solver": solver or settings["default_solver"], "eta": eta,
         "guidance_scale": settings["default_guidance_scale"] if guidance_scale is None else guidance_scale,
-        "model": str(comps.path), "files": [f.name for f in files], "grid": grid.name,
+        "model": str(comps.path), "dtype": str(comps.dtype).removeprefix("torch."),
+        "files": [f.name for f in files], "grid": grid.name,
     }
     (out / "sample.json").write_text(json.dumps(meta, indent=2) + "\n")
     typer.echo(f"wrote {len(files)} images and {grid.name} to {out}")
