@@ -83,6 +83,11 @@ def test_released_encoders_are_freed_and_come_back(folders, family):
     for key, value in before.items():
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+    kept = dict(comps.text_encoders)
+    assert comps.release_encoders("cpu") == list(kept)  # (to CPU memory: the same modules, moved back on use)
+    assert comps.released == {n: "cpu" for n in kept} and comps.text_encoders == kept
+    comps.encode_prompt(PROMPTS)
+    assert comps.released == {} and all(comps.text_encoders[n] is m for n, m in kept.items())
     with pytest.raises(ValueError, match="'auto', 'cpu' or 'free'"):
         comps.release_encoders("gpu")
 
