@@ -64,9 +64,12 @@ def test_generic_applications_and_critics_do_not_import_the_digits_model():
     offenders = {f: sorted(m for m in _imports(SRC / f) if m.startswith("adjointdpm.embedded")) for f in GENERIC}
     assert not {f: m for f, m in offenders.items() if m}, offenders
     assert "apps/guide.py" in GENERIC and "apps/choose.py" not in GENERIC
-    critics = {f: sorted(m for m in _imports(SRC / f) if m.startswith("adjointdpm.") and not m.startswith("adjointdpm.critics"))
+    # critics: transformers / diffusers only, and the Hub-id resolver, a leaf that imports no adjointdpm module
+    leaf = ("adjointdpm.critics", "adjointdpm.hub")
+    critics = {f: sorted(m for m in _imports(SRC / f) if m.startswith("adjointdpm.") and not m.startswith(leaf))
                for f in GENERIC if f.startswith("critics/")}
-    assert not {f: m for f, m in critics.items() if m}, critics  # critics: transformers / diffusers only
+    assert not {f: m for f, m in critics.items() if m}, critics
+    assert not {m for m in _imports(SRC / "hub.py") if m.startswith("adjointdpm")}
 
 
 def test_application_modules_have_no_import_cycle():

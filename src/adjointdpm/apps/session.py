@@ -17,7 +17,6 @@ conditioning) in ``__init__``, ``adpm.sample`` in :meth:`sample`, ``adpm.build_s
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -41,14 +40,11 @@ class Session:
 
         self.dp = SingleProcess() if dp is None else dp  # the processes the tasks of this session are spread over
         model = engine.model
-        if model is not None and not Path(model).expanduser().exists():
-            raise UserInputError(f"model folder {model} does not exist (give a local diffusers folder; nothing is "
-                                 "downloaded)")
         device = parse_device(engine.device)
         if self.dp.world_size > 1 and self.dp.device.type == "cuda":
             device = self.dp.device  # each process its own GPU
-        self.comps = load_components(model, device=device)
-        self.model_path = None if model is None else str(Path(model).expanduser())
+        self.comps = load_components(model, device=device, **engine.load_kwargs())
+        self.model_path = None if model is None else str(self.comps.load_options.get("single_file") or self.comps.path)
         self.critics_path = engine.critics
         # --height/--width/--max-sequence-length/--negative-prompt: the family's latent shape and prompt encoding
         apply_image_settings(self.comps, engine.height, engine.width, engine.max_sequence_length,
@@ -161,7 +157,9 @@ class Session:
         """The conditioning of ``prompts``: a (B, L, D) tensor, or the family's dict of network arguments."""
         for p in prompts:
             self.check_prompt(p)
-        return prompt_embeddings.detached(self.comps.encode_prompt(list(prompts), **self._encode_kwargs))
+        cond = prompt_embeddings.detached(self.comps.encode_prompt(list(prompts), **self._encode_kwargs))
+        self.comps.release_encoders()  # (no task differentiates through them; the next encode brings them back)
+        return cond
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
         return self.comps.noise(n, seed)

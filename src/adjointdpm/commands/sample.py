@@ -1,10 +1,11 @@
 """``adjointdpm sample``: text-to-image generation with the embedded model or a local diffusers folder, and a
 look at any run's output without writing Python.
 
-``--model`` opens an SD 1.x/2.x, SDXL, SD3/3.5, Flux or PixArt-alpha/Sigma pipeline folder (safetensors,
-offline); steps, solver and guidance scale default to the model's (the solver that reproduces the
-folder's scheduler); ``--height``, ``--width``, ``--max-sequence-length`` and ``--negative-prompt`` as the
-application commands take them.
+``--model`` opens an SD 1.x/2.x, SDXL, SD3/3.5, Flux or PixArt-alpha/Sigma pipeline folder, a Hugging Face
+id (through its cache) or a single-file network checkpoint with ``--config`` (safetensors only); ``--dtype``,
+``--offload`` and ``--compile`` as on every command; steps, solver and guidance scale default to the model's
+(the solver that reproduces the folder's scheduler); ``--height``, ``--width``, ``--max-sequence-length`` and
+``--negative-prompt`` as the application commands take them.
 
 ``--latents FILE[:KEY]`` samples from saved noises instead of seeded ones (guide's ``latents.safetensors``,
 audit's ``attack.safetensors``, stylize's ``eval_latents.safetensors``; one image per row); ``--embedding
@@ -37,7 +38,11 @@ def sample(
     solver: Optional[str] = typer.Option(None, "--solver", help="ODE solver: ddim (Euler; FlowMatchEuler's step on flow models), dpmpp2m or heun (default: the model's); stochastic: ddpm, euler_ancestral, dpmpp2m_sde, lcm, or ddim with --eta > 0 (image i's injected noises from its own stream of --seed)."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM's eta in [0, 1] (--solver ddim only): 0 deterministic, 1 DDPM's posterior noise."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; guidance-distilled Flux: the guidance it is given)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Local diffusers folder: SD 1.x/2.x, SDXL, SD3/3.5, Flux or PixArt (default: the embedded digits model)."),
+    model: Optional[Path] = typer_option(EngineOptions, "model"),
+    config: Optional[Path] = typer_option(EngineOptions, "config"),
+    dtype: str = typer_option(EngineOptions, "dtype"),
+    offload: bool = typer_option(EngineOptions, "offload"),
+    compile: bool = typer_option(EngineOptions, "compile"),
     height: Optional[int] = typer_option(EngineOptions, "height"),
     width: Optional[int] = typer_option(EngineOptions, "width"),
     max_sequence_length: Optional[int] = typer_option(EngineOptions, "max_sequence_length"),
@@ -82,7 +87,8 @@ def sample(
 
     if threads:
         torch.set_num_threads(threads)
-    session = Session(EngineOptions(model=model, solver=solver, eta=eta, steps=steps, guidance_scale=guidance_scale,
+    session = Session(EngineOptions(model=model, config=config, dtype=dtype, offload=offload, compile=compile,
+                                    solver=solver, eta=eta, steps=steps, guidance_scale=guidance_scale,
                                     device=device, height=height, width=width, max_sequence_length=max_sequence_length,
                                     negative_prompt=negative_prompt))
     n = num_images or (x_given.shape[0] if x_given is not None else 16)
@@ -120,7 +126,7 @@ def sample(
         "latents": latents, "num_images": n, "seed": seed, "steps": session.steps, "solver": session.solver,
         "eta": eta,
         "guidance_scale": session.comps.settings["default_guidance_scale"] if guidance_scale is None else guidance_scale, **session.image_options,
-        "model": str(session.comps.path), "files": [f.name for f in files], "grid": grid.name,
+        "model": str(session.comps.path), "dtype": str(session.comps.dtype).removeprefix("torch."), "files": [f.name for f in files], "grid": grid.name,
         "x_T": "latents.safetensors", "pipeline_call": "pipeline_call.json",
     }
     (out / "sample.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -11,7 +11,10 @@ those of a latent UNet / transformer family with an ``AutoencoderKL``:
   ``negative_prompt`` (default "");
 * ``noise(n, seed)``: ``torch.randn`` from a CPU generator seeded with ``seed`` (float32 draws, then cast),
   which is what ``randn_tensor`` draws for the pipeline's ``prepare_latents`` with that generator;
-* ``decode(x0)``: ``vae.decode(x0 / scaling_factor + shift_factor)`` (shift 0 when the VAE has none);
+* ``decode(x0)``: ``vae.decode(x0 / scaling_factor + shift_factor)`` (shift 0 when the VAE has none),
+  checkpointed block by block when a graph is recorded (:func:`adjointdpm.vae.decode`);
+* ``encode_prompt(prompts)``: brings released text encoders back (``restore_encoders``), then the
+  family's ``encode_text``; inputs go to the network's device (offloaded encoders run there);
 * ``set_timesteps(steps)``: ``scheduler.set_timesteps(steps)``, the pipeline's ``retrieve_timesteps``
   without custom grids;
 * ``sampling_setup(steps, guidance_scale)``: what the engine samples with — the folder's configured
@@ -151,10 +154,13 @@ class Family:
             z = z + cfg.shift_factor
         return z
 
-    def decode(self, c, x0: torch.Tensor) -> torch.Tensor:
+    def decode(self, c, x0: torch.Tensor, checkpoint: bool = True) -> torch.Tensor:
+        """``vae.decode`` of the VAE's latents, its blocks checkpointed when a graph is recorded (``checkpoint``)."""
         if c.vae is None:
             return x0
-        return c.vae.decode(self.to_vae_latents(c, x0).to(c.vae.dtype)).sample
+        from ..vae import decode
+
+        return decode(c.vae, self.to_vae_latents(c, x0).to(c.vae.dtype), checkpoint=checkpoint, scaled=False)
 
     # ------------------------------------------------------------------ time grid
     def set_timesteps(self, c, steps: int) -> torch.Tensor:
@@ -163,6 +169,12 @@ class Family:
 
     # ------------------------------------------------------------------ text
     def encode_prompt(self, c, prompts: list[str], **kwargs):
+        """The cond of ``prompts``, the text encoders brought back first if they were released."""
+        c.restore_encoders()
+        return self.encode_text(c, prompts, **kwargs)
+
+    def encode_text(self, c, prompts: list[str], **kwargs):
+        """What the family's pipeline makes of ``prompts`` for its network (the encoders are loaded)."""
         raise NotImplementedError
 
     def negative_cond(self, c, n: int, **kwargs):

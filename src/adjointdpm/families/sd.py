@@ -39,8 +39,8 @@ class StableDiffusion(Family):
         w = int(c.settings["width"]) // f if c.settings.get("width") else int(w)
         return int(c.unet.config.in_channels), h, w
 
-    def encode_prompt(self, c, prompts, **kwargs) -> torch.Tensor:
-        ids = pad_ids(c.tokenizer, prompts, c.tokenizer.model_max_length, c.text_encoder.device)
+    def encode_text(self, c, prompts, **kwargs) -> torch.Tensor:
+        ids = pad_ids(c.tokenizer, prompts, c.tokenizer.model_max_length, c.device)
         return c.text_encoder(ids)[0]
 
     def sampling_setup(self, c, steps: int, guidance_scale: float, true_cfg_scale: float | None = None,

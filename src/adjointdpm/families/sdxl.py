@@ -42,10 +42,10 @@ class StableDiffusionXL(Family):
                                  f"text_encoder_2's projection give {given}: the folder's configs do not match")
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=c.device).repeat(n, 1)
 
-    def encode_prompt(self, c, prompts, **kwargs) -> dict:
+    def encode_text(self, c, prompts, **kwargs) -> dict:
         hidden, pooled = [], None
         for tok, enc in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)):
-            out = enc(pad_ids(tok, prompts, tok.model_max_length, enc.device), output_hidden_states=True)
+            out = enc(pad_ids(tok, prompts, tok.model_max_length, c.device), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])
