@@ -172,4 +172,4 @@ class AdjointMatchingMethod(MethodBase):
                 torch.autograd.backward(loss, inputs=params)
         stats = {"steps": picked, "kept": float(kept.mean()), "threshold": threshold,
                  "control_norm": float(torch.stack(control, 1).mean()), "target_norm": float(torch.stack(target, 1).mean())}
-        return StepReport(r.detach(), float(loss), calls.forward, calls.vjp, stats)
+        return StepReport(r.detach(), float(loss.detach()), calls.forward, calls.vjp, stats)

@@ -48,5 +48,5 @@ class OneStepMethod(MethodBase):
                 loss = torch.relu(self.margin - r).mean()
                 if loss.requires_grad:
                     torch.autograd.backward(loss, inputs=params)
-        return StepReport(r.detach(), float(loss), calls.forward, calls.vjp,
+        return StepReport(r.detach(), float(loss.detach()), calls.forward, calls.vjp,
                           {"step": m, "active": float((r.detach() < self.margin).float().mean())})

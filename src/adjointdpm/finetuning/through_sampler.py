@@ -38,7 +38,7 @@ def backward_through_sampler(rollout: Rollout, reward: Reward, mode: GradMode, s
         r = checked_rewards(reward, x0, need_grad=True)
         loss = -r.mean()
         torch.autograd.backward(loss, inputs=params)
-    return StepReport(r.detach(), float(loss), calls.forward, calls.vjp, dict(stats or {}))
+    return StepReport(r.detach(), float(loss.detach()), calls.forward, calls.vjp, dict(stats or {}))
 
 
 class ExactMethod(MethodBase):
