@@ -42,6 +42,23 @@ class GaussianModel(nn.Module):
         self.index = {round(float(t), 6): k for k, t in enumerate(times)}
         self.bias = nn.Parameter(torch.zeros(len(times), d, dtype=F64))
         self.matrix = nn.Parameter(torch.zeros(len(times), d, d, dtype=F64))
+        self.register_buffer("scale", torch.ones(len(times), dtype=F64))
+
+    def condition(self, chain, denoiser):
+        """Express step k's correction in units of that step's noise s_k in the sampler's mean μ (the
+        correction moves μ by s_k·(b_k + A_k x)): Adam then takes equally sized steps at every step of the
+        chain. The fixed point of a loss in μ is unchanged; only the optimiser's conditioning is."""
+        x = torch.zeros(1, self.m.numel(), dtype=F64)
+        with torch.no_grad():
+            for k in range(len(self.scale)):
+                s = chain.std(k)
+                if s <= 0:
+                    continue
+                before = chain.mean(k, x, denoiser, None, None)
+                self.bias[k, 0] = 1.0
+                after = chain.mean(k, x, denoiser, None, None)
+                self.bias[k, 0] = 0.0
+                self.scale[k] = s / float(after[0, 0] - before[0, 0])
 
     def exact(self, x, t: float, cond=None):
         a, s = float(self.path.alpha(t)), float(self.path.sigma(t))
@@ -58,7 +75,7 @@ class GaussianModel(nn.Module):
     def forward(self, x, t, cond=None):
         tf = float(t.reshape(-1)[0])
         k = self.index[round(tf, 6)]
-        return self.exact(x, tf, cond) + self.bias[k] + x @ self.matrix[k].T
+        return self.exact(x, tf, cond) + self.scale[k] * (self.bias[k] + x @ self.matrix[k].T)
 
 
 class TinyNet(nn.Module):
@@ -107,11 +124,11 @@ def flow_scheduler(steps: int, **config):
     return sched
 
 
-def gaussian_problem(flow: bool, steps: int):
+def gaussian_problem(flow: bool, steps: int, **config):
     """(scheduler, model) for 2-D Gaussian data with a correlated covariance."""
     from adjointdpm import schedule_from_scheduler
 
-    sched = flow_scheduler(steps) if flow else ddpm_scheduler(steps)
+    sched = flow_scheduler(steps, **config) if flow else ddpm_scheduler(steps, **config)
     mean = torch.tensor([0.5, -0.3], dtype=F64)
     cov = torch.tensor([[0.6, 0.25], [0.25, 0.4]], dtype=F64)
     model = GaussianModel(schedule_from_scheduler(sched), [float(t) for t in sched.timesteps], mean, cov, flow)

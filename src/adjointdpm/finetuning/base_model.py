@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from contextlib import contextmanager
 from typing import Callable
 
@@ -17,12 +18,10 @@ from torch import nn
 
 
 def _adapter_layers(network) -> list:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # peft not installed: no adapters
-        return []
-    if not isinstance(network, nn.Module):
-        return []
+    if not isinstance(network, nn.Module) or "peft" not in sys.modules:
+        return []  # a network with peft layers implies peft was imported (its import is slow: not for nothing)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     return [m for m in network.modules() if isinstance(m, BaseTunerLayer)]
 
 
