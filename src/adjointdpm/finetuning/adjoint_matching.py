@@ -20,7 +20,12 @@ differentiating the sampler. Per iteration:
    the option ``pairing=current``, and measured worse on that test.
 4. Outliers, as the reference code: entries with √e above an exponential moving average (decay 0.9) of
    the batch's 90th percentile of √e are dropped (counted as 0 in the mean); ``quantile=off`` keeps all.
+   (When every sampled step of a batch is used, ``steps`` ≥ K, a step whose entries are all larger than
+   the others' can be dropped at every iteration and never trained; the default of 4 random steps avoids it.)
    loss = mean over (b, k) of e · kept.
+
+The rollout's ``solver`` and ``eta`` are not used: the memoryless sampler replaces them on the same grid;
+its ``noise`` (a seed, tensor or None: drawn from the generator) gives ξ_k.
 
 Costs, per iteration: K forwards (sampling) + up to K forwards and VJPs (the lean adjoint, which stops at
 the lowest step it needs) + ``steps`` forwards and VJPs (the loss); μ_base at the sampled steps is reused
@@ -68,6 +73,9 @@ class AdjointMatchingMethod(MethodBase):
         self.quantile, self.ema_decay = (None if quantile is None else float(quantile)), float(ema_decay)
         self.base: BaseModel | None = None
         self.ema_value, self.ema_updates = None, 0
+        #: data parallel: a function gathering every process's (B, steps) losses (e.g. accelerate's
+        #: ``accelerator.gather``), so the percentile is the global batch's, as the reference code takes it
+        self.gather = None
 
     def options(self):
         return {"reward_scale": self.reward_scale, "steps": self.steps, "pairing": self.pairing,
@@ -166,7 +174,8 @@ class AdjointMatchingMethod(MethodBase):
                 threshold = math.inf
                 if self.quantile is not None:
                     root = e.detach().sqrt()
-                    threshold = self._ema_update(float(torch.quantile(root.flatten().double(), self.quantile)))
+                    everyone = root if self.gather is None else self.gather(root)
+                    threshold = self._ema_update(float(torch.quantile(everyone.flatten().double(), self.quantile)))
                     kept = (root < threshold).to(e.dtype)
                 loss = (e * kept).mean()
                 torch.autograd.backward(loss, inputs=params)
