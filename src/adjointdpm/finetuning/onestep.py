@@ -34,9 +34,10 @@ class OneStepMethod(MethodBase):
 
     def backward(self, rollout, reward, generator):
         params = trainable(rollout.network)
+        m = self.draw_step(rollout.num_steps, generator)
+        rollout = rollout.with_noise_from(generator)
         solver = rollout.solver_for()
         cond, uncond = rollout.guided_pair()
-        m = self.draw_step(solver.num_steps, generator)
         with CallCounter([rollout.network]) as calls:
             with torch.no_grad():
                 x, hist = rollout.initial_state(), ()

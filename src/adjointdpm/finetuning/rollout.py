@@ -13,7 +13,7 @@ an intermediate step; Adjoint Matching samples its own memoryless chain on the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -62,6 +62,14 @@ class Rollout:
         if self.stochastic:
             kwargs.update(eta=self.eta, noise=self.noise)
         return kwargs
+
+    def with_noise_from(self, generator: torch.Generator) -> "Rollout":
+        """This rollout, its stochastic sampler's noise seeded from ``generator`` where none was given (so a
+        run is reproducible, and resumable, from the generator's state alone)."""
+        if self.noise is not None or not self.stochastic:
+            return self
+        seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
+        return replace(self, noise=seed)
 
     # -- the engine's pieces, as sample() builds them ---------------------------------------------
     def path(self) -> NoiseSchedule:

@@ -30,8 +30,10 @@ from .method import MethodBase, trainable
 from .rollout import Reward, Rollout, StepReport, checked_rewards
 
 
-def backward_through_sampler(rollout: Rollout, reward: Reward, mode: GradMode, stats: dict | None = None) -> StepReport:
+def backward_through_sampler(rollout: Rollout, reward: Reward, mode: GradMode, generator: torch.Generator,
+                             stats: dict | None = None) -> StepReport:
     """x_0 = sample(…, grad=mode); add ∇_θ(−mean r(x_0)) to the trainable parameters' ``.grad``."""
+    rollout = rollout.with_noise_from(generator)
     params = trainable(rollout.network)
     with CallCounter([rollout.network]) as calls:
         x0 = sample(rollout.network, rollout.x_T, grad=mode, **rollout.sample_kwargs())
@@ -57,7 +59,7 @@ class ExactMethod(MethodBase):
         return {} if self.memory is None else {"memory": self.memory}
 
     def backward(self, rollout, reward, generator):
-        return backward_through_sampler(rollout, reward, Exact(memory=self.memory))
+        return backward_through_sampler(rollout, reward, Exact(memory=self.memory), generator)
 
 
 class TruncatedMethod(MethodBase):
@@ -74,7 +76,7 @@ class TruncatedMethod(MethodBase):
         return {"k": self.k}
 
     def backward(self, rollout, reward, generator):
-        return backward_through_sampler(rollout, reward, Truncated(k=self.k), {"k": self.k})
+        return backward_through_sampler(rollout, reward, Truncated(k=self.k), generator, {"k": self.k})
 
 
 class AlignPropMethod(MethodBase):
@@ -104,7 +106,7 @@ class AlignPropMethod(MethodBase):
 
     def backward(self, rollout, reward, generator):
         k = self.draw_k(rollout.num_steps, generator)
-        return backward_through_sampler(rollout, reward, Truncated(k=k), {"k": k})
+        return backward_through_sampler(rollout, reward, Truncated(k=k), generator, {"k": k})
 
 
 class ContinuousAdjointMethod(MethodBase):
@@ -138,4 +140,4 @@ class ContinuousAdjointMethod(MethodBase):
     def backward(self, rollout, reward, generator):
         self.check_sampler(rollout.solver, rollout.eta)
         mode = Adjoint(state=self.state, steps=self.steps, solver=self.solver)
-        return backward_through_sampler(rollout, reward, mode)
+        return backward_through_sampler(rollout, reward, mode, generator)
