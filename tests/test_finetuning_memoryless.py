@@ -139,6 +139,13 @@ def test_lean_adjoint_is_autograd_at_base(flow):
         (expected,) = torch.autograd.grad(-lam * reward(y).sum(), x)
         assert torch.allclose(adjoints[k], expected, rtol=0, atol=1e-8 * (1 + expected.abs().max())), k
     assert adjoints[0].abs().max() > 1e-3  # the check is not vacuous
+    if not flow:  # and through the engine's own ddpm sampler started at X_k, by plain back-propagation
+        for k in (0, 3):
+            x = states[k].clone().requires_grad_()
+            y = adpm.sample(net, x, schedule=sched, timesteps=sched.timesteps[k:], cond=cond, solver="ddpm",
+                            noise=noises[k:], grad="backprop")
+            (expected,) = torch.autograd.grad(-lam * reward(y).sum(), x)
+            assert torch.allclose(adjoints[k], expected, rtol=0, atol=1e-8 * (1 + expected.abs().max())), k
 
 
 def test_method_lean_adjoint_uses_base_with_lora():
