@@ -17,7 +17,6 @@ method's defaults (4 sampled steps per trajectory, the reference's outlier rule)
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from adjointdpm.finetuning import AdjointMatchingMethod, MemorylessChain, Rollout

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import adjointdpm as adpm
-from adjointdpm.finetuning import (METHODS, AdjointMatchingMethod, AlignPropMethod, ContinuousAdjointMethod, ExactMethod,
+from adjointdpm.finetuning import (METHODS, AdjointMatchingMethod, AlignPropMethod, ExactMethod,
                                    Method, MethodError, OneStepMethod, Rollout, TruncatedMethod, parse_method)
 from _finetuning_toys import F64, TinyNet, cosine, ddim_scheduler, ddpm_scheduler, gaussian_problem, linear_reward
 

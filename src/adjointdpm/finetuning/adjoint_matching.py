@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from ..stochastic import SeededNoise, resolve_noise
