@@ -76,6 +76,14 @@ def test_weighted_sum_of_plugins(plugin_file):
     assert total.features(x) is None  # plug-ins have no features
 
 
+def test_same_spec_twice_is_two_terms(plugin_file):
+    total = load_rewards([f"{plugin_file}:brightness", f"2*{plugin_file}:brightness"])
+    x = torch.rand(2, 3, 4, 4)
+    r, terms = total.terms(x, ["a", "b"])
+    assert list(terms) == [f"{plugin_file}:brightness", f"{plugin_file}:brightness#2"]
+    torch.testing.assert_close(r, 3 * x.mean(dim=(1, 2, 3)))
+
+
 def test_sum_checks_batch_inputs(plugin_file):
     total = load_rewards(f"{plugin_file}:brightness")
     x = torch.zeros(2, 3, 4, 4)

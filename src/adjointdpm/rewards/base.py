@@ -83,12 +83,16 @@ class RewardSum(Reward):
 
     def terms(self, images: torch.Tensor, prompts: Sequence[str],
               fields: Sequence[dict] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(R(x), {spec_i: r_i(x)}), each (B,)."""
+        """(R(x), {spec_i: r_i(x)}), each (B,) (a SPEC given twice is keyed ``SPEC#2`` the second time)."""
         values = {}
         total = 0
         for w, r in zip(self.weights, self.rewards):
             v = r(images, prompts, fields)
-            values[r.spec] = v
+            key, n = r.spec, 1
+            while key in values:
+                n += 1
+                key = f"{r.spec}#{n}"
+            values[key] = v
             total = total + w * v
         return total, values
 
