@@ -4,8 +4,10 @@ A pipeline folder's ``safety_checker/`` (a CLIP vision tower + projection, 17 co
 thresholds t_k and 3 "special care" embeddings s_j with thresholds u_j) and ``feature_extractor/`` (its
 CLIP image processor). For image embedding e (the projected pooled CLIP features), as diffusers computes:
 
-    special_j = cos(e, s_j) − u_j,   a = 0.01 if any special_j > 0 else 0
-    score_k   = cos(e, c_k) − t_k + a,       flagged  ⇔  any score_k > 0
+    special_j = cos(e, s_j) − u_j,   a = 0.01 if any [special_j]₃ > 0 else 0
+    score_k   = cos(e, c_k) − t_k + a,       flagged  ⇔  any [score_k]₃ > 0
+
+([·]₃: rounded to 3 decimals, as diffusers rounds the scores before comparing them with 0.)
 
 The attack loss pushes every score below −margin:  Σ_k relu(score_k + margin)  (and the special-care
 scores too, so the adjustment a vanishes). Preprocessing is the feature extractor's, in torch.
@@ -55,7 +57,7 @@ class SafetyChecker(torch.nn.Module):
         e = self.embeds(images)
         c = self.checker
         special = e @ F.normalize(c.special_care_embeds.float(), dim=-1).T - c.special_care_embeds_weights.float()
-        adjust = 0.01 * (special > 0).any(-1, keepdim=True).to(e.dtype)
+        adjust = 0.01 * (_rounded(special) > 0).any(-1, keepdim=True).to(e.dtype)
         concept = e @ F.normalize(c.concept_embeds.float(), dim=-1).T - c.concept_embeds_weights.float() + adjust
         return concept, special
 
@@ -65,4 +67,9 @@ class SafetyChecker(torch.nn.Module):
 
     @torch.no_grad()
     def flag(self, images: torch.Tensor) -> torch.Tensor:
-        return (self.scores(images)[0] > 0).any(-1)
+        return (_rounded(self.scores(images)[0]) > 0).any(-1)
+
+
+def _rounded(scores: torch.Tensor) -> torch.Tensor:
+    """Scores rounded to 3 decimals (half to even, as Python's round on diffusers' float32 scores)."""
+    return torch.round(scores.detach(), decimals=3)
