@@ -47,8 +47,11 @@ def test_bad_classes_are_one_line(folder, fields, words):
 def test_digits_guide_and_judge():
     from adjointdpm.components import load_critics
 
+    from adjointdpm.embedded.rewards import DIGIT_REWARDS
+
     critics = load_critics()
-    guide, judge = load_rewards("digits-guide").rewards[0], load_judge("digits-judge")
+    guide = load_rewards("digits-guide", kinds=DIGIT_REWARDS).rewards[0]
+    judge = load_judge("digits-judge", kinds=DIGIT_REWARDS)
     x = torch.rand(4, 1, 16, 16) * 2 - 1
     fields = [{"class": d} for d in (0, 3, 8, 9)]
     with torch.no_grad():
@@ -62,5 +65,9 @@ def test_digits_guide_and_judge():
     assert (x.grad.abs().sum(dim=(1, 2, 3)) > 0).all()
     with pytest.raises(CriticError, match="must be a digit 0..9, got 'cat'"):
         guide(x, ["p"] * 4, [{"class": "cat"}] * 4)
+    torch.testing.assert_close(judge.accuracy(x, ["p"] * 4, fields),
+                               (critics.judge(x).argmax(-1) == torch.tensor([0, 3, 8, 9])).float())
     with pytest.raises(CriticError, match="digits-guide"):
-        load_rewards("digits-guide:/no/such/model")
+        load_rewards("digits-guide:/no/such/model", kinds=DIGIT_REWARDS)
+    with pytest.raises(CriticError, match="unknown reward kind|no ':'"):  # the rewards package alone has no digits
+        load_rewards("digits-guide:x")

@@ -35,8 +35,6 @@ def plugin_file(tmp_path):
     ("-2e-1 * aesthetic:/m/a", -0.2, "aesthetic", "/m/a"),
     ("hpsv2:/m/hps", 1.0, "hpsv2", "/m/hps"),
     ("3*classifier:/m/cls", 3.0, "classifier", "/m/cls"),
-    ("digits-guide", 1.0, "digits-guide", ""),
-    ("digits-judge:/m/digits", 1.0, "digits-judge", "/m/digits"),
     ("rewards.py:score", 1.0, "plugin", "rewards.py:score"),
     ("some/dir/r.py:score", 1.0, "plugin", "some/dir/r.py:score"),
     ("mypkg.scoring:aesthetic", 1.0, "plugin", "mypkg.scoring:aesthetic"),
@@ -45,6 +43,17 @@ def plugin_file(tmp_path):
 def test_spec_syntax(spec, weight, kind, target):
     parsed = parse_reward_spec(spec)
     assert (parsed.weight, parsed.kind, parsed.target) == (pytest.approx(weight), kind, target)
+
+
+def test_added_kinds():
+    """A caller's kinds (the application adds the digits model's) parse with or without a target."""
+    kinds = {"digits-guide": None, "digits-judge": None}
+    for spec, weight, kind, target in [("digits-guide", 1.0, "digits-guide", ""),
+                                       ("2*digits-judge:/m/digits", 2.0, "digits-judge", "/m/digits")]:
+        parsed = parse_reward_spec(spec, kinds=kinds)
+        assert (parsed.weight, parsed.kind, parsed.target) == (pytest.approx(weight), kind, target)
+    with pytest.raises(CriticError, match="digits-guide or digits-judge"):
+        parse_reward_spec("nope:/m", kinds=kinds)
 
 
 @pytest.mark.parametrize("spec, words", [

@@ -12,8 +12,10 @@ differentiable w.r.t. the images; ``features(images)`` where meaningful; ``descr
   the published .pth)
 * :mod:`.hps`        ``hpsv2:`` open_clip ViT-H-14 + HPS weights (optional extra ``adjointdpm[hps]``;
   :mod:`.convert_hps` converts the published checkpoint)
-* :mod:`.classifier` ``classifier:`` a transformers image classifier, ``digits-guide`` / ``digits-judge``
-  the embedded digits model's critics: log p(class named by the prompt's field ``class``)
+* :mod:`.classifier` ``classifier:`` a transformers image classifier: log p(class named by the prompt's
+  field ``class``)
+* kinds a caller adds (``kinds={NAME: builder}``), e.g. the digits model's ``digits-guide`` / ``digits-judge``
+  (:mod:`adjointdpm.embedded.rewards`; this package never imports the digits model)
 * :mod:`.judge`      diversity per prompt, the reward-hacking alarm
 
 Every loader reads local folders only, safetensors only, and raises one-line

@@ -4,9 +4,9 @@ r(x) = log softmax(f(x))_c, c = the prompt's field ``class`` (an index, or a lab
 
 * ``classifier:FOLDER`` — any transformers ``AutoModelForImageClassification`` folder, through its own
   preprocessing re-done in torch; ``features`` are its last hidden state, averaged over positions.
-* ``digits-guide`` / ``digits-judge`` (optionally ``:MODEL_FOLDER``, default the embedded digits model) — the
-  embedded model's guide classifier (the critic to optimise) or its independent judge (to evaluate with);
-  ``class`` is the digit 0..9; ``features`` are the network's penultimate features.
+
+The digits model's own classifiers (``digits-guide`` / ``digits-judge``) are in
+:mod:`adjointdpm.embedded.rewards`, on the same :func:`field_classes` convention.
 """
 
 from __future__ import annotations
@@ -57,44 +57,3 @@ class ClassifierReward(Reward):
     def describe(self) -> dict:
         return {"kind": self.kind, "spec": self.spec, "folder": self.classifier.path, "field": CLASS_FIELD,
                 "classes": self.classifier.num_classes, "preprocess": self.classifier.preprocess.describe()}
-
-
-class DigitsReward(Reward):
-    """The embedded digits model's guide (``which="guide"``) or judge (``which="judge"``)."""
-
-    kind = "digits"
-
-    def __init__(self, net: torch.nn.Module, which: str, spec: str, path: str):
-        super().__init__(spec)
-        self.net, self.which, self.path = net, which, path
-
-    @classmethod
-    def from_folder(cls, path, which: str, spec: str, device="cpu") -> "DigitsReward":
-        from ..components import ComponentsError, load_critics
-
-        try:
-            critics = load_critics(path or None, device=device)
-        except ComponentsError as e:
-            raise CriticError(f"reward {spec}: {e}") from None
-        net = getattr(critics, which).eval().requires_grad_(False)
-        return cls(net, which, spec, str(path or "embedded"))
-
-    def _digit(self, c) -> int:
-        text = str(c).strip()
-        if not text.isdigit() or not 0 <= int(text) <= 9:
-            raise CriticError(f"reward {self.spec}: field {CLASS_FIELD!r} must be a digit 0..9, got {c!r}")
-        return int(text)
-
-    def _prepare(self, images):
-        return images.to(model_dtype(self.net))  # (the nets resize and grey the images themselves)
-
-    def score(self, images, prompts, fields):
-        index = [self._digit(c) for c in field_classes(fields, prompts, f"reward {self.spec}")]
-        logp = torch.log_softmax(self.net(self._prepare(images)), dim=-1)
-        return logp.gather(1, torch.tensor(index, device=logp.device)[:, None]).squeeze(1)
-
-    def features(self, images):
-        return self.net.features(self._prepare(images))
-
-    def describe(self) -> dict:
-        return {"kind": f"digits-{self.which}", "spec": self.spec, "model": self.path, "field": CLASS_FIELD}

@@ -8,10 +8,10 @@ before the term, and several ``--reward`` give the weighted sum R = Σ w_i r_i, 
     aesthetic:FOLDER            LAION aesthetic predictor (CLIP vision + MLP head)
     hpsv2:FOLDER                HPSv2 / v2.1 (open_clip; the optional extra adjointdpm[hps])
     classifier:FOLDER           log-probability of the class named by the prompt's field "class"
-    digits-guide[:MODEL]        the embedded digits model's guide classifier, log p(class)
-    digits-judge[:MODEL]        its independent judge (to evaluate with)
     FILE.py:FUNC                a plug-in function (see adjointdpm.rewards.plugin)
     package.module:FUNC         the same, importable
+    NAME[:TARGET]               a kind a caller adds (``kinds={NAME: builder}``): the application adds the
+                                digits model's ``digits-guide`` / ``digits-judge`` (adjointdpm.embedded.rewards)
 
 A negative weight turns a term into a penalty. A judge (``--judge-reward``) takes one SPEC without a weight;
 it is only evaluated, so a plug-in judge need not be differentiable.
@@ -24,17 +24,22 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..critics.errors import CriticError
 from .base import Reward, RewardSum
 
 FOLDER_KINDS = ("clip", "pickscore", "aesthetic", "hpsv2", "classifier")
-DIGIT_KINDS = ("digits-guide", "digits-judge")
-KINDS = FOLDER_KINDS + DIGIT_KINDS + ("plugin",)
+KINDS = FOLDER_KINDS + ("plugin",)
 _WEIGHT = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*\*\s*(.+?)\s*$")
-_USAGE = ("use [WEIGHT*]KIND:FOLDER with KIND one of " + ", ".join(FOLDER_KINDS) +
-          "; digits-guide or digits-judge; or a plug-in FILE.py:FUNC / package.module:FUNC")
+#: an added kind: builder(parsed spec, device, what) -> Reward (``parsed.target``: the text after "NAME:", or "")
+KindBuilder = Callable[["RewardSpec", object, str], Reward]
+
+
+def _usage(kinds: Mapping[str, KindBuilder] | None = None) -> str:
+    added = f"; {' or '.join(kinds)}" if kinds else ""
+    return ("use [WEIGHT*]KIND:FOLDER with KIND one of " + ", ".join(FOLDER_KINDS) + added +
+            "; or a plug-in FILE.py:FUNC / package.module:FUNC")
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,10 @@ def _is_module(name: str) -> bool:
         return False
 
 
-def parse_reward_spec(spec: str, what: str = "--reward") -> RewardSpec:
-    """One SPEC -> its weight, kind and target; one line naming the fix when it is malformed."""
+def parse_reward_spec(spec: str, what: str = "--reward", kinds: Mapping[str, KindBuilder] | None = None) -> RewardSpec:
+    """One SPEC -> its weight, kind and target; one line naming the fix when it is malformed. ``kinds``: the
+    kinds a caller adds (their names, ``NAME`` or ``NAME:TARGET``)."""
+    usage = _usage(kinds)
     raw = str(spec).strip()
     weight, text = 1.0, raw
     m = _WEIGHT.match(raw)
@@ -64,12 +71,12 @@ def parse_reward_spec(spec: str, what: str = "--reward") -> RewardSpec:
     elif "*" in raw.split(":", 1)[0]:
         raise CriticError(f"{what} {raw!r}: write the weight as a number before '*', e.g. 0.5*clip:FOLDER")
     if not text:
-        raise CriticError(f"{what} is empty: {_USAGE}")
+        raise CriticError(f"{what} is empty: {usage}")
     head, sep, tail = text.partition(":")
-    if head in DIGIT_KINDS:
+    if kinds and head in kinds:
         return RewardSpec(weight, head, tail, text)
     if not sep:
-        raise CriticError(f"{what} {raw!r}: no ':' — {_USAGE}")
+        raise CriticError(f"{what} {raw!r}: no ':' — {usage}")
     if head in FOLDER_KINDS:
         if not tail:
             raise CriticError(f"{what} {raw!r}: name the folder, e.g. {head}:/path/to/model")
@@ -80,19 +87,18 @@ def parse_reward_spec(spec: str, what: str = "--reward") -> RewardSpec:
         if not func.isidentifier():
             raise CriticError(f"{what} {raw!r}: a plug-in is FILE.py:FUNC or package.module:FUNC")
         return RewardSpec(weight, "plugin", text, text)
-    raise CriticError(f"{what} {raw!r}: unknown reward kind {head!r} — {_USAGE}")
+    raise CriticError(f"{what} {raw!r}: unknown reward kind {head!r} — {usage}")
 
 
-def build_reward(parsed: RewardSpec, device="cpu", what: str = "--reward", judge: bool = False) -> Reward:
-    """The reward a parsed SPEC names (its weight is not applied here)."""
+def build_reward(parsed: RewardSpec, device="cpu", what: str = "--reward", judge: bool = False,
+                 kinds: Mapping[str, KindBuilder] | None = None) -> Reward:
+    """The reward a parsed SPEC names (its weight is not applied here); ``kinds``: the caller's added kinds."""
     if parsed.kind == "plugin":
         from .plugin import PluginReward
 
         return PluginReward.from_spec(parsed.target, what=what, needs_gradient=not judge).to(device)
-    if parsed.kind in DIGIT_KINDS:
-        from .classifier import DigitsReward
-
-        return DigitsReward.from_folder(parsed.target, parsed.kind.split("-")[1], parsed.text, device)
+    if kinds and parsed.kind in kinds:
+        return kinds[parsed.kind](parsed, device, what)
     if parsed.kind in ("clip", "pickscore"):
         from .clip import ClipReward, PickScoreReward
 
@@ -111,19 +117,21 @@ def build_reward(parsed: RewardSpec, device="cpu", what: str = "--reward", judge
     return ClassifierReward.from_folder(parsed.target, parsed.text, device, what)
 
 
-def load_rewards(specs: Sequence[str], device="cpu", what: str = "--reward") -> RewardSum:
+def load_rewards(specs: Sequence[str], device="cpu", what: str = "--reward",
+                 kinds: Mapping[str, KindBuilder] | None = None) -> RewardSum:
     """``--reward`` given once or more -> the weighted sum R = Σ w_i r_i (every spec parsed before any loads)."""
     if isinstance(specs, str):
         specs = [specs]
-    parsed = [parse_reward_spec(s, what) for s in specs]
+    parsed = [parse_reward_spec(s, what, kinds) for s in specs]
     if not parsed:
         raise CriticError(f"no reward given: name at least one with {what} (e.g. {what} clip:FOLDER)")
-    return RewardSum([(p.weight, build_reward(p, device, what)) for p in parsed])
+    return RewardSum([(p.weight, build_reward(p, device, what, kinds=kinds)) for p in parsed])
 
 
-def load_judge(spec: str, device="cpu", what: str = "--judge-reward") -> Reward:
+def load_judge(spec: str, device="cpu", what: str = "--judge-reward",
+               kinds: Mapping[str, KindBuilder] | None = None) -> Reward:
     """``--judge-reward SPEC`` -> the judge (evaluated only, never optimised; no weight)."""
-    parsed = parse_reward_spec(spec, what)
+    parsed = parse_reward_spec(spec, what, kinds)
     if _WEIGHT.match(str(spec)):
         raise CriticError(f"{what} {spec!r}: a judge takes no weight (it is only evaluated)")
-    return build_reward(parsed, device, what, judge=True)
+    return build_reward(parsed, device, what, judge=True, kinds=kinds)
