@@ -189,7 +189,7 @@ class FinetuneTask(Task):
                 try:
                     value = r(x, texts, fields)
                 except CriticError as e:
-                    raise UserInputError(f"{what}: {e}") from None
+                    raise UserInputError(str(e) if str(e).startswith(what) else f"{what}: {e}") from None
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != (2,):
                 raise UserInputError(f"{what} must return one value per image, shape (2,) for 2 images")
             if needs_grad and not value.requires_grad:
@@ -231,6 +231,7 @@ class FinetuneTask(Task):
             from accelerate.tracking import TensorBoardTracker
 
             self.tracker = TensorBoardTracker("", self.out / "logs")
+            self.tracker.start()
 
     def param_groups(self):
         return [ParamGroup("lora" if self.opts.lora_rank > 0 else "unet", self.params,
@@ -326,8 +327,9 @@ class FinetuneTask(Task):
         if stage == "before":
             self.before_images = images.cpu()
         if "judge" in metrics:
+            # (a fall of more than 5 % of the judge's best: evaluation noise on a few seeds does not ring it)
             self.alarm = hacking_alarm([e["reward"] for e in self.evaluations], [e["judge"] for e in self.evaluations],
-                                       optimised_name="the optimised reward", judge_name="the judge's reward")
+                                       relative=0.05, optimised_name="the optimised reward", judge_name="the judge's reward")
             if self.alarm is not None:
                 print(f"finetune: {self.alarm}", flush=True)
         if self.tracker is not None:
@@ -335,8 +337,9 @@ class FinetuneTask(Task):
 
             step = self.done
             self.tracker.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step)
-            self.tracker.log_images({"eval/images": make_grid(images.cpu(), nrow=self.opts.eval_seeds)[None]},
-                                    step=step, dataformats="NHWC")
+            grid = make_grid(images.cpu(), nrow=self.opts.eval_seeds)  # (H, W) grey or (H, W, 3), uint8
+            grid = grid[None, :, :, None] if grid.ndim == 2 else grid[None]
+            self.tracker.log_images({"eval/images": grid}, step=step, dataformats="NHWC")
         return Evaluation(images, metrics, nrow=self.opts.eval_seeds)
 
     # ------------------------------------------------------------------ state a resumed run needs

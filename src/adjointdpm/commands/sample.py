@@ -5,7 +5,8 @@ offline); steps, solver and guidance scale default to the model's (the solver th
 folder's scheduler).
 
 Writes one PNG per image (``000.png`` ...), ``grid.png`` and ``sample.json`` (the settings used)
-into ``--out``. Initial noise x_T is drawn from a CPU generator seeded with ``--seed``.
+into ``--out``. Initial noise x_T is drawn from a CPU generator seeded with ``--seed``. ``--lora DIR`` loads
+fine-tuned weights first (a ``finetune`` or ``stylize`` run's output: its LoRA or its ``unet/`` folder).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def sample(
     eta: float = typer.Option(0.0, "--eta", help="DDIM's eta in [0, 1] (--solver ddim only): 0 deterministic, 1 DDPM's posterior noise."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; guidance-distilled Flux: the guidance it is given)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Local diffusers folder: SD 1.x/2.x, SDXL, SD3/3.5, Flux or PixArt (default: the embedded digits model)."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="Sample with fine-tuned weights: the --out folder of a finetune or stylize run (its pytorch_lora_weights.safetensors, or its unet/ folder)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per network batch."),
     device: str = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".'),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's choice; 1 is best on a busy machine)."),
@@ -56,7 +58,13 @@ def sample(
 
     if threads:
         torch.set_num_threads(threads)
+    if lora is not None and not lora.expanduser().is_dir():
+        raise UserInputError(f"--lora {lora} is not a folder (give the --out folder of a finetune or stylize run)")
     comps = load_components(model, device=dev)
+    if lora is not None:
+        from adjointdpm.apps.weights import load_weights
+
+        load_weights(comps, lora)
     check_prompt_length(comps.prompt_tokenizer, prompt)  # (longer prompts would be cut silently)
     out = check_writable(out)  # before the work, not after it
     images = comps.generate([prompt] * num_images, seed=seed, steps=steps, solver=solver, eta=eta,
@@ -67,7 +75,7 @@ def sample(
         "prompt": prompt, "num_images": num_images, "seed": seed,
         "steps": steps or settings["default_steps"], "solver": solver or settings["default_solver"], "eta": eta,
         "guidance_scale": settings["default_guidance_scale"] if guidance_scale is None else guidance_scale,
-        "model": str(comps.path), "files": [f.name for f in files], "grid": grid.name,
+        "model": str(comps.path), "lora": None if lora is None else str(lora), "files": [f.name for f in files], "grid": grid.name,
     }
     (out / "sample.json").write_text(json.dumps(meta, indent=2) + "\n")
     typer.echo(f"wrote {len(files)} images and {grid.name} to {out}")
