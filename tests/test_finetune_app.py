@@ -167,3 +167,5 @@ def test_defaults_are_the_digits_recipe():
     assert am.reward_scale == METHOD_RECIPES["adjoint-matching"]["reward_scale"]
     assert am_lr == METHOD_RECIPES["adjoint-matching"]["lr"]
     assert method_recipe(Options(method="adjoint-matching", reward_scale=3.0))[0].reward_scale == 3.0
+    assert Options().iters == METHOD_RECIPES[DEFAULT_METHOD].get("iters", 40) and Options(iters=3).iters == 3
+    assert Options(method="adjoint-matching:steps=2").iters == METHOD_RECIPES["adjoint-matching"].get("iters", 40)

@@ -87,11 +87,20 @@ class Options:
                                                    "denoising network (the text encoders stay frozen).")
     lr: Optional[float] = option(None, "--lr", help="AdamW learning rate (default: the method's recipe).")
     batch: int = option(8, "--batch", help="Prompts (and noises) per iteration.")
-    iters: int = option(40, "--iters", help="Optimisation iterations.")
+    iters: Optional[int] = option(None, "--iters", help="Optimisation iterations (default: the method's recipe).")
     eval_every: int = option(10, "--eval-every", help="Evaluate every K iterations (and before and after).")
     eval_seeds: int = option(4, "--eval-seeds", help="Images per evaluation prompt (the same noises every time).")
     report_to: str = option("none", "--report-to", help="none | tensorboard (scalars and image grids under "
                                                         "--out/logs, through accelerate's tracker).")
+
+    def __post_init__(self):
+        if self.iters is None:  # (resolved here: the loop reads the iterations before the run is built)
+            self.iters = METHOD_RECIPES.get(method_name(self.method), {}).get("iters", 40)
+
+
+def method_name(spec: str | None) -> str:
+    """The method a --method spec names (the default one for None), spelled as METHOD_RECIPES keys it."""
+    return (spec or DEFAULT_METHOD).strip().partition(":")[0].strip().lower().replace("_", "-")
 
 
 #: what summary.json's settings hold and --resume compares, in this order
@@ -107,8 +116,7 @@ def method_recipe(options: Options):
     spec = options.method or DEFAULT_METHOD
     if options.reward_scale is not None and not (options.reward_scale > 0 and math.isfinite(options.reward_scale)):
         raise UserInputError(f"--reward-scale must be a number > 0 (Adjoint Matching's λ), got {options.reward_scale:g}")
-    name = spec.strip().partition(":")[0].strip().lower().replace("_", "-")
-    recipe = METHOD_RECIPES.get(name, {})
+    recipe = METHOD_RECIPES.get(method_name(spec), {})
     scale = options.reward_scale if options.reward_scale is not None else recipe.get("reward_scale")
     try:
         method = parse_method(spec, reward_scale=scale)
@@ -137,11 +145,13 @@ def build(session: Session, options: Options, seed: int = 0) -> "FinetuneTask":
     default_prompts = "digits" if session.comps.settings.get("words") else "simple-animals"
     prompts_source = options.prompts or default_prompts
     eval_source = options.eval_prompts or prompts_source
-    try:
-        train, held = resolve_prompts(prompts_source), resolve_prompts(eval_source)
-    except PromptError as e:
-        raise UserInputError(f"--prompts: {e}" if eval_source == prompts_source or options.eval_prompts is None
-                             else str(e)) from None
+    prompt_sets = []
+    for flag, source in (("--prompts", prompts_source), ("--eval-prompts", eval_source)):
+        try:
+            prompt_sets.append(resolve_prompts(source))
+        except PromptError as e:
+            raise UserInputError(f"{flag}: {e}") from None
+    train, held = prompt_sets
     reward, judge, reward_specs, judge_spec = finetune_rewards(session, options)
     resolved = replace(options, prompts=str(prompts_source), eval_prompts=str(eval_source), reward=reward_specs,
                        judge_reward=judge_spec, method=method.spec, lr=lr,
