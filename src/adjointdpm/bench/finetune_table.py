@@ -69,6 +69,33 @@ def run_record(run: Path) -> dict:
             "guidance_scale": s["settings"]["guidance_scale"], "batch": s["settings"]["batch"]}
 
 
+def plot_curves(runs: list[Path], path: Path) -> None:
+    """The judge's reward and the diversity at each evaluation of each run, against its training model calls."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), dpi=100)
+    for run in runs:
+        s = json.loads((run / "summary.json").read_text())
+        points = s["evaluations"]
+        label = f"{s['settings']['method'].split(':')[0]} lr={s['settings']['lr']:g}"
+        if s["settings"].get("reward_scale"):
+            label += f" λ={s['settings']['reward_scale']:g}"
+        calls = [p["calls"] for p in points]
+        for ax, key in zip(axes, ("judge", "judge_accuracy", "diversity")):
+            ax.plot(calls, [p[key] for p in points], marker="o", ms=3, label=label)
+    for ax, title in zip(axes, ("judge's reward (log p)", "judge accuracy (eval seeds)", "diversity (judge features)")):
+        ax.set_xlabel("training model calls")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="measure finetune runs on the embedded model on fresh seeds")
     ap.add_argument("runs", nargs="*", type=Path)
@@ -76,7 +103,14 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--grids", type=Path, default=None, help="write <name>.png grids (a row per digit) here")
+    ap.add_argument("--curves", type=Path, default=None, help="write the runs' evaluation curves (the judge's "
+                    "reward and diversity against training model calls) to this PNG")
+    ap.add_argument("--skip-measure", action="store_true", help="only draw --curves")
     args = ap.parse_args(argv)
+    if args.curves:
+        plot_curves(args.runs, args.curves)
+    if args.skip_measure:
+        return
     from ..images import make_grid, save_png
 
     base = measure(None, args.n, args.seed)
