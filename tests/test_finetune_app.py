@@ -169,3 +169,20 @@ def test_defaults_are_the_digits_recipe():
     assert method_recipe(Options(method="adjoint-matching", reward_scale=3.0))[0].reward_scale == 3.0
     assert Options().iters == METHOD_RECIPES[DEFAULT_METHOD].get("iters", 40) and Options(iters=3).iters == 3
     assert Options(method="adjoint-matching:steps=2").iters == METHOD_RECIPES["adjoint-matching"].get("iters", 40)
+
+
+def test_the_hacking_alarm_rings_when_the_judge_falls(tmp_path):
+    """A reward the judge disagrees with (darker is better): as it rises the judge's reward falls, and the run
+    says so, in its output and in summary.json."""
+    plugin = tmp_path / "dark.py"
+    plugin.write_text("def darkness(images, prompts, fields):\n    return -images.mean(dim=(1, 2, 3))\n")
+    out = tmp_path / "run"
+    code, stdout, err = cli(["finetune", *TINY, "--method", "exact", "--iters", "3", "--lr", "0.05",
+                             "--eval-every", "1", "--reward", f"{plugin}:darkness", "--judge-reward", "digits-judge",
+                             "--out", out])
+    assert code == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    rewards, judges = [p["reward"] for p in s["evaluations"]], [p["judge"] for p in s["evaluations"]]
+    assert rewards[-1] > rewards[0] and judges[-1] < judges[0]
+    assert s["hacking_alarms"] and s["hacking_alarm"] == s["hacking_alarms"][-1]["message"]
+    assert "finetune: reward hacking?" in stdout

@@ -16,7 +16,7 @@ per prompt (mean pairwise distance of the judge's features) — per prompt and a
 optimised and the judge's reward against the training model calls and seconds go to ``curves.png``;
 ``prompts/NN.png`` is prompt NN's before row above its after row. When the optimised reward has risen since
 the judge's best evaluation while the judge's reward has fallen, the reward-hacking alarm is printed and
-recorded in summary.json (``hacking_alarm``).
+recorded in summary.json (``hacking_alarm``: the last ring, ``hacking_alarms``: every one with its iteration).
 
 Defaults that depend on the model: the prompts (the digits model's ten digit prompts on the embedded model,
 DDPO's 45 simple animals otherwise), the reward and the judge (the digits model's guide classifier and its
@@ -51,18 +51,19 @@ EVAL_SEED_OFFSET = 104729
 
 #: per method, what --lr, --reward-scale and --iters default to (measured on the embedded model's digits recipe,
 #: docs/finetune.md: the methods that back-propagate through the sampler at 3e-3 collapse the diversity or
-#: break the model — DRaFT-1 did — so 1e-3; Adjoint Matching's regression moves slowly at 3e-3 with λ = 10)
+#: break the model — DRaFT-1 did — so 1e-3; AlignProp's 100 iterations cost what exact's 40 do; Adjoint
+#: Matching moves slowly at 3e-3 with λ = 10, and at 1e-2, λ = 30 its best point was 40 iterations)
 METHOD_RECIPES = {
     "exact": {"lr": 1e-3, "iters": 40},
-    "truncated": {"lr": 1e-3, "iters": 40},
-    "alignprop": {"lr": 1e-3, "iters": 40},
-    "onestep": {"lr": 1e-3, "iters": 40},
+    "truncated": {"lr": 1e-3, "iters": 100},
+    "alignprop": {"lr": 1e-3, "iters": 100},
+    "onestep": {"lr": 1e-3, "iters": 130},
     "adjoint": {"lr": 1e-3, "iters": 40},
     "adjoint-matching": {"lr": 1e-2, "reward_scale": 30.0, "iters": 40},
 }
 #: the method of ``adjointdpm finetune`` without --method (the best of the measured table, docs/finetune.md:
-#: at an equal budget of model calls the only one that kept the diversity while teaching "eight" and "nine")
-DEFAULT_METHOD = "adjoint-matching"
+#: at an equal budget of model calls the one that taught "eight" and "nine", ≥ 94 % on fresh seeds)
+DEFAULT_METHOD = "alignprop"
 
 
 @dataclass
@@ -239,7 +240,7 @@ class FinetuneTask(Task):
         self.evaluations: list[dict] = []
         self.before_images: torch.Tensor | None = None
         self.last_images: torch.Tensor | None = None
-        self.alarm: str | None = None
+        self.alarms: list[dict] = []  # every evaluation at which the reward-hacking alarm rang
         if self.opts.report_to == "tensorboard" and self.out is not None:
             from accelerate.tracking import TensorBoardTracker
 
@@ -341,10 +342,11 @@ class FinetuneTask(Task):
             self.before_images = images.cpu()
         if "judge" in metrics:
             # (a fall of more than 5 % of the judge's best: evaluation noise on a few seeds does not ring it)
-            self.alarm = hacking_alarm([e["reward"] for e in self.evaluations], [e["judge"] for e in self.evaluations],
-                                       relative=0.05, optimised_name="the optimised reward", judge_name="the judge's reward")
-            if self.alarm is not None:
-                print(f"finetune: {self.alarm}", flush=True)
+            alarm = hacking_alarm([e["reward"] for e in self.evaluations], [e["judge"] for e in self.evaluations],
+                                  relative=0.05, optimised_name="the optimised reward", judge_name="the judge's reward")
+            if alarm is not None:
+                self.alarms.append({"iteration": self.done, "message": alarm})
+                print(f"finetune: {alarm}", flush=True)
         if self.tracker is not None:
             from ..images import make_grid
 
@@ -360,7 +362,7 @@ class FinetuneTask(Task):
         import json
 
         record = {"train_calls": self.train_calls, "train_seconds": self.train_seconds, "done": self.done,
-                  "evaluations": self.evaluations, "method": self.method.state_dict()}
+                  "evaluations": self.evaluations, "alarms": self.alarms, "method": self.method.state_dict()}
         data = json.dumps(record).encode()
         return {"record": torch.tensor(list(data), dtype=torch.uint8)}
 
@@ -372,12 +374,13 @@ class FinetuneTask(Task):
         record = json.loads(bytes(tensors["record"].tolist()).decode())
         self.train_calls, self.train_seconds = int(record["train_calls"]), float(record["train_seconds"])
         self.done = int(record["done"])
-        self.evaluations = record["evaluations"]
+        self.evaluations, self.alarms = record["evaluations"], record["alarms"]
         self.method.load_state_dict(record["method"])
 
     # ------------------------------------------------------------------ outputs
     def summarize(self, before, after):
-        out = {"evaluations": self.evaluations, "hacking_alarm": self.alarm,
+        out = {"evaluations": self.evaluations, "hacking_alarm": self.alarms[-1]["message"] if self.alarms else None,
+               "hacking_alarms": self.alarms,
                "metrics_from": ("the optimised reward and the judge (independent, never optimised)" if self.judge is not None
                                 else "the optimised reward only (no --judge-reward: not an independent evaluation)")}
         if "diversity" in after and before.get("diversity"):
