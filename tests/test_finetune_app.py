@@ -186,3 +186,16 @@ def test_the_hacking_alarm_rings_when_the_judge_falls(tmp_path):
     assert rewards[-1] > rewards[0] and judges[-1] < judges[0]
     assert s["hacking_alarms"] and s["hacking_alarm"] == s["hacking_alarms"][-1]["message"]
     assert "finetune: reward hacking?" in stdout
+
+
+def test_evaluations_do_not_change_the_training(tmp_path):
+    """The weights after N iterations do not depend on how often the run evaluates (an evaluation draws no
+    training randomness): the defaults' run equals a run measured with another --eval-every."""
+    outs = []
+    for every in ("1", "5"):
+        out = tmp_path / f"every{every}"
+        code, _, err = cli(["finetune", *TINY, "--method", "alignprop", "--iters", "2", "--eval-every", every,
+                            "--out", out])
+        assert code == 0, err
+        outs.append(load_file(str(out / "pytorch_lora_weights.safetensors")))
+    assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
