@@ -147,6 +147,7 @@ def run(task: Task, cfg: LoopConfig) -> dict:
     ckpt = CheckpointFolder(out)
     if cfg.resume and not ckpt.exists():
         raise UserInputError(f"--resume: no checkpoint in {ckpt.folder} (start without --resume)")
+    task.out = out
     task.setup()
     groups = task.param_groups()
     replicated = [t for g in groups if not g.sharded for t in g.tensors.values()]

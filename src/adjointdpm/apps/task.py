@@ -65,6 +65,7 @@ class Task:
     loss_name = "loss"  # what the loss curve's axis calls the minimised loss
     dp = SingleProcess()  # the processes the task is spread over (set from the session by multi-process tasks)
     sharded_state: tuple[str, ...] = ()  # names of state_tensors() that hold one row per sample (sharded)
+    out: Path | None = None  # the run's output folder (set by the loop before setup; e.g. for live logs)
 
     def describe(self) -> dict:
         """JSON-able settings that define the run (checked on --resume, written to summary.json)."""

@@ -16,11 +16,13 @@ Writes one PNG per image (``000.png`` ...), ``grid.png``, ``sample.json`` (the s
 ``latents.safetensors`` (the x_T of every image) and ``pipeline_call.json`` (the diffusers call that makes
 the same images, :mod:`adjointdpm.apps.pipeline_call`) into ``--out``. Seeded x_T is drawn from a CPU
 generator seeded with ``--seed``. Nothing is written before the arguments are checked; an earlier sample in
-``--out`` is replaced only with ``--overwrite``.
+``--out`` is replaced only with ``--overwrite``. ``--lora DIR`` loads
+fine-tuned weights first (a ``finetune`` or ``stylize`` run's output: its LoRA or its ``unet/`` folder).
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +51,7 @@ def sample(
     negative_prompt: Optional[str] = typer_option(EngineOptions, "negative_prompt"),
     latents: Optional[str] = typer.Option(None, "--latents", help="Sample from these noises: FILE.safetensors or FILE.safetensors:KEY (default key: latents), one image per row."),
     embedding: Optional[Path] = typer.Option(None, "--embedding", help="Condition on these prompt embeddings (FILE.safetensors with the pipeline's names: prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, …) instead of --prompt."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="Sample with fine-tuned weights: the --out folder of a finetune or stylize run (its pytorch_lora_weights.safetensors, or its unet/ folder)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per network batch."),
     device: str = typer.Option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".'),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's choice; 1 is best on a busy machine)."),
@@ -77,6 +80,8 @@ def sample(
         raise UserInputError(f"--guidance-scale must be in [0, 100], got {guidance_scale}")
     if (prompt is None) == (embedding is None):
         raise UserInputError("give --prompt or --embedding (one of them)")
+    if lora is not None and not lora.expanduser().is_dir():
+        raise UserInputError(f"--lora {lora} is not a folder (give the --out folder of a finetune or stylize run)")
     out = check_out(out, overwrite=True)  # a folder, writable; nothing created yet
     earlier = (out / "sample.json").is_file()
     if earlier and not overwrite:
@@ -91,6 +96,10 @@ def sample(
                                     solver=solver, eta=eta, steps=steps, guidance_scale=guidance_scale,
                                     device=device, height=height, width=width, max_sequence_length=max_sequence_length,
                                     negative_prompt=negative_prompt))
+    if lora is not None:
+        from adjointdpm.apps.weights import load_weights
+
+        load_weights(session.comps, lora)
     n = num_images or (x_given.shape[0] if x_given is not None else 16)
     if x_given is not None:
         shape = (n, *session.comps.latent_shape)
@@ -117,7 +126,9 @@ def sample(
     save_file({"latents": x_T.detach().cpu().contiguous()}, str(out / "latents.safetensors"))
     if emb_given is not None:
         save_file({k: v.contiguous() for k, v in emb_given.items()}, str(out / "embedding.safetensors"))
-    call = sample_pipeline_call(session, prompt, emb_given, n)
+    lora_file = None if lora is None else lora.expanduser() / "pytorch_lora_weights.safetensors"
+    lora_rel = os.path.relpath(lora_file.parent, out) if lora_file is not None and lora_file.is_file() else None
+    call = sample_pipeline_call(session, prompt, emb_given, n, lora=lora_rel)
     from adjointdpm.apps.pipeline_call import write
 
     write(out, call)
@@ -127,7 +138,7 @@ def sample(
         "eta": eta,
         "guidance_scale": session.comps.settings["default_guidance_scale"] if guidance_scale is None else guidance_scale, **session.image_options,
         "model": str(session.comps.path), "dtype": str(session.comps.dtype).removeprefix("torch."), "files": [f.name for f in files], "grid": grid.name,
-        "x_T": "latents.safetensors", "pipeline_call": "pipeline_call.json",
+        "lora": None if lora is None else str(lora), "x_T": "latents.safetensors", "pipeline_call": "pipeline_call.json",
     }
     (out / "sample.json").write_text(json.dumps(meta, indent=2) + "\n")
     typer.echo(f"wrote {len(files)} images and {grid.name} to {out}")
