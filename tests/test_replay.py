@@ -42,7 +42,10 @@ def world(tmp_path_factory):
     logging.set_verbosity_error()
     root = tmp_path_factory.mktemp("replay")
     (root / "loss.py").write_text(LOSS)
+    (root / "reward.py").write_text("def dark(images, **_):\n    return -images.mean((1, 2, 3))\n")
+    (root / "prompts.txt").write_text("a photo\na cat\n")
     return {"root": root, "loss": f"{root / 'loss.py'}:bright", "classifier": build_classifier(root / "cls"),
+            "reward": f"{root / 'reward.py'}:dark", "prompts": str(root / "prompts.txt"),
             "sd": build_tiny_latent_model(root / "sd")}
 
 
@@ -87,6 +90,8 @@ def app_args(app, world, family):
                     "--lora-rank", "0" if family == "pixart" else "2",
                     *([] if embedded else ["--prompt", "a photo", *critic])],
         "invert": ["--n-train", "2", "--n-heldout", "1", "--iters", "2", *critic],
+        "finetune": ["--iters", "1", "--batch", "2", "--eval-seeds", "1", "--method", "truncated:k=1",
+                     *([] if embedded else ["--reward", world["reward"], "--prompts", world["prompts"]])],
     }[app]
 
 
@@ -98,8 +103,8 @@ def run_app(app, family, world, capsys, tmp_path, *extra):
     return out
 
 
-CASES = ([(app, "embedded") for app in ("guide", "audit", "stylize", "invert")]
-         + [(app, "sd") for app in ("guide", "audit", "stylize", "invert")]
+CASES = ([(app, "embedded") for app in ("guide", "audit", "stylize", "invert", "finetune")]
+         + [(app, "sd") for app in ("guide", "audit", "stylize", "invert", "finetune")]
          + [("guide", f) for f in ("sdxl", "sd3", "flux", "pixart")]
          + [("invert", f) for f in ("sdxl", "sd3", "flux", "pixart")]
          + [("stylize", "flux"), ("stylize", "pixart"), ("audit", "sd3")])
@@ -120,7 +125,7 @@ def test_pipeline_call_replays_after(tmp_path, capsys, world, app, family):
         assert call["scheduler"] is None and kwargs["num_inference_steps"] == 4
     if family in ("flux", "sd3", "pixart"):
         assert kwargs["max_sequence_length"] > 0
-    assert (call["lora"] == ".") == (app == "stylize" and family != "pixart")
+    assert (call["lora"] == ".") == (app in ("stylize", "finetune") and family != "pixart")
 
 
 def test_size_negative_prompt_and_solver_twins_replay(tmp_path, capsys, world):

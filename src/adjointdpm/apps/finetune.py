@@ -387,6 +387,17 @@ class FinetuneTask(Task):
             out["diversity_kept"] = after["diversity"] / before["diversity"]
         return out
 
+    def pipeline_call(self) -> dict:
+        """The evaluation noises and prompts (after/) with the trained LoRA (the output folder) or network folder."""
+        from .pipeline_call import pipeline_call
+        from .weights import network_part
+
+        lora = self.opts.lora_rank > 0
+        part = network_part(self.session.comps)
+        return pipeline_call(self.session, tensors={"latents": "eval_latents.safetensors:latents"},
+                             prompts=list(self.eval_texts), lora="." if lora else None,
+                             components=None if lora else {part: part})
+
     def write_artifacts(self, out):
         files = {**save_weights(self.session.comps, out, self.opts.lora_rank)}
         from safetensors.torch import save_file

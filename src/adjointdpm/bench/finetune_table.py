@@ -28,8 +28,8 @@ def measure(run: Path | None, n: int = 32, seed: int = 7, steps: int | None = No
             guidance_scale: float | None = None) -> dict:
     """Judge accuracy, diversity and Fréchet distance per digit of the base model (``run`` None) or a run."""
     from ..apps.weights import load_weights
-    from ..components import load_components, load_critics
-    from ..embedded.critics import feature_stats, frechet_distance
+    from ..components import load_components
+    from ..embedded.critics import feature_stats, frechet_distance, load_critics
     from ..embedded.data import WORDS, load_data, prompt_for
     from ..rewards import pairwise_mean_distance
 

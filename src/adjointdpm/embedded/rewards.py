@@ -30,7 +30,8 @@ class DigitsReward(Reward):
 
     @classmethod
     def from_folder(cls, path, which: str, spec: str, device="cpu") -> "DigitsReward":
-        from ..components import ComponentsError, load_critics
+        from ..components import ComponentsError
+        from .critics import load_critics
 
         try:
             critics = load_critics(path or None, device=device)

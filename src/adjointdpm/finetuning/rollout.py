@@ -6,8 +6,8 @@ schedule and timesteps, the solver, the conditioning with classifier-free guidan
 noises of a stochastic solver. ``reward(x_0) -> (B,)`` is a closure the application builds (decoding,
 prompts, the prompts' fields) and is *maximised*.
 
-``Rollout.solver_for(network)`` builds the engine's step map for the rollout exactly as ``sample`` does
-(same Denoiser, grid and noise source), for the methods that step by hand (the one-step method stops at
+``Rollout.sampler(network)`` asks the engine (``build_sampler``) for the rollout's sampler exactly as ``sample``
+builds it (same Denoiser, grid and noise source), for the methods that step by hand (the one-step method stops at
 an intermediate step; Adjoint Matching samples its own memoryless chain on the same grid).
 """
 
@@ -18,12 +18,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..grid import TimeGrid, grid_from_scheduler, prediction_type_of, schedule_from_scheduler
+from ..engine import Sampler, build_sampler
+from ..grid import TimeGrid
 from ..model import Denoiser
 from ..schedule import NoiseSchedule
-from ..solvers import make_solver, solver_name
-from ..stochastic import is_stochastic, make_stochastic_solver, resolve_noise
-from ..validation import resolve_timesteps
+from ..solvers import solver_name
+from ..stochastic import is_stochastic
 from .errors import MethodError
 
 Reward = Callable[[torch.Tensor], torch.Tensor]
@@ -72,44 +72,34 @@ class Rollout:
         return replace(self, noise=seed)
 
     # -- the engine's pieces, as sample() builds them ---------------------------------------------
-    def path(self) -> NoiseSchedule:
-        return self.schedule if isinstance(self.schedule, NoiseSchedule) else schedule_from_scheduler(self.schedule)
+    def sampler(self, network: Callable | None = None, guidance_scale: float | None = None) -> Sampler:
+        """The engine's sampler of this rollout (for ``network``, default the rollout's, and a guidance scale):
+        the same Denoiser, grid and step map (with the rollout's noise source) as ``adjointdpm.sample``."""
+        stochastic = self.stochastic
+        scale = float(self.guidance_scale if guidance_scale is None else guidance_scale)
+        return build_sampler(self.network if network is None else network, self.schedule, self.timesteps,
+                             solver=self.solver, eta=self.eta, prediction_type=self.prediction_type, guidance_scale=scale,
+                             model_kwargs=self.model_kwargs, noise=self.noise if stochastic else None,
+                             x_T=self.x_T if stochastic else None, cond=self.cond if stochastic else None,
+                             uncond=self.uncond if stochastic and scale != 1.0 else None)
 
-    def resolved_prediction_type(self) -> str:
-        if self.prediction_type is not None:
-            return self.prediction_type
-        if isinstance(self.schedule, NoiseSchedule):
-            return "epsilon"
-        return prediction_type_of(self.schedule) or "epsilon"
+    def path(self) -> NoiseSchedule:
+        return self.sampler().denoiser.schedule
 
     def grid(self) -> TimeGrid:
-        path = self.path()
-        t = resolve_timesteps(path, self.timesteps, None)
-        if isinstance(self.schedule, NoiseSchedule):
-            return TimeGrid.from_timesteps(path, t)
-        return grid_from_scheduler(self.schedule, path, t)
+        return self.sampler().grid
 
     def denoiser(self, network: Callable | None = None, guidance_scale: float | None = None) -> Denoiser:
         """The engine's (ε̂, x̂₀) adapter for ``network`` (default: the rollout's) and a guidance scale."""
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        return Denoiser(self.network if network is None else network, self.path(), self.resolved_prediction_type(),
-                        float(scale), dict(self.model_kwargs))
+        return self.sampler(network, guidance_scale).denoiser
 
     def solver_for(self, network: Callable | None = None):
         """The rollout's step map Φ_i (deterministic, or stochastic with the rollout's noise source)."""
-        name = solver_name(self.solver)
-        grid = self.grid()
-        denoiser = self.denoiser(network)
-        if is_stochastic(name, float(self.eta)):
-            source = resolve_noise(self.noise, len(grid), self.x_T)
-            scheduler = None if isinstance(self.schedule, NoiseSchedule) else self.schedule
-            return make_stochastic_solver(name, denoiser, grid, source, scheduler, float(self.eta))
-        return make_solver(name, denoiser, grid)
+        return self.sampler(network).solver
 
     def initial_state(self) -> torch.Tensor:
         """x at the first grid point (the pipeline's latents times the grid's input scale)."""
-        scale = self.grid().input_scale
-        return self.x_T if scale == 1.0 else scale * self.x_T
+        return self.sampler().initial_state(self.x_T)
 
     def guided_pair(self):
         """(cond, uncond) as the step maps take them: uncond dropped without guidance."""

@@ -20,7 +20,7 @@ import torch
 
 from ..gradients import Adjoint, Exact, GradMode, Truncated
 from ..gradients.adjoint import ADJOINT_SOLVERS, ADJOINT_STATES
-from ..gradients.budget import parse_memory
+from ..gradients.memory_budget import parse_memory
 from ..sampling import sample
 from ..solvers import solver_name
 from ..stochastic import is_stochastic
