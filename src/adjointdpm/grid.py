@@ -154,8 +154,8 @@ def prediction_type_of(scheduler) -> str | None:
 def pndm_grid_times(scheduler, timesteps) -> np.ndarray:
     """The model times a PNDMScheduler steps from: its N distinct times when ``timesteps`` is its own list
     (``scheduler.timesteps``, which repeats t₁ for PLMS's first step and lists the Runge–Kutta stages) or
-    those distinct times themselves; otherwise ``timesteps`` unchanged (PLMS on that grid)."""
-    if getattr(scheduler, "num_inference_steps", None) is None:
+    those distinct times themselves; otherwise (or for another scheduler) ``timesteps`` unchanged."""
+    if type(scheduler).__name__ != "PNDMScheduler" or getattr(scheduler, "num_inference_steps", None) is None:
         return timesteps
     from .pndm import pndm_times
 

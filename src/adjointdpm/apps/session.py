@@ -48,7 +48,7 @@ class Session:
         self.model_path = None if model is None else str(Path(model).expanduser())
         self.critics_path = engine.critics
         settings = self.comps.settings
-        self.solver = engine.solver or settings.get("default_solver", "dpmpp2m")
+        self.solver = engine.solver or self.comps.default_solver()
         known = [*adpm.SOLVERS, *adpm.STOCHASTIC_SOLVER_NAMES]
         if self.solver not in known:
             raise UserInputError(f"unknown --solver {self.solver!r}; use one of {', '.join(known)}")

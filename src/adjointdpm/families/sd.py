@@ -7,17 +7,24 @@ encoder. x_T is unit noise on the UNet's ``sample_size`` grid (the pipeline scal
 scheduler's ``init_noise_sigma``); the VAE decodes ``x0 / scaling_factor``. The embedded digits
 model (``AdjointDPMPixelPipeline``) is the same layout in pixel space, without a VAE.
 
-Sampling (``sampling_setup``): the continuous VP path of the scheduler's ``alphas_cumprod`` at N model
-times uniform over the training range, t_max … t_min (the figures' grid, not the scheduler's own), and
-the empty prompt's hidden states as one negative row that the engine shares across the batch.
+Sampling (``sampling_setup``): like every family, the folder's own scheduler with its own grid for N
+steps (``set_timesteps(N)``; SD 1.5's PNDMScheduler: PLMS on its N distinct times), its twin solver, and
+``StableDiffusionPipeline``'s defaults (50 steps, guidance 7.5) unless the folder's ``adjointdpm.json``
+sets them; the empty prompt's hidden states are one negative row that the engine shares across the batch.
+One explicit recipe, for a folder whose ``adjointdpm.json`` says ``"timesteps": "uniform"`` (the embedded
+digits model: no diffusers scheduler config gives its grid): N model times uniform over the training range,
+t_max … 0 (:meth:`NoiseSchedule.default_timesteps`), with the folder's scheduler's noise schedule.
 """
 from __future__ import annotations
 
 import torch
 
-from ..schedule import VPSchedule
+from ..grid import schedule_from_scheduler
 from ..validation import resolve_timesteps
 from .base import SCHEDULER, UNET, VAE, Family, Part, SamplingSetup, pad_ids, text_encoder, tokenizer
+
+#: the ``adjointdpm.json`` value of "timesteps" that asks for N times uniform over the training range
+UNIFORM_GRID = "uniform"
 
 
 class StableDiffusion(Family):
@@ -25,10 +32,7 @@ class StableDiffusion(Family):
     pipelines = ("StableDiffusionPipeline", "AdjointDPMPixelPipeline")
     network = "unet"
     parts = (UNET, text_encoder(), tokenizer(), SCHEDULER, Part(VAE.name, VAE.weights, required=False))
-    settings = {"default_guidance_scale": 7.5, "default_steps": 25, "default_solver": "dpmpp2m"}
-
-    def default_settings(self, c) -> dict:
-        return dict(self.settings)  # (as before the other families: not chosen from the scheduler)
+    settings = {"default_guidance_scale": 7.5, "default_steps": 50, "default_solver": "dpmpp2m"}
 
     def image_latent_shape(self, c) -> tuple[int, int, int]:
         s = c.unet.config.sample_size
@@ -41,10 +45,11 @@ class StableDiffusion(Family):
 
     def sampling_setup(self, c, steps: int, guidance_scale: float, true_cfg_scale: float | None = None,
                        with_uncond: bool = True) -> SamplingSetup:
-        schedule = VPSchedule.from_alphas_cumprod(c.alphas_cumprod)
-        timesteps = resolve_timesteps(schedule, None, steps)
+        if c.settings.get("timesteps") != UNIFORM_GRID:
+            return super().sampling_setup(c, steps, guidance_scale, true_cfg_scale, with_uncond)
+        timesteps = resolve_timesteps(schedule_from_scheduler(c.scheduler), None, steps)
         w = float(guidance_scale)
-        return SamplingSetup(schedule, timesteps, w, {}, self.sampling_uncond(c, 1, w, {}) if with_uncond else None)
+        return SamplingSetup(c.scheduler, timesteps, w, {}, self.sampling_uncond(c, 1, w, {}) if with_uncond else None)
 
     def sampling_uncond(self, c, n: int, guidance_scale: float, encode_kwargs: dict):
         """The empty prompt's hidden states, one row whatever ``n`` (the engine shares it across the batch)."""
