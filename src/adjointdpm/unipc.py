@@ -127,7 +127,7 @@ class UniPC(Solver):
             kept = [m, *previous][: self.solver_order]
         else:
             kept = [m]
-        p = self.step_order(i)
+        p = min(self.step_order(i), len(kept))  # (a step run without its history, as the continuous adjoint's last)
         older = [(i - k, kept[k]) for k in range(1, p)]
         x_next = self._update(i + 1, i, x, m, older)
         return x_next, (x, *kept)
