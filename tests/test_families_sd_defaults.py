@@ -66,3 +66,15 @@ def test_a_unipc_folder_is_its_pipeline_call(tmp_path):
     ours = comps.generate(PROMPTS, x_T=x_T, steps=7, guidance_scale=5.0, decode=False)
     theirs = pipeline_latents(root, latents=x_T.clone(), num_inference_steps=7, guidance_scale=5.0)
     assert _rel(ours, theirs) <= 1e-5
+
+
+def test_an_outdated_scheduler_config_is_fixed_as_the_pipeline_fixes_it(tmp_path):
+    """StableDiffusionPipeline sets steps_offset to 1 (and clip_sample to False) before sampling: so do we."""
+    root = build_tiny_sd(tmp_path / "model")  # PNDMScheduler with steps_offset 0
+    comps = load_components(root)
+    assert comps.scheduler.config.steps_offset == 0
+    x_T = comps.noise(len(PROMPTS), seed=4)
+    ours = comps.generate(PROMPTS, x_T=x_T, steps=4, guidance_scale=3.0, decode=False)
+    assert comps.scheduler.config.steps_offset == 1
+    theirs = pipeline_latents(root, latents=x_T.clone(), num_inference_steps=4, guidance_scale=3.0)
+    assert _rel(ours, theirs) <= 1e-5

@@ -43,6 +43,18 @@ class StableDiffusion(Family):
         ids = pad_ids(c.tokenizer, prompts, c.tokenizer.model_max_length, c.text_encoder.device)
         return c.text_encoder(ids)[0]
 
+    def set_timesteps(self, c, steps: int) -> torch.Tensor:
+        """The scheduler's grid as ``StableDiffusionPipeline`` sets it: the pipeline first rewrites an outdated
+        scheduler config (``steps_offset`` ≠ 1 → 1, ``clip_sample`` True → False), so the same is done here."""
+        if c.pipeline_config.get("_class_name") == "StableDiffusionPipeline":
+            config = c.scheduler.config
+            fixes = {k: v for k, v, wrong in (("steps_offset", 1, getattr(config, "steps_offset", 1) != 1),
+                                              ("clip_sample", False, getattr(config, "clip_sample", False) is True))
+                     if wrong}
+            if fixes:
+                c.scheduler.register_to_config(**fixes)
+        return super().set_timesteps(c, steps)
+
     def sampling_setup(self, c, steps: int, guidance_scale: float, true_cfg_scale: float | None = None,
                        with_uncond: bool = True) -> SamplingSetup:
         if c.settings.get("timesteps") != UNIFORM_GRID:
