@@ -47,7 +47,8 @@ def test_the_table_lists_every_supported_class():
     lambda: diffusers.KDPM2DiscreteScheduler(**SD_BETAS),
     lambda: diffusers.DEISMultistepScheduler(**SD_BETAS),
     lambda: diffusers.DPMSolverMultistepScheduler(**SD_BETAS, solver_order=3),
-], ids=["KDPM2", "DEIS", "DPMSolver-order-3"])
+    lambda: diffusers.DPMSolverMultistepScheduler(**SD_BETAS, solver_type="heun"),
+], ids=["KDPM2", "DEIS", "DPMSolver-order-3", "DPMSolver-heun"])
 def test_a_class_without_twin_gets_one_error_naming_the_supported_ones_and_solver(unet, inputs, scheduler):
     scheduler = scheduler()
     x, cond, _, _ = inputs

@@ -3,8 +3,9 @@
     DDIMScheduler                      ddim            (η is a step argument: 'ddim' with eta= for η > 0)
     EulerDiscreteScheduler             ddim            (Euler in ρ = σ/α is DDIM's step)
     FlowMatchEulerDiscreteScheduler    ddim            (stochastic_sampling=True: lcm)
-    DPMSolverMultistepScheduler        dpmpp2m         (algorithm_type "dpmsolver++", solver_order 2;
-                                                        order 1: ddim; "sde-dpmsolver++": dpmpp2m_sde)
+    DPMSolverMultistepScheduler        dpmpp2m         (algorithm_type "dpmsolver++", solver_order 2, midpoint,
+                                                        lower_order_final, not euler_at_final; order 1: ddim;
+                                                        "sde-dpmsolver++": dpmpp2m_sde)
     HeunDiscreteScheduler              heun
     PNDMScheduler                      pndm            (PLMS, skip_prk_steps or the Runge–Kutta warm-up)
     UniPCMultistepScheduler            unipc
@@ -54,8 +55,14 @@ def twin_solver(scheduler) -> str:
         return "lcm" if option("stochastic_sampling", False) else "ddim"
     if name == "DPMSolverMultistepScheduler":
         algorithm, order = option("algorithm_type", "dpmsolver++"), int(option("solver_order", 2))
-        if algorithm == "dpmsolver++" and order in (1, 2):
-            return "dpmpp2m" if order == 2 else "ddim"
+        if algorithm == "dpmsolver++" and order == 1:
+            return "ddim"
+        if algorithm == "dpmsolver++" and order == 2:
+            unlike = [f"{k}={option(k)!r}" for k, plain in (("solver_type", "midpoint"), ("lower_order_final", True),
+                                                              ("euler_at_final", False)) if option(k, plain) != plain]
+            if unlike:
+                raise _refuse(scheduler, f"({', '.join(unlike)})")
+            return "dpmpp2m"
         if algorithm == "sde-dpmsolver++" and order in (1, 2):
             return "dpmpp2m_sde"
         raise _refuse(scheduler, f"(algorithm_type={algorithm!r}, solver_order={order})")
