@@ -78,3 +78,16 @@ def test_an_outdated_scheduler_config_is_fixed_as_the_pipeline_fixes_it(tmp_path
     assert comps.scheduler.config.steps_offset == 1
     theirs = pipeline_latents(root, latents=x_T.clone(), num_inference_steps=4, guidance_scale=3.0)
     assert _rel(ours, theirs) <= 1e-5
+
+
+def test_the_applications_session_samples_the_pipeline_call_by_default(sd15):
+    """What the commands sample (a Session with no --solver / --steps / --guidance-scale) is the pipeline call."""
+    from adjointdpm.apps.options import EngineOptions
+    from adjointdpm.apps.session import Session
+
+    session = Session(EngineOptions(model=sd15, grad="exact"))
+    assert (session.solver, session.steps, session.guidance_scale) == ("pndm", 50, 7.5)
+    x_T = session.noise(len(PROMPTS), seed=7)
+    ours = session.sample(x_T, session.encode(PROMPTS), grad=None)
+    theirs = pipeline_latents(sd15, latents=x_T.clone())
+    assert _rel(ours, theirs) <= 1e-5
