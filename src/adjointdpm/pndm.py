@@ -18,8 +18,8 @@ and the methods differ in which ε′ they feed it. With ε_k the network's esti
 
 On a PNDMScheduler's own grid (``set_timesteps(N)``) the times are diffusers' exactly: with r = T // N and
 δ = r // 2, p = t_0 − r, f = t_1 + r, q_i = t_i − r (below 0: the scheduler's ``final_alpha_cumprod``), and
-the prk stages read ``prk_timesteps`` four at a time; ``timesteps`` lists t_1 twice (the first step's two
-calls). On any other grid (a :class:`NoiseSchedule`, a grid of the user's) p = f = t_1 … the next point,
+the prk stages read ``prk_timesteps`` four at a time (the warm-up covers the four highest times, so it needs
+N ≥ 4, as diffusers does); ``timesteps`` lists t_1 twice (the first step's two calls). On any other grid (a :class:`NoiseSchedule`, a grid of the user's) p = f = t_1 … the next point,
 q_i = t_{i+1}, and the warm-up is the plms first step. With ``prediction_type="v_prediction"`` the
 scheduler combines the network's v outputs and converts the combination at the transfer's start,
 ε′ = α v′ + σ x, so the kept estimates are v = α ε̂ − σ x̂₀ there (exactly the network's v).
@@ -96,19 +96,17 @@ class PNDMPlan:
 
         steps = []
         prk = [int(t) for t in np.asarray(scheduler.prk_timesteps)]
-        if not scheduler.config.skip_prk_steps:
+        plms = [int(t) for t in np.asarray(scheduler.plms_timesteps)]
+        if not scheduler.config.skip_prk_steps:  # the four highest times, three Runge–Kutta steps
             for k in range(0, len(prk), 4):
                 s, c1, c2, c3 = prk[k:k + 4]
                 steps.append(PNDMStep("prk", tuple(call(t) for t in (s, c1, c2, c3)), coeff(s),
                                       (coeff(s - half), coeff(c1), coeff(c2 - half)), coeff(c3)))
-            plms = [int(t) for t in np.asarray(scheduler.plms_timesteps)]
-        else:
-            plms = [int(t) for t in np.asarray(scheduler.plms_timesteps)]
-            if len(plms) >= 2:  # [t_0, t_1, t_1, t_2, …]: the first step calls at t_0 and t_1
-                t0, t1 = plms[0], plms[1]
-                steps.append(PNDMStep("first", (call(t0), call(t1)), coeff(t1 + ratio), (coeff(t0 - ratio),),
-                                      coeff(t1), coeff(t0)))
-                plms = plms[2:]
+        elif len(plms) >= 2:  # [t_0, t_1, t_1, t_2, …]: the first step calls at t_0 and t_1
+            t0, t1 = plms[0], plms[1]
+            steps.append(PNDMStep("first", (call(t0), call(t1)), coeff(t1 + ratio), (coeff(t0 - ratio),),
+                                  coeff(t1), coeff(t0)))
+            plms = plms[2:]
         steps.extend(PNDMStep("plms", (call(t),), coeff(t), (), coeff(t - ratio)) for t in plms)
         return cls(tuple(steps))
 
