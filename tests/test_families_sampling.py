@@ -25,7 +25,7 @@ def by_hand(comps, steps: int, w: float):
             uncond = map_floating(torch.Tensor.detach, comps.encode_prompt([""])) if w != 1.0 else None
         if comps.settings.get("timesteps") == "uniform":
             schedule = adpm.VPSchedule.from_alphas_cumprod(comps.alphas_cumprod)
-            return comps.scheduler, schedule.default_timesteps(steps), float(w), {}, uncond
+            return schedule, schedule.default_timesteps(steps), float(w), {}, uncond
         listed = comps.scheduler_timesteps(steps).detach().cpu().double().numpy()
         distinct = np.concatenate([listed[:2], listed[3:]]) if len(listed) > 2 else listed  # PLMS: t1 twice
         return comps.scheduler, distinct, float(w), {}, uncond
@@ -58,9 +58,13 @@ def folders(tmp_path_factory):
                                             ("sdxl", 2, 1.0), ("flux", 3, 3.5)])
 def test_sampling_setup_is_the_per_family_branch(folders, name, steps, w):
     comps = load_components(folders[name])
-    _, timesteps, cfg, kwargs, uncond = by_hand(comps, steps, w)
+    schedule, timesteps, cfg, kwargs, uncond = by_hand(comps, steps, w)
     setup = comps.family_spec.sampling_setup(comps, steps, w)
-    assert setup.schedule is comps.scheduler
+    if name == "embedded":  # its explicit recipe: the VP path of alphas_cumprod at N uniform times
+        assert isinstance(setup.schedule, adpm.VPSchedule)
+        np.testing.assert_array_equal(setup.schedule.alpha(timesteps), schedule.alpha(timesteps))
+    else:
+        assert setup.schedule is comps.scheduler
     assert setup.timesteps.dtype == np.float64 and len(setup.timesteps) == steps
     np.testing.assert_array_equal(setup.timesteps, timesteps)
     assert (setup.guidance_scale, setup.encode_kwargs) == (cfg, kwargs)

@@ -12,14 +12,15 @@ steps (``set_timesteps(N)``; SD 1.5's PNDMScheduler: PLMS on its N distinct time
 ``StableDiffusionPipeline``'s defaults (50 steps, guidance 7.5) unless the folder's ``adjointdpm.json``
 sets them; the empty prompt's hidden states are one negative row that the engine shares across the batch.
 One explicit recipe, for a folder whose ``adjointdpm.json`` says ``"timesteps": "uniform"`` (the embedded
-digits model: no diffusers scheduler config gives its grid): N model times uniform over the training range,
-t_max … 0 (:meth:`NoiseSchedule.default_timesteps`), with the folder's scheduler's noise schedule.
+digits model: no diffusers scheduler config gives its grid): the VP path of the scheduler's ``alphas_cumprod``
+at N model times uniform over the training range, t_max … 0 (:meth:`NoiseSchedule.default_timesteps`), with
+the folder's default solver (``adjointdpm.json``; the embedded model: dpmpp2m, its DPMSolverMultistepScheduler's twin).
 """
 from __future__ import annotations
 
 import torch
 
-from ..grid import schedule_from_scheduler
+from ..schedule import VPSchedule
 from ..validation import resolve_timesteps
 from .base import SCHEDULER, UNET, VAE, Family, Part, SamplingSetup, pad_ids, text_encoder, tokenizer
 
@@ -59,9 +60,10 @@ class StableDiffusion(Family):
                        with_uncond: bool = True) -> SamplingSetup:
         if c.settings.get("timesteps") != UNIFORM_GRID:
             return super().sampling_setup(c, steps, guidance_scale, true_cfg_scale, with_uncond)
-        timesteps = resolve_timesteps(schedule_from_scheduler(c.scheduler), None, steps)
+        schedule = VPSchedule.from_alphas_cumprod(c.alphas_cumprod)  # the recipe's path, not the scheduler's steps
+        timesteps = resolve_timesteps(schedule, None, steps)
         w = float(guidance_scale)
-        return SamplingSetup(c.scheduler, timesteps, w, {}, self.sampling_uncond(c, 1, w, {}) if with_uncond else None)
+        return SamplingSetup(schedule, timesteps, w, {}, self.sampling_uncond(c, 1, w, {}) if with_uncond else None)
 
     def sampling_uncond(self, c, n: int, guidance_scale: float, encode_kwargs: dict):
         """The empty prompt's hidden states, one row whatever ``n`` (the engine shares it across the batch)."""
