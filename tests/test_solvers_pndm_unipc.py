@@ -10,6 +10,8 @@ import adjointdpm as adpm
 from _contracts import SolverContract, pytest_generate_tests, unet_problem  # noqa: F401 (parametrises the contracts)
 from conftest import SD_BETAS
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 GUIDANCE = 3.0
 #: SD 1.5's scheduler config (steps_offset 1, set_alpha_to_one False, scaled_linear betas)
 SD15 = dict(SD_BETAS, steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True)
