@@ -210,6 +210,13 @@ class DiffusionComponents:
         """x_T for ``n`` images: standard normal from a CPU generator seeded with ``seed`` (packed for Flux)."""
         return self.family_spec.noise(self, n, seed)
 
+    def default_solver(self) -> str:
+        """The solver sampled with when none is asked for: the folder's (``adjointdpm.json``) or its
+        scheduler's twin; a scheduler without one gets the error naming the supported classes and ``--solver``."""
+        from .twins import twin_solver
+
+        return self.settings.get("default_solver") or twin_solver(self.scheduler)
+
     def scheduler_timesteps(self, steps: int) -> torch.Tensor:
         """Set the scheduler's grid for ``steps`` steps as the family's pipeline does; its timesteps."""
         return self.family_spec.set_timesteps(self, steps)
@@ -234,7 +241,7 @@ class DiffusionComponents:
         if not prompts:
             raise ValueError("no prompts given")
         steps = int(steps or self.settings["default_steps"])
-        solver = solver or self.settings["default_solver"]
+        solver = solver or self.default_solver()
         w = float(self.settings["default_guidance_scale"] if guidance_scale is None else guidance_scale)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -53,7 +53,7 @@ class Session:
         self.image_options = {k: getattr(engine, k) for k in ("height", "width", "max_sequence_length",
                                                                "negative_prompt") if getattr(engine, k) is not None}
         settings = self.comps.settings
-        self.solver = engine.solver or settings.get("default_solver", "dpmpp2m")
+        self.solver = engine.solver or self.comps.default_solver()
         known = [*adpm.SOLVERS, *adpm.STOCHASTIC_SOLVER_NAMES]
         if self.solver not in known:
             raise UserInputError(f"unknown --solver {self.solver!r}; use one of {', '.join(known)}")

@@ -18,7 +18,8 @@ those of a latent UNet / transformer family with an ``AutoencoderKL``:
 * ``set_timesteps(steps)``: ``scheduler.set_timesteps(steps)``, the pipeline's ``retrieve_timesteps``
   without custom grids;
 * ``sampling_setup(steps, guidance_scale)``: what the engine samples with — the folder's configured
-  scheduler and its grid for N steps, the guidance scale the engine applies (with the extra
+  scheduler and its grid for N steps (a PNDMScheduler's N distinct times: its list repeats t₁), sampled
+  by default with the scheduler's twin (``default_settings``), the guidance scale the engine applies (with the extra
   ``encode_prompt`` keywords it implies) and the negative cond (see :class:`SamplingSetup`).
 
 A family instance holds no state: every method takes the :class:`~adjointdpm.components.DiffusionComponents`.
@@ -30,6 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..grid import pndm_grid_times
+from ..twins import has_twin, twin_solver
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,6 @@ def text_encoder(i: int = 1, required: bool = True) -> Part:
 
 def tokenizer(i: int = 1, required: bool = True) -> Part:
     return Part("tokenizer" if i == 1 else f"tokenizer_{i}", None, required)
-
-
-# the engine's solver that takes the same steps as a diffusers scheduler (first-order: DDIM = Euler)
-SOLVER_OF_SCHEDULER = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "ddim",
-                       "FlowMatchEulerDiscreteScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmpp2m",
-                       "HeunDiscreteScheduler": "heun"}
 
 
 def calculate_shift(seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
@@ -111,11 +109,11 @@ class Family:
     shared_keys: tuple[str, ...] = ()
 
     def default_settings(self, c) -> dict:
-        """The family's defaults; the solver that reproduces the folder's scheduler when there is one."""
+        """The family's defaults (its pipeline's ``__call__`` defaults) with the solver that reproduces the
+        folder's scheduler (:func:`adjointdpm.twins.twin_solver`); None where the scheduler has no twin
+        (``DiffusionComponents.default_solver`` then raises the error that names ``--solver``)."""
         settings = dict(self.settings)
-        solver = SOLVER_OF_SCHEDULER.get(type(c.scheduler).__name__)
-        if solver:
-            settings["default_solver"] = solver
+        settings["default_solver"] = twin_solver(c.scheduler) if has_twin(c.scheduler) else None
         return settings
 
     # ------------------------------------------------------------------ grid and noise
@@ -197,6 +195,7 @@ class Family:
         cfg_scale, encode_kwargs = self.guidance(c, float(guidance_scale), true_cfg_scale)
         cfg_scale = float(cfg_scale)
         timesteps = self.set_timesteps(c, steps).detach().cpu().double().numpy()
+        timesteps = np.asarray(pndm_grid_times(c.scheduler, timesteps), dtype=np.float64)  # PLMS lists t₁ twice
         uncond = self.sampling_uncond(c, 1, cfg_scale, encode_kwargs) if with_uncond else None
         return SamplingSetup(c.scheduler, timesteps, cfg_scale, encode_kwargs, uncond)
 
