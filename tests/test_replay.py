@@ -117,7 +117,7 @@ def test_pipeline_call_replays_after(tmp_path, capsys, world, app, family):
                                 json.loads((model_folder(world, family) / "model_index.json").read_text())["_class_name"])
     kwargs = call["kwargs"]
     assert kwargs["height"] == kwargs["width"] == 16
-    if family in ("embedded", "sd"):  # the engine's uniform grid with the solver's scheduler twin
+    if family == "embedded":  # the model's own recipe: the uniform grid with the solver's scheduler twin
         assert call["scheduler"]["class"] == "DPMSolverMultistepScheduler"
         assert call["scheduler"]["config"]["final_sigmas_type"] == "zero"
         assert kwargs["timesteps"] == [999, 666, 333, 0]
@@ -129,15 +129,17 @@ def test_pipeline_call_replays_after(tmp_path, capsys, world, app, family):
 
 
 def test_size_negative_prompt_and_solver_twins_replay(tmp_path, capsys, world):
-    """--height/--width change the latent grid, --negative-prompt the negative cond, --solver ddim / heun
-    their scheduler twins (Euler, Heun): the replay follows each."""
+    """--height/--width change the latent grid, --negative-prompt the negative cond; on a model with its own
+    uniform-grid recipe --solver ddim / heun record their scheduler twins (Euler, Heun): the replay follows each."""
     out = run_app("guide", "sd", world, capsys, tmp_path, "--height", "24", "--width", "16",
-                  "--negative-prompt", "a blurry photo", "--solver", "ddim", "--guidance-scale", "5")
+                  "--negative-prompt", "a blurry photo", "--guidance-scale", "5")
     call = assert_replays(out)
     assert (call["kwargs"]["height"], call["kwargs"]["width"]) == (24, 16)
     assert call["kwargs"]["negative_prompt"] == ["a blurry photo"] * 2
-    assert call["scheduler"]["class"] == "EulerDiscreteScheduler"
+    assert call["scheduler"] is None  # the folder's own
     assert pngs(out / "after").shape[-2:] == (24, 16)
+    euler = run_app("invert", "embedded", world, capsys, tmp_path / "euler", "--solver", "ddim")
+    assert assert_replays(euler)["scheduler"]["class"] == "EulerDiscreteScheduler"
     heun = run_app("invert", "embedded", world, capsys, tmp_path / "heun", "--solver", "heun")
     assert assert_replays(heun)["scheduler"]["class"] == "HeunDiscreteScheduler"
 

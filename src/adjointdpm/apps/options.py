@@ -117,7 +117,7 @@ class EngineOptions:
         None, "--memory-budget", help="With --grad exact: keep the autograd graphs of as many sampling steps as fit "
         "in this much memory (e.g. 8GiB, inf) instead of recomputing them: as fast as back-propagation where memory "
         "allows, the same gradient [default: recompute every step].")
-    solver: Optional[str] = option(None, "--solver", help="Sampler: ddim | dpmpp2m | heun (probability-flow ODE), or "
+    solver: Optional[str] = option(None, "--solver", help="Sampler: ddim | dpmpp2m | heun | pndm | unipc (probability-flow ODE), or "
                                    "stochastic: ddpm | euler_ancestral | dpmpp2m_sde | lcm, and ddim with --eta > 0 "
                                    "(default: the model's).")
     eta: float = option(0.0, "--eta", help="DDIM's eta in [0, 1] (--solver ddim only): 0 the deterministic sampler, "

@@ -96,7 +96,9 @@ def sampling_call(session, start: int = 0) -> SamplingCall:
     if session.stochastic:
         notes.append(f"--solver {session.solver} injects noise at every step: the pipeline draws its own (the "
                      "run's injected noises are no pipeline argument), so its images differ")
-    if comps.family == "sd":  # the engine: the VP path at N uniform model times, with the chosen solver
+    from ..families.sd import UNIFORM_GRID
+
+    if comps.settings.get("timesteps") == UNIFORM_GRID:  # a model's own recipe: N uniform times, the chosen solver
         name = solver_name(session.solver)
         twin = "ddim_eta" if name == "ddim" and session.stochastic else name
         cls, extra = SOLVER_TWINS.get(twin, SOLVER_TWINS["dpmpp2m"])
@@ -113,8 +115,8 @@ def sampling_call(session, start: int = 0) -> SamplingCall:
             kwargs["eta"] = float(session.eta)
     else:  # the folder's own scheduler and grid, as its pipeline sets them
         scheduler = None
-        default = comps.settings.get("default_solver")
-        if session.solver != default:
+        default = comps.default_solver()
+        if solver_name(session.solver) != solver_name(default):
             notes.append(f"--solver {session.solver} is not the folder's scheduler "
                          f"({type(comps.scheduler).__name__}, solver {default}): the pipeline samples with its own")
         if start > 0:

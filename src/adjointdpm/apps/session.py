@@ -123,7 +123,7 @@ class Session:
         """The sampler's state x at step ``to_step`` (its first ``to_step`` steps from x_T, no graph)."""
         self.timesteps(to_step)  # validates the index
         if self.stochastic:
-            raise UserInputError("--start-step needs a deterministic --solver (ddim with --eta 0, dpmpp2m, heun), "
+            raise UserInputError("--start-step needs a deterministic --solver (ddim with --eta 0, dpmpp2m, heun, pndm, unipc), "
                                  f"not {self.solver}{' with --eta > 0' if self.solver == 'ddim' else ''}")
         return self.sampler().advance(x_T, cond, self.uncond, to_step)
 

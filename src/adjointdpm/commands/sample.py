@@ -37,7 +37,7 @@ def sample(
     num_images: Optional[int] = typer.Option(None, "--num-images", "-n", min=1, max=4096, help="Number of images (default: 16, or one per row of --latents)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, max=1000, help="Solver steps (default: the model's; 20 for the embedded model)."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="ODE solver: ddim (Euler; FlowMatchEuler's step on flow models), dpmpp2m or heun (default: the model's); stochastic: ddpm, euler_ancestral, dpmpp2m_sde, lcm, or ddim with --eta > 0 (image i's injected noises from its own stream of --seed)."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="ODE solver: ddim (Euler; FlowMatchEuler's step on flow models), dpmpp2m, heun, pndm or unipc (default: the model's scheduler's twin); stochastic: ddpm, euler_ancestral, dpmpp2m_sde, lcm, or ddim with --eta > 0 (image i's injected noises from its own stream of --seed)."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM's eta in [0, 1] (--solver ddim only): 0 deterministic, 1 DDPM's posterior noise."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; guidance-distilled Flux: the guidance it is given)."),
     model: Optional[Path] = typer_option(EngineOptions, "model"),
