@@ -45,7 +45,7 @@ def test_bad_classes_are_one_line(folder, fields, words):
 
 
 def test_digits_guide_and_judge():
-    from adjointdpm.components import load_critics
+    from adjointdpm.embedded.critics import load_critics
 
     from adjointdpm.embedded.rewards import DIGIT_REWARDS
 
