@@ -61,8 +61,8 @@ def load_function(spec: str, what: str = "--loss") -> Callable:
     return fn
 
 
-def _accepted_context(fn: Callable) -> tuple[str, ...] | None:
-    """The context keywords ``fn`` takes (None: all of them, through ``**kwargs``)."""
+def accepted_keywords(fn: Callable, context: tuple[str, ...] = CONTEXT) -> tuple[str, ...] | None:
+    """The keywords of ``context`` that ``fn`` takes (None: all of them, through ``**kwargs``)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -70,7 +70,7 @@ def _accepted_context(fn: Callable) -> tuple[str, ...] | None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return tuple(k for k in CONTEXT if k in names)
+    return tuple(k for k in context if k in names)
 
 
 class CheckedLoss:
@@ -78,7 +78,7 @@ class CheckedLoss:
 
     def __init__(self, fn: Callable, name: str):
         self.fn, self.name = fn, name
-        self.accepts = _accepted_context(fn)
+        self.accepts = accepted_keywords(fn)
         self.checked = False
 
     @classmethod

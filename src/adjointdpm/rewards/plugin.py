@@ -15,28 +15,15 @@ failure is one :class:`~adjointdpm.critics.errors.CriticError` line naming the c
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 import torch
 
 from ..critics.errors import CriticError
-from ..critics.plugin import load_function
+from ..critics.plugin import accepted_keywords, load_function
 from .base import Reward
 
 CONTEXT = ("prompts", "fields")
-
-
-def _accepted(fn: Callable) -> tuple[str, ...] | None:
-    """The context keywords ``fn`` takes (None: all, through ``**kwargs``)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return tuple(k for k in CONTEXT if k in names)
 
 
 class PluginReward(Reward):
@@ -45,7 +32,7 @@ class PluginReward(Reward):
     def __init__(self, fn: Callable, spec: str, what: str = "--reward", needs_gradient: bool = True):
         super().__init__(spec)
         self.fn, self.what, self.needs_gradient = fn, what, needs_gradient
-        self.accepts = _accepted(fn)
+        self.accepts = accepted_keywords(fn, CONTEXT)
         self.checked = False
 
     @classmethod
