@@ -1,7 +1,8 @@
 """Each family's sampling setup (schedule, grid, guidance, negative cond) is the one the applications used
-to build for it by hand: SD 1.x/2.x and the embedded model sample the VP path of ``alphas_cumprod`` at N
-uniform times with the empty prompt's hidden states; the other families their folder's scheduler, grid
-and guidance (Flux: its guidance input as an ``encode_prompt`` keyword) — equal values, bit for bit."""
+to build for it by hand: every family its folder's scheduler, grid and guidance (Flux: its guidance input
+as an ``encode_prompt`` keyword; SD 1.5's PNDMScheduler: its N distinct times), the embedded model its
+explicit recipe (its scheduler at N uniform times, the empty prompt's hidden states) — equal values, bit
+for bit."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 import adjointdpm as adpm
 from _tiny_families import build_tiny_flux, build_tiny_sdxl
+from _tiny_sd import build_tiny_sd
 from adjointdpm.components import load_components
 from adjointdpm.conditioning import map_floating
 
@@ -19,10 +21,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 def by_hand(comps, steps: int, w: float):
     """The per-family branch as the applications' session wrote it: (schedule, timesteps, w, kwargs, uncond)."""
     if comps.family == "sd":
-        schedule = adpm.VPSchedule.from_alphas_cumprod(comps.alphas_cumprod)
         with torch.no_grad():
             uncond = map_floating(torch.Tensor.detach, comps.encode_prompt([""])) if w != 1.0 else None
-        return schedule, schedule.default_timesteps(steps), float(w), {}, uncond
+        if comps.settings.get("timesteps") == "uniform":
+            schedule = adpm.VPSchedule.from_alphas_cumprod(comps.alphas_cumprod)
+            return schedule, schedule.default_timesteps(steps), float(w), {}, uncond
+        listed = comps.scheduler_timesteps(steps).detach().cpu().double().numpy()
+        distinct = np.concatenate([listed[:2], listed[3:]]) if len(listed) > 2 else listed  # PLMS: t1 twice
+        return comps.scheduler, distinct, float(w), {}, uncond
     cfg, kwargs = comps.family_spec.guidance(comps, float(w), None)
     timesteps = comps.scheduler_timesteps(steps).detach().cpu().double().numpy()
     uncond = comps.negative_cond(1, **kwargs) if float(cfg) != 1.0 else None
@@ -43,16 +49,18 @@ def assert_same_tree(a, b):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {"embedded": None, "sdxl": build_tiny_sdxl(root / "sdxl"), "flux": build_tiny_flux(root / "flux")}
+    return {"embedded": None, "sdxl": build_tiny_sdxl(root / "sdxl"), "flux": build_tiny_flux(root / "flux"),
+            "sd15": build_tiny_sd(root / "sd15")}
 
 
-@pytest.mark.parametrize("name, steps, w", [("embedded", 4, 2.5), ("embedded", 1, 1.0), ("sdxl", 3, 5.0),
+@pytest.mark.parametrize("name, steps, w", [("embedded", 4, 2.5), ("embedded", 1, 1.0), ("sd15", 4, 7.5),
+                                            ("sd15", 1, 2.0), ("sdxl", 3, 5.0),
                                             ("sdxl", 2, 1.0), ("flux", 3, 3.5)])
 def test_sampling_setup_is_the_per_family_branch(folders, name, steps, w):
     comps = load_components(folders[name])
     schedule, timesteps, cfg, kwargs, uncond = by_hand(comps, steps, w)
     setup = comps.family_spec.sampling_setup(comps, steps, w)
-    if comps.family == "sd":
+    if name == "embedded":  # its explicit recipe: the VP path of alphas_cumprod at N uniform times
         assert isinstance(setup.schedule, adpm.VPSchedule)
         np.testing.assert_array_equal(setup.schedule.alpha(timesteps), schedule.alpha(timesteps))
     else:

@@ -101,7 +101,10 @@ class TestHeun(SolverContract):
 
 
 def test_every_deterministic_solver_is_under_its_contract():
-    assert {c.GRADIENT_CASES[0] for c in (TestDDIM, TestDPMSolverPP2M, TestHeun)} == set(adpm.SOLVERS)
+    from test_solvers_pndm_unipc import TestPNDM, TestUniPC
+
+    names = {c.GRADIENT_CASES[0] for c in (TestDDIM, TestDPMSolverPP2M, TestHeun)} | {TestPNDM.SOLVER, TestUniPC.SOLVER}
+    assert names == set(adpm.SOLVERS)
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpmpp2m", "heun"])

@@ -132,6 +132,14 @@ class TestInvert(ApplicationContract):
     bad_input = (["--effect", "blur"], "unknown --effect")
 
 
+class TestFinetune(ApplicationContract):
+    command = "finetune"
+    options = ["--batch", "2", "--eval-seeds", "2", "--eval-every", "2", "--lora-rank", "2"]
+    n_images = 20  # the ten digit prompts x 2 evaluation seeds
+    tensors = "pytorch_lora_weights.safetensors"
+    bad_input = (["--method", "adjoint-matching", "--reward-scale", "0"], "--reward-scale must be a number > 0")
+
+
 def test_an_application_is_one_module(tmp_path, monkeypatch):
     """The example application of docs/applications.md, as written there, becomes a command with the shared
     options and runs (its loss falls, it reports its line and writes its outputs)."""

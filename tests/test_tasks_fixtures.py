@@ -61,7 +61,8 @@ def build_tiny_pixel_model(root: Path, critics: str = "embedded") -> Path:
     _index(root, "DDPMScheduler", vae=False)
     from adjointdpm.embedded.data import TEMPLATES, WORDS
 
-    settings = {"default_guidance_scale": 2.0, "default_steps": 4, "default_solver": "ddim", "words": list(WORDS),
+    settings = {"default_guidance_scale": 2.0, "default_steps": 4, "default_solver": "ddim", "timesteps": "uniform",
+                "words": list(WORDS),
                 "caption_templates": list(TEMPLATES), "in_vocabulary_digits": list(range(8)),
                 "held_out_vocabulary_digits": [8, 9], "generic_caption": "a handwritten digit"}
     (root / "adjointdpm.json").write_text(json.dumps(settings))

@@ -64,9 +64,12 @@ def test_generic_applications_and_critics_do_not_import_the_digits_model():
     offenders = {f: sorted(m for m in _imports(SRC / f) if m.startswith("adjointdpm.embedded")) for f in GENERIC}
     assert not {f: m for f, m in offenders.items() if m}, offenders
     assert "apps/guide.py" in GENERIC and "apps/choose.py" not in GENERIC
-    critics = {f: sorted(m for m in _imports(SRC / f) if m.startswith("adjointdpm.") and not m.startswith("adjointdpm.critics"))
+    # critics: transformers / diffusers only, and the Hub-id resolver, a leaf that imports no adjointdpm module
+    leaf = ("adjointdpm.critics", "adjointdpm.hub")
+    critics = {f: sorted(m for m in _imports(SRC / f) if m.startswith("adjointdpm.") and not m.startswith(leaf))
                for f in GENERIC if f.startswith("critics/")}
-    assert not {f: m for f, m in critics.items() if m}, critics  # critics: transformers / diffusers only
+    assert not {f: m for f, m in critics.items() if m}, critics
+    assert not {m for m in _imports(SRC / "hub.py") if m.startswith("adjointdpm")}
 
 
 def test_application_modules_have_no_import_cycle():
@@ -120,3 +123,13 @@ def test_objectives_implement_their_protocol(protocol, cls):
     for attr in getattr(protocol, "__annotations__", {}):
         assert hasattr(cls, attr) or attr in inspect.signature(cls.__init__).parameters or attr == "none_valid", \
             (cls.__name__, attr)
+
+
+def test_fine_tuning_libraries_know_no_application_and_no_digits_model():
+    """rewards/, prompts/ and finetuning/ are libraries: they never import the applications nor the digits
+    model (its rewards live in embedded/rewards.py and reach an application through ``kinds``)."""
+    files = [p for part in ("rewards", "prompts", "finetuning") for p in sorted((SRC / part).glob("*.py"))]
+    assert len({p.parent.name for p in files}) == 3
+    banned = ("adjointdpm.embedded", "adjointdpm.apps", "adjointdpm.commands", "adjointdpm.cli")
+    offenders = {str(p.relative_to(SRC)): sorted(m for m in _imports(p) if m.startswith(banned)) for p in files}
+    assert not {f: m for f, m in offenders.items() if m}, offenders

@@ -2,8 +2,10 @@
 
 Every model is a diffusers pipeline folder: ``model_index.json`` plus one subfolder per component.
 ``load_components(path)`` opens one (default: the embedded model shipped in ``adjointdpm/assets/digits``)
-strictly offline - local folders only, safetensors weights only - and returns a
-:class:`DiffusionComponents`, the same object whatever the model. The family is chosen by
+- a local folder, a Hugging Face id ``org/name[@revision]`` resolved through the Hub cache
+(:mod:`adjointdpm.hub`: offline with ``HF_HUB_OFFLINE=1``), or a single-file ``.safetensors`` checkpoint of
+the network with ``config=`` the folder (or id) that gives everything else; safetensors weights only - and
+returns a :class:`DiffusionComponents`, the same object whatever the model. The family is chosen by
 ``model_index.json``'s ``_class_name`` (see :mod:`adjointdpm.families`, one module per pipeline, each
 stating how that pipeline conditions its network): SD 1.x/2.x, SDXL, SD3/3.5, Flux, PixArt-alpha/Sigma.
 
@@ -21,11 +23,29 @@ stating how that pipeline conditions its network): SD 1.x/2.x, SDXL, SD3/3.5, Fl
   shift ``mu`` where the scheduler asks for it) and returns ``scheduler.timesteps``.
 * ``generate(prompts, ...)`` - plain text-to-image sampling with ``adjointdpm.sample``.
 
+Precision and memory (``load_components(..., dtype=, offload=, compile=)``):
+
+* ``dtype``: every weight in that precision - ``"bf16"`` / ``"fp16"`` / ``"fp32"`` or a torch dtype;
+  ``"auto"`` (the default) is bfloat16 on CUDA and float32 elsewhere. x_T (``noise``) and the sampler
+  state are in it too, as in the diffusers pipelines. In float16 a VAE whose config asks for
+  ``force_upcast`` (SDXL's) stays float32, as the pipelines upcast it.
+* ``release_encoders()`` frees the text encoders' memory once prompts are encoded (moved to CPU memory on an
+  accelerator, dropped on the CPU); the next ``encode_prompt`` moves them back or re-loads them, so prompt
+  encoding always works. Call it only when nothing differentiates through the encoders any more.
+* ``offload=True``: the frozen parts (text encoders, VAE) live in CPU memory under accelerate's
+  ``cpu_offload`` hooks: each layer's weights come to the device only while it runs (the network stays
+  on the device). Slower encoding and decoding, no device memory for them.
+* ``decode`` is checkpointed when a graph is recorded (:func:`adjointdpm.vae.decode`): the backward pass
+  keeps the inputs of the decoder's blocks instead of every intermediate, for one extra decoder forward.
+* ``compile=True`` (or a dict of ``torch.compile`` keywords): the network's forward is compiled in place
+  (``nn.Module.compile``: the module, its parameters and their names are unchanged).
+
 Errors about the folder (missing, not a diffusers folder, an unknown pipeline class, a missing
 component, pickle-only weights) raise :class:`ComponentsError` with one line naming what is wrong.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,12 +56,13 @@ import torch
 from .families import BY_NAME, BY_PIPELINE, Family, family_of
 from .grid import prediction_type_of
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
-
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "digits"
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+          "fp64": torch.float64, "float64": torch.float64, "double": torch.float64}
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
 class ComponentsError(RuntimeError):
@@ -65,6 +86,9 @@ class DiffusionComponents:
     text_encoder_3: torch.nn.Module | None = None
     tokenizer_3: object = None
     pipeline_config: dict = field(default_factory=dict)  # model_index.json
+    # how the parts were loaded (dtype, offload, ...): what re-loading a released encoder needs
+    load_options: dict = field(default_factory=dict, repr=False)
+    released: dict = field(default_factory=dict, repr=False)  # {encoder name: "cpu" | "free"}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -124,13 +148,74 @@ class DiffusionComponents:
         """``uncond`` for classifier-free guidance with ``n`` images: the empty prompt as the pipeline encodes it."""
         return self.family_spec.negative_cond(self, int(n), **kwargs)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (what the pipeline hands to its VAE step) -> images in [-1, 1] (identity in pixel space)."""
-        return self.family_spec.decode(self, latents)
+    def decode(self, latents: torch.Tensor, checkpoint: bool = True) -> torch.Tensor:
+        """Latents (what the pipeline hands to its VAE step) -> images in [-1, 1] (identity in pixel space).
+
+        With a graph recorded and ``checkpoint`` (the default) the decoder's blocks are checkpointed. Images of a
+        half-precision VAE come back in float32 (critics and losses run in float32; the cast is differentiable)."""
+        images = self.family_spec.decode(self, latents, checkpoint=checkpoint)
+        return images.float() if images.dtype in (torch.float16, torch.bfloat16) else images
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The loaded text encoders by component name (released ones excluded)."""
+        return {n: getattr(self, n) for n in ENCODERS if getattr(self, n) is not None}
+
+    def release_encoders(self, mode: str = "auto") -> list[str]:
+        """Free the text encoders' memory; the next ``encode_prompt`` brings them back. Returns their names.
+
+        ``mode``: ``"cpu"`` moves them to CPU memory (device memory freed; moved back when needed),
+        ``"free"`` drops them (re-loaded from the folder when needed), ``"auto"``: ``"cpu"`` on an
+        accelerator, ``"free"`` on the CPU. Encoders under ``offload`` hooks are already off the device:
+        ``"cpu"`` leaves them. Nothing may differentiate through the encoders after this call.
+        """
+        if mode == "auto":
+            mode = "free" if self.device.type == "cpu" else "cpu"
+        if mode not in ("cpu", "free"):
+            raise ValueError(f"release_encoders mode must be 'auto', 'cpu' or 'free', got {mode!r}")
+        names = []
+        for name, enc in self.text_encoders.items():
+            if mode == "free":
+                setattr(self, name, None)
+            elif not _is_offloaded(enc):
+                enc.to("cpu")
+            else:
+                continue
+            self.released[name] = mode
+            names.append(name)
+        if names:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return names
+
+    def restore_encoders(self) -> None:
+        """Bring released text encoders back on the device (re-loading dropped ones); nothing if none are."""
+        if not self.released:
+            return
+        device, opts = self.device, self.load_options
+        for name, mode in list(self.released.items()):
+            if mode == "cpu":
+                getattr(self, name).to(device)
+            else:
+                index = self.pipeline_config
+                fam = self.family_spec
+                (part,) = [p for p in fam.parts if p.name == name]
+                enc = _load_parts(opts["root"], index, fam, opts["dtype"], only=(part,))[name]
+                setattr(self, name, _place(enc, device, opts.get("offload", False)))
+            del self.released[name]
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
         """x_T for ``n`` images: standard normal from a CPU generator seeded with ``seed`` (packed for Flux)."""
         return self.family_spec.noise(self, n, seed)
+
+    def default_solver(self) -> str:
+        """The solver sampled with when none is asked for: the folder's (``adjointdpm.json``) or its
+        scheduler's twin; a scheduler without one gets the error naming the supported classes and ``--solver``."""
+        from .twins import twin_solver
+
+        return self.settings.get("default_solver") or twin_solver(self.scheduler)
 
     def scheduler_timesteps(self, steps: int) -> torch.Tensor:
         """Set the scheduler's grid for ``steps`` steps as the family's pipeline does; its timesteps."""
@@ -156,7 +241,7 @@ class DiffusionComponents:
         if not prompts:
             raise ValueError("no prompts given")
         steps = int(steps or self.settings["default_steps"])
-        solver = solver or self.settings["default_solver"]
+        solver = solver or self.default_solver()
         w = float(self.settings["default_guidance_scale"] if guidance_scale is None else guidance_scale)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -182,16 +267,52 @@ class DiffusionComponents:
 
 
 # ---------------------------------------------------------------------- loading
+def resolve_dtype(dtype, device="cpu") -> torch.dtype:
+    """A torch dtype from ``dtype``: a torch dtype, a name (bf16, fp16, fp32, ...), or None / ``"auto"``
+    (bfloat16 on CUDA, float32 elsewhere)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or str(dtype).lower() == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ComponentsError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32 (auto: bf16 on CUDA, fp32 on CPU)")
+    return DTYPES[key]
+
+
+def _located(path, what: str) -> Path:
+    """``path`` as a local path: itself, or the snapshot of a Hugging Face id (:func:`adjointdpm.hub.resolve`)."""
+    from .hub import HubError, resolve
+
+    try:
+        return resolve(path, layout="pipeline", what=what)
+    except HubError as e:
+        raise ComponentsError(str(e)) from None
+
+
 def model_folder(path) -> Path:
-    """The folder of ``path`` (None: the embedded model), which must exist (nothing is downloaded)."""
+    """The folder of ``path`` (None: the embedded model): a local folder or a Hugging Face id's snapshot."""
     if path is None:
         return EMBEDDED_MODEL
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ComponentsError(f"model folder {p} does not exist (give a local diffusers folder; nothing is downloaded)")
+    p = _located(path, "model folder")
     if not p.is_dir():
-        raise ComponentsError(f"model path {p} is not a folder (expected a diffusers folder with model_index.json)")
+        raise ComponentsError(f"model path {p} is not a folder (expected a diffusers folder with model_index.json, "
+                              "or a single-file .safetensors checkpoint with config=)")
     return p
+
+
+def single_file(path) -> Path | None:
+    """``path`` when it is a single-file checkpoint (a .safetensors file), None when it is not a file;
+    pickle checkpoints are refused."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return None
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise ComponentsError(f"{p} is a pickle checkpoint ({p.suffix}), which is never loaded: convert it to "
+                              ".safetensors")
+    return p if p.suffix.lower() == ".safetensors" else None
 
 
 def _weights(folder: Path, stem: str) -> str | None:
@@ -268,7 +389,19 @@ def _fallback(name: str):
             "scheduler": diffusers.DDPMScheduler, "vae": diffusers.AutoencoderKL}.get(name)
 
 
-def _load_parts(root: Path, index: dict, fam: Family, dtype) -> dict:
+def _part_dtype(root: Path, name: str, dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, except float32 for a float16 VAE whose config asks for ``force_upcast`` (as the pipelines do)."""
+    if name != "vae" or dtype != torch.float16:
+        return dtype
+    try:
+        upcast = json.loads((root / name / "config.json").read_text()).get("force_upcast", True)
+    except (OSError, json.JSONDecodeError):
+        upcast = True
+    return torch.float32 if upcast else dtype
+
+
+def _load_parts(root: Path, index: dict, fam: Family, dtype, only=None) -> dict:
+    """The folder's components (``only``: those parts) in ``dtype``, on the CPU."""
     import diffusers
     import transformers
 
@@ -279,7 +412,7 @@ def _load_parts(root: Path, index: dict, fam: Family, dtype) -> dict:
     if fam.name == "sd" and _listed(index, "text_encoder_2"):
         raise ComponentsError(f"{root} has two text encoders but model_index.json names no SDXL pipeline "
                               "(set _class_name to StableDiffusionXLPipeline)")
-    present = [p for p in fam.parts if _listed(index, p.name)]
+    present = [p for p in (fam.parts if only is None else only) if _listed(index, p.name)]
     variants = {p.name: _check_component(root, p.name, p.weights, needed) for p in present}
 
     common = dict(local_files_only=True, use_safetensors=True)
@@ -299,7 +432,7 @@ def _load_parts(root: Path, index: dict, fam: Family, dtype) -> dict:
                 parts[p.name] = cls.from_pretrained(root, subfolder=p.name, dtype=dtype, variant=variants[p.name],
                                                     **common)
             else:
-                parts[p.name] = cls.from_pretrained(root, subfolder=p.name, torch_dtype=dtype,
+                parts[p.name] = cls.from_pretrained(root, subfolder=p.name, torch_dtype=_part_dtype(root, p.name, dtype),
                                                     variant=variants[p.name], **common)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -311,15 +444,73 @@ def _load_parts(root: Path, index: dict, fam: Family, dtype) -> dict:
     return parts
 
 
-def load_components(path: str | os.PathLike | None = None, device="cpu", dtype=torch.float32) -> DiffusionComponents:
-    """Open a diffusers folder (default: the embedded digits model) offline, in eval mode, no grads."""
-    root = model_folder(path)
+def _is_offloaded(module: torch.nn.Module) -> bool:
+    return hasattr(module, "_hf_hook")
+
+
+def _place(module: torch.nn.Module, device, offload: bool) -> torch.nn.Module:
+    """``module`` frozen in eval mode, on ``device``, or (``offload``) in CPU memory under accelerate's hooks
+    that bring each layer's weights to ``device`` only while it runs."""
+    module.eval().requires_grad_(False)
+    if not offload:
+        return module.to(device)
+    from accelerate import cpu_offload
+
+    return cpu_offload(module.to("cpu"), execution_device=torch.device(device))
+
+
+def _single_file_network(root: Path, index: dict, fam: Family, file: Path, dtype) -> torch.nn.Module:
+    """The family's network from a single-file checkpoint (its original key layout or diffusers'), with the
+    config in ``root``'s network subfolder (diffusers' ``from_single_file(..., config=root)``)."""
+    name = fam.network
+    cls = _component_class(root, index, name, _fallback(name) if fam.name == "sd" else None)
+    if not (root / name / "config.json").is_file():
+        raise ComponentsError(f"{root} has no {name}/config.json for the single-file checkpoint {file}")
+    if not hasattr(cls, "from_single_file"):
+        raise ComponentsError(f"{cls.__name__} cannot be loaded from a single file (diffusers has no converter for it)")
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # (it warns about float32 modules when it casts, even when there are none)
+    try:
+        return cls.from_single_file(str(file), config=str(root), subfolder=name, torch_dtype=dtype,
+                                    local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ComponentsError(f"cannot load {file} as the {name} of {root}: {first}") from e
+    finally:
+        logging.set_verbosity(level)
+
+
+def load_components(path: str | os.PathLike | None = None, device="cpu", dtype="auto", *, config=None,
+                    offload: bool = False, compile=False) -> DiffusionComponents:
+    """Open a model (default: the embedded digits model) in eval mode, no grads (see the module doc).
+
+    ``path``: a local diffusers folder, a Hugging Face id ``org/name[@revision]``, or a single-file
+    ``.safetensors`` checkpoint of the network with ``config`` the folder or id holding the rest.
+    ``dtype``: ``"auto"`` (bf16 on CUDA, fp32 elsewhere), ``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype.
+    ``offload``: text encoders and VAE in CPU memory, brought to ``device`` layer by layer when called.
+    ``compile``: compile the network's forward (True, or a dict of ``torch.compile`` keywords).
+    """
+    dtype = resolve_dtype(dtype, device)
+    file = single_file(path)
+    if file is None and config is not None:
+        raise ComponentsError("config= is for a single-file checkpoint (a .safetensors file); "
+                              f"{path} is {'the embedded model' if path is None else 'not one'}")
+    if file is not None and config is None:
+        raise ComponentsError(f"{file} is a single-file checkpoint: give the diffusers folder (or Hugging Face id) "
+                              "that holds its configs and the other components (--config / config=)")
+    root = model_folder(config if file is not None else path)
     index = _read_index(root)
     fam = _family(root, index)
-    parts = _load_parts(root, index, fam, dtype)
-    for m in parts.values():
+    # a single file replaces the network: the folder need not hold its weights, and they are not read
+    parts = _load_parts(root, index, fam, dtype, only=None if file is None else
+                        tuple(p for p in fam.parts if p.name != fam.network))
+    if file is not None:
+        parts[fam.network] = _single_file_network(root, index, fam, file, dtype)
+    for name, m in parts.items():
         if isinstance(m, torch.nn.Module):
-            m.to(device).eval().requires_grad_(False)
+            parts[name] = _place(m, device, offload and name != fam.network)
     scheduler = parts["scheduler"]
     prediction_type = prediction_type_of(scheduler) or "epsilon"  # flow-matching: "flow_prediction"
     comps = DiffusionComponents(
@@ -327,7 +518,10 @@ def load_components(path: str | os.PathLike | None = None, device="cpu", dtype=t
         tokenizer=parts["tokenizer"], vae=parts.get("vae"), prediction_type=prediction_type, path=root,
         family=fam.name, transformer=parts.get("transformer"), text_encoder_2=parts.get("text_encoder_2"),
         tokenizer_2=parts.get("tokenizer_2"), text_encoder_3=parts.get("text_encoder_3"),
-        tokenizer_3=parts.get("tokenizer_3"), pipeline_config=index)
+        tokenizer_3=parts.get("tokenizer_3"), pipeline_config=index,
+        load_options={"root": root, "dtype": dtype, "offload": bool(offload), "single_file": file})
+    if compile:
+        comps.network.compile(**(compile if isinstance(compile, dict) else {}))
     comps.settings = fam.default_settings(comps)
     extra = root / "adjointdpm.json"
     if extra.is_file():

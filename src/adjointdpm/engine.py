@@ -22,15 +22,17 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .conditioning import Tree
 from .gradients import Adjoint, GradMode, Reversible, resolve_grad_mode
 from .gradients.base import CustomBackwardMode
-from .grid import TimeGrid, grid_from_scheduler, prediction_type_of, schedule_from_scheduler
+from .grid import TimeGrid, grid_from_scheduler, pndm_grid_times, prediction_type_of, schedule_from_scheduler
 from .model import Denoiser, trainable_parameters
 from .schedule import NoiseSchedule
 from .solvers import Solver, make_solver, solver_name
+from .twins import twin_solver
 from .stochastic import check_deterministic_scheduler, is_stochastic, make_stochastic_solver, resolve_noise
 from .validation import check_eta, check_noise_unused, check_sample_inputs, resolve_timesteps
 
@@ -131,7 +133,7 @@ def build_sampler(
     timesteps=None,
     *,
     steps: int | None = None,
-    solver: str = "ddim",
+    solver: str | None = None,
     eta: float = 0.0,
     grad: str | GradMode | None = None,
     prediction_type: str | None = None,
@@ -148,9 +150,12 @@ def build_sampler(
 
     ``x_T``, ``cond``, ``uncond``: the inputs the sampler will run on, checked against the network when
     ``x_T`` is given (and needed then for a stochastic solver's noises: their shapes and per-sample seeds).
-    Without ``x_T`` only a deterministic solver can be built.
+    Without ``x_T`` only a deterministic solver can be built. ``solver=None``: the scheduler's twin
+    (:func:`adjointdpm.twins.twin_solver`; one error for a class without one), "ddim" for a NoiseSchedule.
     """
     path, scheduler = _path_and_scheduler(schedule)
+    if solver is None:
+        solver = "ddim" if scheduler is None else twin_solver(scheduler)
     if scheduler is not None and prediction_type is None:
         prediction_type = prediction_type_of(scheduler)
     denoiser = Denoiser(model, path, prediction_type or "epsilon", float(guidance_scale), dict(model_kwargs or {}),
@@ -183,7 +188,7 @@ def build_sampler(
         ode_solver = make_stochastic_solver(solver, denoiser, grid, source, scheduler, eta)
     else:
         check_deterministic_scheduler(scheduler, solver)
-        ode_solver = make_solver(solver, denoiser, grid)
+        ode_solver = make_solver(solver, denoiser, grid, scheduler)
     return Sampler(model, denoiser, grid, ode_solver, mode, stochastic, noises, read)
 
 
@@ -201,6 +206,15 @@ def _grid_and_scheduler(path: NoiseSchedule, scheduler, timesteps, steps) -> tup
     if timesteps is None and steps is not None:
         scheduler, timesteps = _scheduler_timesteps(scheduler, steps)
         steps = None
+    if type(scheduler).__name__ == "PNDMScheduler" and timesteps is not None:
+        given, timesteps = timesteps, pndm_grid_times(scheduler, timesteps)
+        listed = np.asarray(torch.as_tensor(given, dtype=torch.float64).cpu())
+        if timesteps is given and listed.ndim == 1 and listed.size > 1 and not np.all(np.diff(listed) < 0):
+            raise ValueError(
+                "these timesteps repeat a time, as a PNDMScheduler lists them, but they are not this scheduler's "
+                "own grid: call scheduler.set_timesteps(N) on the scheduler you pass and give "
+                "timesteps=scheduler.timesteps (or steps=N)"
+            )
     return grid_from_scheduler(scheduler, path, resolve_timesteps(path, timesteps, steps)), scheduler
 
 

@@ -151,6 +151,21 @@ def prediction_type_of(scheduler) -> str | None:
     return kind
 
 
+def pndm_grid_times(scheduler, timesteps) -> np.ndarray:
+    """The model times a PNDMScheduler steps from: its N distinct times when ``timesteps`` is its own list
+    (``scheduler.timesteps``, which repeats t₁ for PLMS's first step and lists the Runge–Kutta stages) or
+    those distinct times themselves; otherwise (or for another scheduler) ``timesteps`` unchanged."""
+    if type(scheduler).__name__ != "PNDMScheduler" or getattr(scheduler, "num_inference_steps", None) is None:
+        return timesteps
+    from .pndm import pndm_times
+
+    t = _float64(timesteps)
+    own, listed = pndm_times(scheduler), _float64(scheduler.timesteps)
+    if (t.shape == listed.shape and np.array_equal(t, listed)) or (t.shape == own.shape and np.array_equal(t, own)):
+        return own
+    return timesteps
+
+
 def _same_grid(timesteps: np.ndarray, scheduler) -> bool:
     own = getattr(scheduler, "timesteps", None)
     if own is None or getattr(scheduler, "num_inference_steps", None) is None:

@@ -1,7 +1,7 @@
 """The public entry point: ``sample`` — solve the probability-flow ODE, differentiably.
 
     x_0 = sample(model, x_T, schedule=scheduler, timesteps=scheduler.timesteps, cond=…, uncond=…,
-                 guidance_scale=w, solver="ddim" | "dpmpp2m" | "heun", grad="exact" | "adjoint" | … | None)
+                 guidance_scale=w, solver=None (the scheduler's twin) | "ddim" | "dpmpp2m" | …, grad="exact" | "adjoint" | … | None)
 
 x_T is what the model's diffusers pipeline takes as ``latents=`` and x_0 what it hands to its VAE. x_0 is
 connected to x_T, every floating tensor of cond and uncond (tensors or dicts of the network's keyword
@@ -30,7 +30,7 @@ def sample(
     cond: Tree = None,
     uncond: Tree = None,
     guidance_scale: float = 1.0,
-    solver: str = "ddim",
+    solver: str | None = None,
     grad: str | GradMode | None = "exact",
     prediction_type: str | None = None,
     params: Sequence[torch.Tensor] | None = None,
@@ -60,8 +60,12 @@ def sample(
             nested dicts allowed (SDXL ``added_cond_kwargs``, SD3/Flux ``pooled_projections``, Flux
             ``txt_ids``/``img_ids``/``guidance``, PixArt ``encoder_attention_mask``, DiT ``class_labels``).
             Under guidance a key in both is batched [uncond; cond], a key in cond alone is shared.
-        solver: "ddim" (alias "euler": Euler in the grid's coordinates), "dpmpp2m" (DPM-Solver++(2M))
-            or "heun"; stochastic: "ddpm", "euler_ancestral", "dpmpp2m_sde", "lcm", "ddim" with eta > 0.
+        solver: "ddim" (alias "euler": Euler in the grid's coordinates), "dpmpp2m" (DPM-Solver++(2M)),
+            "heun", "pndm" (alias "plms"), "unipc"; stochastic: "ddpm", "euler_ancestral", "dpmpp2m_sde",
+            "lcm", "ddim" with eta > 0. Default: the twin of the diffusers scheduler given as ``schedule``
+            (PNDMScheduler → "pndm", UniPCMultistepScheduler → "unipc", DPMSolverMultistepScheduler →
+            "dpmpp2m", …; see :mod:`adjointdpm.twins`; a class without one is refused, naming this option),
+            "ddim" for a :class:`NoiseSchedule`.
         grad: how x_0 is differentiated: "exact" (exact discrete adjoint; default), "adjoint"
             (AdjointDPM's continuous adjoint; see :class:`Adjoint` for options), "backprop",
             "checkpoint", "truncated" (see :class:`Truncated`), "reversible", or None for plain sampling.

@@ -13,6 +13,9 @@ With (z, τ) the grid's coordinates (z = x/c; see :mod:`adjointdpm.grid`) and f 
              ``lower_order_final``). The formula is finite at α_i = 0 (λ_i = −∞, e^{−h} = 0).
     heun     Heun in τ (two network calls a step, one for a last step to σ = 0):
              z̃ = z_i + H f_i,  z_{i+1} = z_i + H/2 (f_i + f(z̃, t_{i+1}))
+    pndm     PLMS / PNDM (PNDMScheduler): Adams–Bashforth on ε̂ fed to DDIM's transfer, with a Heun-like
+             first step or a Runge–Kutta warm-up (alias "plms"; :mod:`adjointdpm.pndm`)
+    unipc    UniPC (UniPCMultistepScheduler): multistep predictor + corrector (:mod:`adjointdpm.unipc`)
 
 Every solver is a sequence of step maps  (x_{i+1}, h_{i+1}) = Φ_i(x_i, h_i; c, θ), where h is the
 solver's history (the previous x̂₀ for the multistep method, nothing otherwise). The gradient modes
@@ -124,8 +127,12 @@ class Heun(Solver):
         return float(g.t[i + 1]) if i + 1 < len(g) else float(g.t_end)
 
 
-SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (DDIM, DPMSolverPP2M, Heun)}
-SOLVER_ALIASES = {"euler": "ddim", "dpm++2m": "dpmpp2m", "dpmsolver++": "dpmpp2m"}
+# PNDM and UniPC live in their own modules (they import this one); the registry names every deterministic solver
+from .pndm import PNDM, PNDMPlan, pndm_times  # noqa: E402
+from .unipc import UniPC, unipc_options  # noqa: E402
+
+SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (DDIM, DPMSolverPP2M, Heun, PNDM, UniPC)}
+SOLVER_ALIASES = {"euler": "ddim", "dpm++2m": "dpmpp2m", "dpmsolver++": "dpmpp2m", "plms": "pndm"}
 #: samplers that inject noise at every step (built with their noise by :mod:`adjointdpm.stochastic`)
 STOCHASTIC_SOLVER_NAMES = ("ddpm", "euler_ancestral", "dpmpp2m_sde", "lcm")
 STOCHASTIC_ALIASES = {"dpm++2m_sde": "dpmpp2m_sde", "sde-dpmsolver++": "dpmpp2m_sde"}
@@ -139,11 +146,30 @@ def solver_name(name: str) -> str:
     return name
 
 
-def make_solver(name: str, denoiser: Denoiser, grid: TimeGrid) -> Solver:
+def make_solver(name: str, denoiser: Denoiser, grid: TimeGrid, scheduler=None) -> Solver:
+    """The deterministic solver ``name`` on ``grid``; ``scheduler`` (a diffusers scheduler or None) gives PNDM
+    its own times where the grid is its ``set_timesteps`` grid, and UniPC its configuration."""
     name = solver_name(name)
     if name in STOCHASTIC_SOLVER_NAMES:
         raise ValueError(f"solver={name!r} injects noise; build it with adjointdpm.stochastic.make_stochastic_solver")
+    if name == "pndm":
+        return PNDM(denoiser, grid, _pndm_plan(scheduler, grid))
+    if name == "unipc":
+        return UniPC(denoiser, grid, unipc_options(scheduler))
     return SOLVERS[name](denoiser, grid)
 
 
-__all__ = ["DDIM", "DPMSolverPP2M", "Heun", "SOLVERS", "STOCHASTIC_SOLVER_NAMES", "Solver", "TimeGrid", "make_solver", "solver_name"]
+def _pndm_plan(scheduler, grid: TimeGrid) -> PNDMPlan | None:
+    """A set PNDMScheduler's own plan when ``grid`` is its grid; None (PLMS on the grid) otherwise."""
+    if type(scheduler).__name__ != "PNDMScheduler" or getattr(scheduler, "num_inference_steps", None) is None:
+        return None
+    own = pndm_times(scheduler)
+    if own.shape != grid.t.shape or not np.array_equal(own, grid.t):
+        return None
+    from .grid import schedule_from_scheduler
+
+    return PNDMPlan.of_scheduler(scheduler, schedule_from_scheduler(scheduler))
+
+
+__all__ = ["DDIM", "DPMSolverPP2M", "Heun", "PNDM", "SOLVERS", "STOCHASTIC_SOLVER_NAMES", "Solver", "TimeGrid", "UniPC",
+           "make_solver", "solver_name"]

@@ -10,7 +10,8 @@ the VAE itself (``vae.decode(z).sample``, a diffusers ``AutoencoderKL`` or anyth
   under ``torch.utils.checkpoint`` (non-reentrant). The forward pass keeps each block's input only; the
   backward pass recomputes one block at a time. The operations are the plain decode's, so the gradient is
   the plain decode's; memory drops from every intermediate of every block to the blocks' inputs plus one
-  block's intermediates, for one extra decoder forward.
+  block's intermediates, for one extra decoder forward. Blocks run by hooks that move their weights (accelerate's
+  offload) are recomputed to their end, so the hooks put the weights back.
 * ``tile=T``: the latent is cut into T×T tiles (latent pixels) overlapping by ``overlap`` (default T/4),
   each tile decoded on its own and the tiles blended with weights w that ramp linearly across each
   overlap: image = Σ_k w_k · decode(z_k) / Σ_k w_k. With ``checkpoint=True`` each tile is checkpointed as
@@ -67,13 +68,29 @@ def checkpointed_blocks(decoder: torch.nn.Module):
     from diffusers.models.upsampling import Upsample2D
 
     patched = [m for m in decoder.modules() if isinstance(m, (ResnetBlock2D, Attention, Upsample2D))]
+    # a module's own forward: the class's, or one a hook installed on the instance (accelerate's offload
+    # hooks, which bring the weights to the device), which the checkpoint then runs (and re-runs)
+    # and the hook must see the recomputation to its end, which put the weights back: no early stop there
+    own = [m.__dict__.get("forward") for m in patched]
+    hooked = any(hasattr(m, "_hf_hook") for m in decoder.modules())
     for m in patched:
-        m.forward = partial(_checkpoint, type(m).forward.__get__(m), use_reentrant=False)
+        m.forward = partial(_checkpoint_to_the_end if hooked else _checkpoint, m.forward, use_reentrant=False)
     try:
         yield
     finally:
-        for m in patched:
-            del m.forward  # back to the class's forward
+        for m, forward in zip(patched, own):
+            if forward is None:
+                del m.forward  # back to the class's forward
+            else:
+                m.forward = forward
+
+
+def _checkpoint_to_the_end(fn, *args, **kwargs):
+    """``checkpoint`` whose backward recomputation runs ``fn`` to its end (its hooks' post-forward included)."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    with set_checkpoint_early_stop(False):
+        return _checkpoint(fn, *args, **kwargs)
 
 
 def _starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -106,13 +123,15 @@ def _tiled(vae, z: torch.Tensor, tile: int, overlap: int | None, checkpoint: boo
     def decode_tile(z_tile):
         return vae.decode(z_tile).sample
 
+    run = _checkpoint_to_the_end if any(hasattr(m, "_hf_hook") for m in vae.modules()) else _checkpoint
+
     out = weights = None
     factor = None
     for y in ys:
         for x in xs:
             z_tile = z[..., y:y + tile, x:x + tile]
             if checkpoint and torch.is_grad_enabled():
-                image = _checkpoint(decode_tile, z_tile, use_reentrant=False)
+                image = run(decode_tile, z_tile, use_reentrant=False)
             else:
                 image = decode_tile(z_tile)
             if out is None:

@@ -21,7 +21,17 @@ commands, ``reproduce`` and the report line come.
   :mod:`.weights`: input checks, image inputs, PSNR, conditioning batches, normalised steps, LoRA / weights
 * :mod:`.baselines`   ``--grad`` (the engine's modes and the one-step x̂₀ baseline); :mod:`.errors` errors
 * :mod:`.reproduce`   all four with their baselines on the digits model → docs/results.md (:mod:`.report`)
+* :mod:`.pipeline_call` every run's ``pipeline_call.json`` (the diffusers call that makes its ``after/``) and
+  :func:`replay`, which makes it
 
 Imports point one way: registry → applications → choose / session → critics / engine; report ← reproduce.
 The typer commands are in :mod:`adjointdpm.commands`.
 """
+
+
+def replay(out, model=None, device="cpu", dtype=None):
+    """The images (B, 3, H, W) in [0, 1] the diffusers pipeline makes from ``out/pipeline_call.json``: the run's
+    ``after/`` (see :func:`.pipeline_call.replay`)."""
+    from .pipeline_call import replay as replay_call
+
+    return replay_call(out, model, device, dtype)

@@ -233,7 +233,9 @@ class AuditTask(Task):
         metrics.update(manifold_z=[round(float(v), 2) for v in z], off_manifold=[bool(f) for f in flags],
                        off_manifold_count=int(flags.sum()), off_manifold_succeeded=int((flags & success).sum()),
                        manifold_calibration=self.manifold.calibration.describe())
-        return Evaluation(images, metrics)
+        captions = [(("fooled" if hit else "kept") if attacked else "not attacked") + (" OFF" if off else "")
+                    for hit, attacked, off in zip(success.tolist(), valid.tolist(), flags.tolist())]
+        return Evaluation(images, metrics, captions=captions)
 
     def summarize(self, before, after):
         return {"success_rate": after["success_rate"], "eps": self.opts.eps,
@@ -259,6 +261,12 @@ class AuditTask(Task):
         if dp.is_main:
             save_file(tensors, str(out / "attack.safetensors"))
         return {"attack": "attack.safetensors"}
+
+    def pipeline_call(self) -> dict:
+        """The attacked latents of attack.safetensors with the run's prompts."""
+        from .pipeline_call import pipeline_call
+
+        return pipeline_call(self.session, tensors={"latents": "attack.safetensors:latents"}, prompts=self.prompts)
 
 
 APPLICATION = Application(

@@ -167,3 +167,28 @@ def stylize_objective(session, options):
 def plugin_target(loss: str | None):
     """``--loss SPEC`` as a target (None without one)."""
     return None if loss is None else PluginTarget(plugin(loss))
+
+
+def finetune_rewards(session, options):
+    """(reward sum, judge or None, reward specs, judge spec) of a finetune run (``options``: finetune's
+    Options): ``--reward`` / ``--judge-reward`` SPECs, where the digits model's kinds ``digits-guide`` and
+    ``digits-judge`` are known; without ``--reward`` on a model that ships the digits critics, its guide
+    classifier, judged by its independent judge."""
+    from ..critics.errors import CriticError
+    from ..embedded.rewards import DIGIT_REWARDS
+    from ..rewards import load_judge, load_rewards
+
+    specs = list(options.reward or [])
+    judge = options.judge_reward
+    if not specs:
+        _needs(session, "finetune", "--reward SPEC, e.g. --reward clip:FOLDER or --reward my_reward.py:score")
+        folder = session.critics_path or session.model_path  # (None: the embedded model's critics)
+        suffix = "" if folder is None else f":{folder}"
+        specs = [f"digits-guide{suffix}"]
+        judge = judge or f"digits-judge{suffix}"
+    try:
+        reward = load_rewards(specs, device=session.device, kinds=DIGIT_REWARDS)
+        judge_obj = None if judge is None else load_judge(judge, device=session.device, kinds=DIGIT_REWARDS)
+    except CriticError as e:
+        raise UserInputError(str(e)) from None
+    return reward, judge_obj, specs, judge

@@ -101,6 +101,7 @@ def build(session: Session, options: Options, seed: int = 0) -> "GuideTask":
 
 class GuideTask(Task):
     name = "guide"
+    loss_name = "target loss (mean over views)"
 
     sharded_state = ("best_x", "best_loss", "done", "best_noise")
 
@@ -345,7 +346,8 @@ class GuideTask(Task):
             images = self.dp.gather_shards(s.decode(latents).float())
         prompts = [self.prompt] * images.shape[0]
         metrics = dict(self.target.metrics(images))
-        captions = None
+        per_image = self.target.loss(images, prompts=prompts, indices=list(range(images.shape[0])))
+        captions = [f"loss {float(v):.3g}" for v in per_image.flatten().tolist()]
         if self.manifold is not None:  # per image: the base model's denoising-error z-score and the flag
             from .manifold import typicality_z
 
@@ -354,7 +356,7 @@ class GuideTask(Task):
             metrics.update(manifold_z=[round(float(v), 2) for v in z], off_manifold=[bool(f) for f in flags],
                            off_manifold_count=int(flags.sum()),
                            noise_typicality_z=[round(float(v), 2) for v in self.dp.gather_shards(typicality_z(x.float()))])
-            captions = [f"z {float(v):.1f}" + (" OFF" if f else "") for v, f in zip(z, flags)]
+            captions = [f"{c}, z {float(v):.1f}" + (" OFF" if f else "") for c, v, f in zip(captions, z, flags)]
             if stage == "before":
                 metrics["manifold_calibration"] = self.manifold.calibration.describe()
         if self.judge is not None:
@@ -364,7 +366,7 @@ class GuideTask(Task):
                 fresh = s.generate_all(s.noise(o.n, self.seed + 7919), prompt_embeddings.detached(self.cond))
                 metrics.update({f"fresh_noise_{k}": v for k, v in self.judge.metrics(fresh, prompts=prompts).items()
                                 if isinstance(v, float)})
-        return _evaluation(images, metrics, captions)
+        return Evaluation(images, metrics, captions=captions)
 
     def summarize(self, before, after):
         out = {"metrics_from": ("the judge (independent, never optimised) and the optimised critic"
@@ -387,16 +389,25 @@ class GuideTask(Task):
         if self.session.stochastic:
             tensors["noises"] = self.session.gathered_noise(self.injected_noise(result=True), self.x)
         if self.opts.optimize_cond:
+            from .pipeline_call import attention_masks
+
             tensors.update(prompt_embeddings.pipeline_tensors(self.cond, self.session.uncond))
+            tensors.update(attention_masks(self.cond, self.session.uncond))
         if self.dp.is_main:
             save_file(tensors, str(out / "latents.safetensors"))
         return {"latents": "latents.safetensors"}
 
+    def pipeline_call(self) -> dict:
+        """The latents (and with --optimize-cond the embeddings, repeated per image) of latents.safetensors."""
+        from .pipeline_call import given_embeddings, pipeline_call
 
-def _evaluation(images, metrics, captions) -> Evaluation:
-    """An Evaluation, with one caption per image where Evaluation takes captions (the comparison picture's)."""
-    fields = getattr(Evaluation, "__dataclass_fields__", {})
-    return Evaluation(images, metrics, **({"captions": captions} if captions and "captions" in fields else {}))
+        o, file = self.opts, "latents.safetensors"
+        tensors = {"latents": f"{file}:latents"}
+        if not o.optimize_cond:
+            return pipeline_call(self.session, tensors=tensors, prompts=[self.prompt] * o.n, start=o.start_step)
+        refs, extra, per_prompt = given_embeddings(self.session, prompt_embeddings.detached(self.cond), file, o.n)
+        return pipeline_call(self.session, tensors={**tensors, **refs}, num_images_per_prompt=per_prompt,
+                             start=o.start_step, extra_tensors=extra)
 
 
 APPLICATION = Application(

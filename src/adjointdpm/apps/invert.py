@@ -21,8 +21,8 @@ and the metric is the plug-in loss on the training and the held-out noises.
 
 Output: ``embedding.safetensors`` with ``prompt_embeds`` (1, L, D) and ``negative_prompt_embeds`` — what a
 diffusers pipeline takes as ``pipe(prompt_embeds=..., negative_prompt_embeds=...)`` — plus
-``initial_prompt_embeds`` and ``latents``, the training noises (``pipe(latents=...)`` gives after/'s first
-images).
+``initial_prompt_embeds`` and ``latents``, the noises of after/ (the training ones, then the held-out ones);
+``pipeline_call.json`` is the pipeline call that gives after/.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def build(session: Session, options: Options, seed: int = 0) -> "InvertTask":
 
 class InvertTask(Task):
     name = "invert"
+    loss_name = "inversion loss"
 
     def __init__(self, session: Session, opts: Options, seed: int = 0, loss: Loss | None = None):
         """``loss``: a plug-in loss replacing the distance to targets."""
@@ -185,15 +186,27 @@ class InvertTask(Task):
             metrics = {"psnr_train": float(psnr(train, self.train_targets).mean()),
                        "mse_train": float(F.mse_loss(train, self.train_targets))}
         images = [train]
+        captions = self._captions(train, self.train_targets)
         if self.held_noise is not None:
             held = s.generate_all(self.held_noise, cond, noise=self._streams("held"))
             images.append(held)
+            captions += self._captions(held, self.held_targets)
             if self.held_targets is not None:
                 metrics["psnr_heldout"] = float(psnr(held, self.held_targets).mean())
             if self.loss is not None:
                 metrics["plugin_loss_heldout"] = self.loss.metrics(held, [self.opts.init_prompt] * len(held))["plugin_loss"]
         metrics["embedding_change"] = prompt_embeddings.relative_change(cond, self.cond0)
-        return Evaluation(torch.cat(images), metrics, nrow=max(self.n_train, self.opts.n_heldout))
+        return Evaluation(torch.cat(images), metrics, nrow=max(self.n_train, self.opts.n_heldout), captions=captions)
+
+    def _captions(self, images: torch.Tensor, targets: torch.Tensor | None) -> list[str]:
+        """Per image: its PSNR to its target, or its plug-in loss."""
+        if targets is not None:
+            return [f"PSNR {float(v):.3g}" for v in psnr(images, targets).flatten().tolist()]
+        if self.loss is not None:
+            per = self.loss.loss(images.float(), prompts=[self.opts.init_prompt] * len(images),
+                                 indices=list(range(len(images))))
+            return [f"loss {float(v):.3g}" for v in per.flatten().tolist()]
+        return [""] * len(images)
 
     def summarize(self, before, after):
         if self.loss is not None:
@@ -218,11 +231,27 @@ class InvertTask(Task):
             if self.train_targets is not None:
                 targets = [self.train_targets] + ([self.held_targets] if self.held_targets is not None else [])
                 save_images(torch.cat(targets), out / "targets", nrow=max(self.n_train, self.opts.n_heldout))
+            from .pipeline_call import attention_masks
+
             tensors = {**prompt_embeddings.pipeline_tensors(self.cond, self.session.uncond),
+                       **attention_masks(self.cond, self.session.uncond),
                        **{f"initial_{k}": v for k, v in prompt_embeddings.pipeline_tensors(self.cond0).items()},
-                       "latents": self.train_noise.cpu().contiguous()}
+                       "latents": self._after_noise().cpu().contiguous()}
             save_file(tensors, str(out / "embedding.safetensors"))
         return files
+
+    def _after_noise(self) -> torch.Tensor:
+        """The noises of ``after/``: the training ones, then the held-out ones."""
+        return self.train_noise if self.held_noise is None else torch.cat([self.train_noise, self.held_noise])
+
+    def pipeline_call(self) -> dict:
+        """The learned embedding (repeated per image) on the noises of ``after/``."""
+        from .pipeline_call import given_embeddings, pipeline_call
+
+        refs, extra, per_prompt = given_embeddings(self.session, prompt_embeddings.detached(self.cond),
+                                                   "embedding.safetensors", len(self._after_noise()))
+        return pipeline_call(self.session, tensors={"latents": "embedding.safetensors:latents", **refs},
+                             num_images_per_prompt=per_prompt, extra_tensors=extra)
 
 
 APPLICATION = Application(

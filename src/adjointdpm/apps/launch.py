@@ -1,6 +1,6 @@
 """One application run from its options, the path every application command takes: the processes it runs in
-(one, or all of a ``torchrun`` / ``accelerate launch``), ``--out`` checked before anything loads, the session,
-the application's ``build``, the loop; then all processes leave the process group together and the first one
+(one, or all of a ``torchrun`` / ``accelerate launch``), ``--out`` checked (not created) before anything loads,
+the session, the application's ``build``, the loop; then all processes leave the process group together and the first one
 reports."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .checks import check_writable, parse_device
+from .checks import parse_device
 from .loop import LoopConfig, run
+from .outputs import check_out
 from .options import EngineOptions, LoopOptions
 from .session import Session
 from .task import Application
@@ -32,9 +33,10 @@ def run_application(app: Application, options, engine: EngineOptions, loop: Loop
     engine.grad_spec()  # --memory-budget with a mode other than exact fails before anything else
     dp = from_environment(parse_device(engine.device))
     config = LoopConfig(out=out, iters=options.iters, budget=loop.budget, checkpoint_every=loop.checkpoint_every,
-                        resume=loop.resume, on_nonfinite=loop.on_nonfinite, progress=progress, seed=loop.seed)
+                        resume=loop.resume, overwrite=loop.overwrite, on_nonfinite=loop.on_nonfinite,
+                        progress=progress, seed=loop.seed)
     if dp.is_main:
-        check_writable(out)  # before loading anything: an unwritable --out fails at once
+        check_out(out, loop.resume, loop.overwrite)  # before loading anything; nothing is created before the run
     session = Session(recipe_engine(app, engine), dp=dp)
     summary = run(app.build(session, options, seed=loop.seed), config)
     dp.close()

@@ -16,7 +16,10 @@ does everything else, identically for all four:
   each iteration draws its randomness from a generator seeded by (seed, iteration), and the optimiser,
   parameters and task state are restored exactly;
 * outputs: ``before/`` and ``after/`` (one PNG per image plus ``grid.png``), ``comparison.png``
-  (before above after), ``loss_curve.png`` and ``summary.json``.
+  (before above after, labelled), ``loss_curve.png``, ``pipeline_call.json`` (the diffusers call that makes
+  ``after/``, :mod:`.pipeline_call`) and ``summary.json``;
+* ``--out`` is created only once the run starts (an argument error leaves nothing on disk), and an earlier
+  run there is refused unless ``resume`` or ``overwrite`` (which removes its outputs first).
 
 The parts live by concern: the task API in :mod:`.task`, the call budget in :mod:`.call_count`, the checkpoint
 files in :mod:`.checkpoint`, the outputs in :mod:`.outputs`; this module is the loop itself.
@@ -46,7 +49,7 @@ from .checks import check_writable
 from .checkpoint import CheckpointFolder, atomic_write_json, optimizer_from_files, sharded_optimizer_params, to_json
 from .errors import Interrupted, NonFiniteError, UserInputError
 from .options import LoopOptions
-from .outputs import plot_loss, run_summary, write_comparison, write_images
+from .outputs import check_out, plot_loss, prepare_out, run_summary, write_comparison, write_images
 from .task import Evaluation, ParamGroup, Task
 
 __all__ = ["CallCounter", "CheckpointFolder", "Evaluation", "LoopConfig", "ParamGroup", "Task", "check_writable", "run"]
@@ -61,6 +64,7 @@ class LoopConfig:
     budget: int | None = LoopOptions.budget  # model calls (network forward + backward evaluations)
     checkpoint_every: int = LoopOptions.checkpoint_every
     resume: bool = LoopOptions.resume
+    overwrite: bool = LoopOptions.overwrite
     on_nonfinite: str = LoopOptions.on_nonfinite  # "stop" or "skip"
     progress: bool = True
     seed: int = LoopOptions.seed
@@ -139,10 +143,11 @@ def run(task: Task, cfg: LoopConfig) -> dict:
 
     dp = task.dp
     main = dp.is_main
-    out = check_writable(cfg.out) if main else Path(cfg.out).expanduser()
+    out = check_out(cfg.out, cfg.resume, cfg.overwrite) if main else Path(cfg.out).expanduser()
     ckpt = CheckpointFolder(out)
     if cfg.resume and not ckpt.exists():
         raise UserInputError(f"--resume: no checkpoint in {ckpt.folder} (start without --resume)")
+    task.out = out
     task.setup()
     groups = task.param_groups()
     replicated = [t for g in groups if not g.sharded for t in g.tensors.values()]
@@ -151,8 +156,10 @@ def run(task: Task, cfg: LoopConfig) -> dict:
     counter = CallCounter(task.counted_modules())
     settings = json.loads(json.dumps(task.describe(), default=to_json))
     state = {"history": [], "skipped": [], "calls_forward": 0, "calls_backward": 0, "seconds": 0.0,
-             "before": None, "settings": settings, "seed": cfg.seed}
+             "before": None, "before_captions": None, "settings": settings, "seed": cfg.seed}
     iteration = 0
+    if main:
+        prepare_out(out, cfg.resume, cfg.overwrite)  # (created now: an argument error before leaves nothing)
     try:
         if cfg.resume:
             meta, tensors = ckpt.load()
@@ -170,7 +177,7 @@ def run(task: Task, cfg: LoopConfig) -> dict:
                 ev = task.evaluate("before")
             if main:
                 write_images(ev, out / "before")
-            state["before"] = ev.metrics
+            state["before"], state["before_captions"] = ev.metrics, ev.captions
 
         last_cost = None
         reason = "iterations"
@@ -247,11 +254,18 @@ def run(task: Task, cfg: LoopConfig) -> dict:
         with counter.paused(), torch.no_grad():
             ev = task.evaluate("after")
         files = task.write_artifacts(out)
+        call = task.pipeline_call()
+        if call is not None:
+            from .pipeline_call import EXTRA_FILE, FILE, write
+
+            if call.get("_extra_tensors"):
+                files["pipeline_call_tensors"] = EXTRA_FILE
+            files["pipeline_call"] = write(out, call) if main else FILE
         summary = run_summary(task, cfg, state, iteration, reason, ev.metrics, files)
         if main:
             write_images(ev, out / "after")
-            write_comparison(out, state["before"], ev)
-            plot_loss(state["history"], out / "loss_curve.png", task.name)
+            write_comparison(out, state["before_captions"], ev)
+            plot_loss(state["history"], out / "loss_curve.png", task.name, task.loss_name)
             atomic_write_json(out / "summary.json", summary)
         return summary
     finally:

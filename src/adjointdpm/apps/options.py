@@ -7,9 +7,11 @@ each group. So the defaults a library user gets from ``guide.Options()`` are the
 option is declared twice.
 
 Shared groups (every application command takes them): :class:`OutputOptions` (``--out``),
-:class:`EngineOptions` (model and sampler: ``--model``, ``--grad``, ``--memory-budget``, ``--solver``,
-``--eta``, ``--steps``, ``--guidance-scale``, ``--device``, ``--critics``), :class:`LoopOptions` (``--seed``,
-``--budget``, ``--checkpoint-every``, ``--resume``, ``--on-nonfinite``) and :class:`ConsoleOptions`
+:class:`EngineOptions` (model and sampler: ``--model``, ``--config``, ``--dtype``, ``--offload``, ``--compile``,
+``--grad``, ``--memory-budget``, ``--solver``, ``--eta``, ``--steps``, ``--guidance-scale``, ``--height``,
+``--width``, ``--max-sequence-length``, ``--negative-prompt``, ``--device``, ``--critics``), :class:`LoopOptions`
+(``--seed``, ``--budget``, ``--checkpoint-every``, ``--resume``, ``--overwrite``, ``--on-nonfinite``) and
+:class:`ConsoleOptions`
 (``--quiet``, ``--debug``); the critic options two applications share are :func:`loss_option` and
 :func:`judge_option`.
 """
@@ -95,14 +97,27 @@ class OutputOptions:
 class EngineOptions:
     """The model and how to sample from it (what a :class:`~.session.Session` is made from)."""
 
-    model: Optional[Path] = option(None, "--model", "-m", help="Local diffusers folder (SD 1.x/2.x layout) (default: "
-                                                               "the embedded digits model).")
+    model: Optional[Path] = option(
+        None, "--model", "-m", help="The model: a diffusers folder of any supported family (SD 1.x/2.x, SDXL, SD3/3.5, "
+        "Flux, PixArt), a Hugging Face id org/name[@revision] (from the Hugging Face cache; downloaded when online, "
+        "never with HF_HUB_OFFLINE=1), or a single-file .safetensors checkpoint of the network with --config "
+        "(default: the embedded digits model).")
+    config: Optional[Path] = option(
+        None, "--config", help="With a single-file --model: the diffusers folder or Hugging Face id whose configs and "
+        "other components (text encoders, VAE, scheduler) go with it.")
+    dtype: str = option("auto", "--dtype", help="Weights' precision: bf16 | fp16 | fp32 | auto (bf16 on CUDA, fp32 "
+                        "on CPU). Samples, noise and gradients are in it; exact's weight gradients accumulate in "
+                        "float32.")
+    offload: bool = option(False, "--offload", help="Keep the frozen parts (text encoders, VAE) in CPU memory; each "
+                           "layer comes to the device only while it runs (less device memory, slower).")
+    compile: bool = option(False, "--compile", help="torch.compile the network (slow first call; faster steps after "
+                           "on a GPU).")
     grad: str = option("exact", "--grad", help=GRAD_HELP)
     memory_budget: Optional[str] = option(
         None, "--memory-budget", help="With --grad exact: keep the autograd graphs of as many sampling steps as fit "
         "in this much memory (e.g. 8GiB, inf) instead of recomputing them: as fast as back-propagation where memory "
         "allows, the same gradient [default: recompute every step].")
-    solver: Optional[str] = option(None, "--solver", help="Sampler: ddim | dpmpp2m | heun (probability-flow ODE), or "
+    solver: Optional[str] = option(None, "--solver", help="Sampler: ddim | dpmpp2m | heun | pndm | unipc (probability-flow ODE), or "
                                    "stochastic: ddpm | euler_ancestral | dpmpp2m_sde | lcm, and ddim with --eta > 0 "
                                    "(default: the model's).")
     eta: float = option(0.0, "--eta", help="DDIM's eta in [0, 1] (--solver ddim only): 0 the deterministic sampler, "
@@ -112,8 +127,19 @@ class EngineOptions:
         None, "--guidance-scale", "-g", help="Classifier-free guidance scale (default: the model's; on the embedded "
         "model audit, stylize and invert use 1, their recipe).")
     device: str = option("cpu", "--device", help='torch device, e.g. "cpu" or "cuda".')
+    height: Optional[int] = option(None, "--height", help="Image height in pixels (default: the model's).")
+    width: Optional[int] = option(None, "--width", help="Image width in pixels (default: the model's).")
+    max_sequence_length: Optional[int] = option(
+        None, "--max-sequence-length", help="T5 prompt length in tokens on SD3, Flux and PixArt (default: the "
+        "model's: 256, 512, 300).")
+    negative_prompt: Optional[str] = option(None, "--negative-prompt", help="The prompt classifier-free guidance "
+                                            "steers away from (default: the empty prompt, as the pipeline).")
     critics: Optional[Path] = option(None, "--critics", help="The digits model's critics folder (critics/) to use on "
                                      "another model (default: the model's own critics/, if any).")
+
+    def load_kwargs(self) -> dict:
+        """What :func:`~adjointdpm.components.load_components` takes from these options (besides the model)."""
+        return {"dtype": self.dtype, "config": self.config, "offload": self.offload, "compile": self.compile}
 
     def grad_spec(self) -> str:
         """``--grad`` with ``--memory-budget B`` folded in: ``exact`` becomes the mode ``exact:memory=B``."""
@@ -137,6 +163,8 @@ class LoopOptions:
     checkpoint_every: int = option(5, "--checkpoint-every", help="Save the state every K iterations (also on Ctrl-C "
                                                                  "and at the end).")
     resume: bool = option(False, "--resume", help="Continue the run saved in --out/checkpoint.")
+    overwrite: bool = option(False, "--overwrite", help="Replace the earlier run in --out (its outputs are removed "
+                             "when the run starts); without it, or --resume, an earlier run there is refused.")
     on_nonfinite: str = option("stop", "--on-nonfinite", help="On a NaN/inf loss or gradient: stop (saving the last "
                                                               "good state) or skip the step.")
 

@@ -4,7 +4,7 @@ table. Adding an application = writing its module (``Options``, a :class:`~.task
 
 from __future__ import annotations
 
-from . import audit, guide, invert, stylize
+from . import audit, finetune, guide, invert, stylize
 from .task import Application
 
 APPLICATIONS: dict[str, Application] = {a.name: a for a in (
@@ -12,5 +12,6 @@ APPLICATIONS: dict[str, Application] = {a.name: a for a in (
     audit.APPLICATION,
     stylize.APPLICATION,
     invert.APPLICATION,
+    finetune.APPLICATION,
 )}
 

@@ -116,7 +116,8 @@ class Runner:
         s = self.session(grad, solver="ddim" if grad == "reversible" else None)
         task = APPLICATIONS[self.app].build(s, options, seed=seed)
         cfg = LoopConfig(out=self.out / folder, iters=options.iters if budget is None else 10**6, budget=budget,
-                         checkpoint_every=10**6, progress=self.progress, seed=seed)
+                         checkpoint_every=10**6, progress=self.progress, seed=seed,
+                         overwrite=True)  # (reproduce remakes its runs: an earlier one in --out is replaced)
         summary = run(task, cfg)
         summary["folder"] = str(self.out / folder)
         summary["method"] = grad

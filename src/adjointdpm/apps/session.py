@@ -8,13 +8,15 @@ starting state with the chosen gradient mode, applies the objective (which decod
 back-propagate, whatever the mode (the one-step x̂₀ baseline back-propagates step by step itself; see
 :mod:`.baselines`).
 
+The image size, the T5 prompt length and the negative prompt (``--height``, ``--width``,
+``--max-sequence-length``, ``--negative-prompt``) go into the model's settings, which the family reads.
+
 The engine is asked, never assembled here: the family's sampling setup (schedule, grid, guidance, negative
 conditioning) in ``__init__``, ``adpm.sample`` in :meth:`sample`, ``adpm.build_sampler`` in :meth:`sampler`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -24,7 +26,7 @@ import adjointdpm as adpm
 
 from . import prompt_embeddings
 from .baselines import OneStep, grad_label, resolve_grad
-from .checks import check_prompt_length, parse_device
+from .checks import apply_image_settings, check_prompt_length, parse_device
 from .errors import UserInputError
 from .options import EngineOptions
 
@@ -38,17 +40,20 @@ class Session:
 
         self.dp = SingleProcess() if dp is None else dp  # the processes the tasks of this session are spread over
         model = engine.model
-        if model is not None and not Path(model).expanduser().exists():
-            raise UserInputError(f"model folder {model} does not exist (give a local diffusers folder; nothing is "
-                                 "downloaded)")
         device = parse_device(engine.device)
         if self.dp.world_size > 1 and self.dp.device.type == "cuda":
             device = self.dp.device  # each process its own GPU
-        self.comps = load_components(model, device=device)
-        self.model_path = None if model is None else str(Path(model).expanduser())
+        self.comps = load_components(model, device=device, **engine.load_kwargs())
+        self.model_path = None if model is None else str(self.comps.load_options.get("single_file") or self.comps.path)
         self.critics_path = engine.critics
+        # --height/--width/--max-sequence-length/--negative-prompt: the family's latent shape and prompt encoding
+        apply_image_settings(self.comps, engine.height, engine.width, engine.max_sequence_length,
+                             engine.negative_prompt)
+        self.negative_prompt = engine.negative_prompt
+        self.image_options = {k: getattr(engine, k) for k in ("height", "width", "max_sequence_length",
+                                                               "negative_prompt") if getattr(engine, k) is not None}
         settings = self.comps.settings
-        self.solver = engine.solver or settings.get("default_solver", "dpmpp2m")
+        self.solver = engine.solver or self.comps.default_solver()
         known = [*adpm.SOLVERS, *adpm.STOCHASTIC_SOLVER_NAMES]
         if self.solver not in known:
             raise UserInputError(f"unknown --solver {self.solver!r}; use one of {', '.join(known)}")
@@ -82,6 +87,11 @@ class Session:
         self.schedule, self._times = setup.schedule, setup.timesteps
         self.guidance_scale, self._encode_kwargs, self.uncond = setup.guidance_scale, setup.encode_kwargs, setup.uncond
 
+    @property
+    def encode_kwargs(self) -> dict:
+        """The family's extra prompt-encoding keywords (Flux: its distilled ``guidance`` value)."""
+        return self._encode_kwargs
+
     def _uncond(self):
         return self.uncond if self.guidance_scale != 1.0 else None
 
@@ -113,7 +123,7 @@ class Session:
         """The sampler's state x at step ``to_step`` (its first ``to_step`` steps from x_T, no graph)."""
         self.timesteps(to_step)  # validates the index
         if self.stochastic:
-            raise UserInputError("--start-step needs a deterministic --solver (ddim with --eta 0, dpmpp2m, heun), "
+            raise UserInputError("--start-step needs a deterministic --solver (ddim with --eta 0, dpmpp2m, heun, pndm, unipc), "
                                  f"not {self.solver}{' with --eta > 0' if self.solver == 'ddim' else ''}")
         return self.sampler().advance(x_T, cond, self.uncond, to_step)
 
@@ -129,7 +139,7 @@ class Session:
 
     def describe(self) -> dict:
         return {"model": self.model_path or "embedded", "grad": grad_label(self.grad), "solver": self.solver,
-                "eta": self.eta, "steps": self.steps, "guidance_scale": self.guidance_scale}
+                "eta": self.eta, "steps": self.steps, "guidance_scale": self.guidance_scale, **self.image_options}
 
     def timesteps(self, start: int = 0) -> np.ndarray:
         """Model times of the sampling grid, from step ``start`` on."""
@@ -147,7 +157,9 @@ class Session:
         """The conditioning of ``prompts``: a (B, L, D) tensor, or the family's dict of network arguments."""
         for p in prompts:
             self.check_prompt(p)
-        return prompt_embeddings.detached(self.comps.encode_prompt(list(prompts), **self._encode_kwargs))
+        cond = prompt_embeddings.detached(self.comps.encode_prompt(list(prompts), **self._encode_kwargs))
+        self.comps.release_encoders()  # (no task differentiates through them; the next encode brings them back)
+        return cond
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
         return self.comps.noise(n, seed)

@@ -227,6 +227,17 @@ class StylizeTask(Task):
             files["reference"] = "reference/"
         return {**save_weights(self.session.comps, out, self.opts.lora_rank), **files}
 
+    def pipeline_call(self) -> dict:
+        """The evaluation noises and prompts with the trained LoRA (the output folder) or network folder."""
+        from .pipeline_call import pipeline_call
+        from .weights import network_part
+
+        lora = self.opts.lora_rank > 0
+        part = network_part(self.session.comps)
+        return pipeline_call(self.session, tensors={"latents": "eval_latents.safetensors:latents"},
+                             prompts=self.eval_prompts, lora="." if lora else None,
+                             components=None if lora else {part: part})
+
 
 APPLICATION = Application(
     name="stylize", options=Options, build=build, report_keys=("style_loss", "judge_accuracy", "plugin_loss"),

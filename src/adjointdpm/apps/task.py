@@ -49,19 +49,23 @@ class ParamGroup:
 
 @dataclass
 class Evaluation:
-    """Images (B, C, H, W) in [-1, 1] of one state, and its metrics (JSON-able)."""
+    """Images (B, C, H, W) in [-1, 1] of one state, and its metrics (JSON-able); ``captions``: one short
+    text per image (its metric, e.g. "loss 0.12"), written under it in comparison.png."""
 
     images: torch.Tensor
     metrics: dict
     nrow: int | None = None
+    captions: list[str] | None = None
 
 
 class Task:
     """An application: what is optimised, the loss, and how a state is evaluated."""
 
     name = "task"
+    loss_name = "loss"  # what the loss curve's axis calls the minimised loss
     dp = SingleProcess()  # the processes the task is spread over (set from the session by multi-process tasks)
     sharded_state: tuple[str, ...] = ()  # names of state_tensors() that hold one row per sample (sharded)
+    out: Path | None = None  # the run's output folder (set by the loop before setup; e.g. for live logs)
 
     def describe(self) -> dict:
         """JSON-able settings that define the run (checked on --resume, written to summary.json)."""
@@ -113,3 +117,8 @@ class Task:
         """Write task outputs (learned weights, embedding, …); return {name: relative path}. Called on
         every process (it may gather); only the main process (``self.dp.is_main``) writes."""
         return {}
+
+    def pipeline_call(self) -> dict | None:
+        """The diffusers call that makes the ``after`` images from the files of :meth:`write_artifacts`
+        (:func:`.pipeline_call.pipeline_call`), written as ``pipeline_call.json``; None: none."""
+        return None

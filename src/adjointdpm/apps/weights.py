@@ -5,7 +5,8 @@ diffusers loads it back.
 attention projections and the ResNet convolutions (``lora_rank = r``, initialised from ``seed``) trainable and
 returns them by name; :func:`save_weights` writes a LoRA as diffusers' ``pytorch_lora_weights.safetensors``
 (``pipe.load_lora_weights(out)``) and full weights as the pipeline's ``unet/`` (or ``transformer/``) folder
-(``from_pretrained(out / "unet")``).
+(``from_pretrained(out / "unet")``); :func:`load_weights` puts either back into loaded components (what
+``adjointdpm sample --lora DIR`` does).
 """
 
 from __future__ import annotations
@@ -73,3 +74,30 @@ def lora_saver(pipeline_class: str | None, is_unet: bool):
         return diffusers.StableDiffusionPipeline  # the embedded model and SD 1.x/2.x layouts
     raise UserInputError(f"diffusers has no LoRA format for {pipeline_class} (it cannot load one back); "
                          "use --lora-rank 0 to fine-tune the full weights, written as a transformer/ folder")
+
+
+def load_weights(comps, folder) -> str:
+    """Load what :func:`save_weights` wrote in ``folder`` into ``comps``' network: a LoRA
+    (``pytorch_lora_weights.safetensors``, through diffusers' ``load_lora_adapter``, the loader
+    ``pipe.load_lora_weights`` uses) or full weights (its ``unet/`` or ``transformer/`` folder). Returns
+    "lora" or the part name. One line naming the fix when the folder holds neither."""
+    folder = Path(folder).expanduser()
+    part = network_part(comps)
+    lora, full = folder / LORA_FILE, folder / part
+    if lora.is_file():
+        comps.network.load_lora_adapter(str(folder), weight_name=LORA_FILE, prefix=part, adapter_name="default")
+        return "lora"
+    weights = sorted(full.glob("*.safetensors")) if full.is_dir() else []
+    if not weights:
+        raise UserInputError(f"--lora {folder}: no {LORA_FILE} and no {part}/*.safetensors in it (give the --out "
+                             "folder of a finetune or stylize run)")
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in weights:
+        state.update(load_file(str(f), device=str(comps.device)))
+    missing, unexpected = comps.network.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserInputError(f"--lora {folder}: its {part}/ weights do not fit this model ({len(missing)} missing, "
+                             f"{len(unexpected)} unexpected tensors); give the model it was trained from with --model")
+    return part

@@ -34,10 +34,10 @@ def demo(
         raise UserInputError(f"--target-class must be a held-out digit of the embedded model (8 or 9), got {target_class}")
     for digit in IN_VOCABULARY[:4]:
         code = run(["sample", "--prompt", f"a handwritten digit {digit}", "--num-images", "8", "--seed", "0",
-                    "--out", str(out / "samples" / digit)])
+                    "--out", str(out / "samples" / digit), "--overwrite"])  # (the demo remakes its outputs)
         if code:
             raise typer.Exit(code)
-    code = run(["guide", "--out", str(out / f"guide_{word}"), "--target-class", str(target_class),
+    code = run(["guide", "--out", str(out / f"guide_{word}"), "--overwrite", "--target-class", str(target_class),
                 "--prompt", f"a handwritten digit {word}", "--n", str(n), "--iters", str(iters), "--lr", str(lr), "--grad", grad])  # guide's defaults are the recipe of docs/results.md
     if code:
         raise typer.Exit(code)

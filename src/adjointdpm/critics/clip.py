@@ -36,10 +36,11 @@ class Clip(torch.nn.Module):
         model = load_model(CLIPModel, folder, what, device)
         return cls(model, tokenizer, Preprocess(proc).to(device), str(folder))
 
-    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.model.get_image_features(pixel_values=self.preprocess(images))
+    def image_embeds(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Unit image embeddings, in float32 (or in ``dtype``, the model's, e.g. float64 for gradient checks)."""
+        feats = self.model.get_image_features(pixel_values=self.preprocess(images, dtype))
         feats = getattr(feats, "pooler_output", feats)
-        return F.normalize(feats.float(), dim=-1)
+        return F.normalize(feats.to(dtype or torch.float32), dim=-1)
 
     @torch.no_grad()
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""Opening a critic folder saved by transformers (or diffusers): local, offline, safetensors only.
+"""Opening a critic folder saved by transformers (or diffusers), or a Hugging Face id: safetensors only.
 
-``check_folder`` refuses, with one line, a path that does not exist, a folder without ``config.json``
+``check_folder`` takes a local folder or a Hub id ``org/name[@revision]`` (its snapshot in the Hugging
+Face cache, downloaded when online, see :mod:`adjointdpm.hub`), and refuses, with one line, a path that
+does not exist, a folder without ``config.json``
 and a folder whose weights are pickle files only (``pytorch_model.bin``, ``*.ckpt``, ``*.pt``): they are
 never opened. ``image_processor`` reads the folder's preprocessor config through transformers' own
 image-processor classes (so their defaults apply), without ever running them on an image.
@@ -9,22 +11,26 @@ image-processor classes (so their defaults apply), without ever running them on 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from .errors import CriticError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def check_folder(path, what: str) -> Path:
-    """The critic folder ``path`` (``what`` names the option), checked to hold safetensors weights."""
+    """The critic folder ``path`` (``what`` names the option), checked to hold safetensors weights: a local
+    folder, or the snapshot of a Hugging Face id."""
+    from ..hub import HubError, parse_hub_id, resolve
+
     folder = Path(path).expanduser()
-    if not folder.exists():
-        raise CriticError(f"{what} {folder} does not exist (give a local folder saved by transformers; nothing is downloaded)")
+    if not folder.exists() and parse_hub_id(path) is None:
+        raise CriticError(f"{what} {folder} does not exist (give a folder saved by transformers, or a Hugging Face "
+                          "id org/name)")
+    try:
+        folder = resolve(path, layout="model", what=what)
+    except HubError as e:
+        raise CriticError(str(e)) from None
     if not folder.is_dir():
         raise CriticError(f"{what} {folder} is not a folder (expected config.json + model.safetensors)")
     if not (folder / "config.json").is_file():

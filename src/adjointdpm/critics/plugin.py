@@ -31,15 +31,16 @@ from .errors import CriticError
 CONTEXT = ("prompts", "indices")
 
 
-def load_function(spec: str) -> Callable:
-    """``FILE.py:FUNC`` (a file path) or ``package.module:FUNC`` (importable) -> the function."""
+def load_function(spec: str, what: str = "--loss") -> Callable:
+    """``FILE.py:FUNC`` (a file path) or ``package.module:FUNC`` (importable) -> the function (``what``: the
+    option named in errors)."""
     where, sep, name = str(spec).rpartition(":")
     if not sep or not where or not name.isidentifier():
-        raise CriticError(f"--loss {spec!r}: write FILE.py:FUNC or package.module:FUNC")
+        raise CriticError(f"{what} {spec!r}: write FILE.py:FUNC or package.module:FUNC")
     if where.endswith(".py") or "/" in where or Path(where).expanduser().is_file():
         path = Path(where).expanduser()
         if not path.is_file():
-            raise CriticError(f"--loss {spec!r}: the file {path} does not exist")
+            raise CriticError(f"{what} {spec!r}: the file {path} does not exist")
         mod_name = f"adjointdpm_loss_{abs(hash(str(path.resolve())))}"
         loader_spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(loader_spec)
@@ -48,20 +49,20 @@ def load_function(spec: str) -> Callable:
             loader_spec.loader.exec_module(module)
         except Exception as e:  # noqa: BLE001 - the user's file: one line about what went wrong
             sys.modules.pop(mod_name, None)
-            raise CriticError(f"--loss {spec!r}: importing {path} raised {type(e).__name__}: {e}") from None
+            raise CriticError(f"{what} {spec!r}: importing {path} raised {type(e).__name__}: {e}") from None
     else:
         try:
             module = importlib.import_module(where)
         except Exception as e:  # noqa: BLE001
-            raise CriticError(f"--loss {spec!r}: cannot import {where} ({type(e).__name__}: {e})") from None
+            raise CriticError(f"{what} {spec!r}: cannot import {where} ({type(e).__name__}: {e})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise CriticError(f"--loss {spec!r}: {where} has no function {name}")
+        raise CriticError(f"{what} {spec!r}: {where} has no function {name}")
     return fn
 
 
-def _accepted_context(fn: Callable) -> tuple[str, ...] | None:
-    """The context keywords ``fn`` takes (None: all of them, through ``**kwargs``)."""
+def accepted_keywords(fn: Callable, context: tuple[str, ...] = CONTEXT) -> tuple[str, ...] | None:
+    """The keywords of ``context`` that ``fn`` takes (None: all of them, through ``**kwargs``)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -69,7 +70,7 @@ def _accepted_context(fn: Callable) -> tuple[str, ...] | None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return tuple(k for k in CONTEXT if k in names)
+    return tuple(k for k in context if k in names)
 
 
 class CheckedLoss:
@@ -77,7 +78,7 @@ class CheckedLoss:
 
     def __init__(self, fn: Callable, name: str):
         self.fn, self.name = fn, name
-        self.accepts = _accepted_context(fn)
+        self.accepts = accepted_keywords(fn)
         self.checked = False
 
     @classmethod

@@ -90,10 +90,11 @@ class Preprocess(torch.nn.Module):
         new_short, new_long = s, int(s * long / short)
         return (new_short, new_long) if H <= W else (new_long, new_short)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The model's pixel values; computed in float32, or in ``dtype`` when given (float64 for gradient checks)."""
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise CriticError(f"critics take images (B, 1 or 3, H, W), got {tuple(images.shape)}")
-        x = (images.float() + 1) / 2
+        x = (images.to(dtype or torch.float32) + 1) / 2
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         if self.do_resize:
@@ -112,5 +113,5 @@ class Preprocess(torch.nn.Module):
         if self.do_center_crop and self.crop_size:
             x = self._crop(x, int(self.crop_size["height"]), int(self.crop_size["width"]))
         if self.do_normalize:
-            x = (x - self.mean) / self.std
+            x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         return x

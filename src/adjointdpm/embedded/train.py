@@ -60,6 +60,17 @@ def scheduler_config() -> dict:
                 prediction_type="epsilon", clip_sample=False)
 
 
+def sampling_scheduler():
+    """The scheduler the folder ships: DPM-Solver++(2M) to σ = 0 on the training betas. Its grid is the
+    explicit recipe ``"timesteps": "uniform"`` of adjointdpm.json (N times uniform over [999, 0]), which no
+    scheduler config gives."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    config = {k: v for k, v in scheduler_config().items() if k != "clip_sample"}
+    return DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2,
+                                       final_sigmas_type="zero", lower_order_final=True)
+
+
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -270,11 +281,11 @@ def train(out: Path, seed: int = 0, unet_steps: int = 2000, critic_steps: int = 
     guide, judge, safety, mu, sigma, info = train_critics(data, seed, critic_steps, device)
     C.save_critics(out / "critics", guide, judge, safety, mu, sigma, info)
     t_critics = time.time() - t0
-    unet, text_encoder, sched, losses = train_diffusion(data, tokenizer, seed, unet_steps, batch_size, device=device)
+    unet, text_encoder, _, losses = train_diffusion(data, tokenizer, seed, unet_steps, batch_size, device=device)
     t_total, cpu_total = time.time() - t0, time.process_time() - c0
     settings = {
         "default_guidance_scale": DEFAULT_GUIDANCE, "default_steps": DEFAULT_STEPS, "default_solver": DEFAULT_SOLVER,
-        "image_size": 16, "pixel_range": [-1, 1],
+        "timesteps": "uniform", "image_size": 16, "pixel_range": [-1, 1],
         "words": list(WORDS), "in_vocabulary_digits": list(IN_VOCAB), "held_out_vocabulary_digits": list(HELD_OUT_VOCAB),
         "generic_caption": GENERIC_CAPTION, "caption_templates": list(TEMPLATES),
         "training": {"seed": seed, "unet_steps": unet_steps, "critic_steps": critic_steps, "batch_size": batch_size,
@@ -282,7 +293,7 @@ def train(out: Path, seed: int = 0, unet_steps: int = 2000, critic_steps: int = 
                      "seconds_total": round(t_total, 1), "cpu_seconds_total": round(cpu_total, 1),
                      "final_loss": sum(losses[-200:]) / max(1, len(losses[-200:]))},
     }
-    save_model(out, unet, text_encoder, out / "tokenizer", sched, settings)
+    save_model(out, unet, text_encoder, out / "tokenizer", sampling_scheduler(), settings)
     print(json.dumps({**info["metrics"], "train_seconds": round(t_total, 1), "cpu_seconds": round(cpu_total, 1)}, indent=2))
     if eval_images > 0:
         from .evaluate import evaluate

@@ -6,14 +6,20 @@ components a folder must list, how the pipeline turns prompts into the network's
 those of a latent UNet / transformer family with an ``AutoencoderKL``:
 
 * latent grid: ``height // f`` x ``width // f`` with the VAE factor ``f = 2 ** (len(block_out_channels) - 1)``,
-  ``height = width = sample_size * f`` unless the folder's ``adjointdpm.json`` sets ``height`` / ``width``;
+  ``height = width = sample_size * f`` unless the settings (the folder's ``adjointdpm.json``, or the
+  session's ``--height`` / ``--width``) set ``height`` / ``width``; the negative prompt is the settings'
+  ``negative_prompt`` (default "");
 * ``noise(n, seed)``: ``torch.randn`` from a CPU generator seeded with ``seed`` (float32 draws, then cast),
   which is what ``randn_tensor`` draws for the pipeline's ``prepare_latents`` with that generator;
-* ``decode(x0)``: ``vae.decode(x0 / scaling_factor + shift_factor)`` (shift 0 when the VAE has none);
+* ``decode(x0)``: ``vae.decode(x0 / scaling_factor + shift_factor)`` (shift 0 when the VAE has none),
+  checkpointed block by block when a graph is recorded (:func:`adjointdpm.vae.decode`);
+* ``encode_prompt(prompts)``: brings released text encoders back (``restore_encoders``), then the
+  family's ``encode_text``; inputs go to the network's device (offloaded encoders run there);
 * ``set_timesteps(steps)``: ``scheduler.set_timesteps(steps)``, the pipeline's ``retrieve_timesteps``
   without custom grids;
 * ``sampling_setup(steps, guidance_scale)``: what the engine samples with — the folder's configured
-  scheduler and its grid for N steps, the guidance scale the engine applies (with the extra
+  scheduler and its grid for N steps (a PNDMScheduler's N distinct times: its list repeats t₁), sampled
+  by default with the scheduler's twin (``default_settings``), the guidance scale the engine applies (with the extra
   ``encode_prompt`` keywords it implies) and the negative cond (see :class:`SamplingSetup`).
 
 A family instance holds no state: every method takes the :class:`~adjointdpm.components.DiffusionComponents`.
@@ -25,6 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..grid import pndm_grid_times
+from ..twins import has_twin, twin_solver
 
 
 @dataclass(frozen=True)
@@ -48,12 +57,6 @@ def text_encoder(i: int = 1, required: bool = True) -> Part:
 
 def tokenizer(i: int = 1, required: bool = True) -> Part:
     return Part("tokenizer" if i == 1 else f"tokenizer_{i}", None, required)
-
-
-# the engine's solver that takes the same steps as a diffusers scheduler (first-order: DDIM = Euler)
-SOLVER_OF_SCHEDULER = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "ddim",
-                       "FlowMatchEulerDiscreteScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmpp2m",
-                       "HeunDiscreteScheduler": "heun"}
 
 
 def calculate_shift(seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
@@ -81,6 +84,11 @@ class SamplingSetup:
     uncond: Any = None
 
 
+def negative_prompt(c) -> str:
+    """The prompt classifier-free guidance steers away from: the settings' ``negative_prompt``, else ""."""
+    return c.settings.get("negative_prompt") or ""
+
+
 def pad_ids(tok, prompts: list[str], max_length: int, device) -> torch.Tensor:
     """Token ids (B, max_length), padded and truncated to ``max_length`` as every pipeline tokenizes."""
     ids = tok(list(prompts), padding="max_length", max_length=max_length, truncation=True,
@@ -101,11 +109,11 @@ class Family:
     shared_keys: tuple[str, ...] = ()
 
     def default_settings(self, c) -> dict:
-        """The family's defaults; the solver that reproduces the folder's scheduler when there is one."""
+        """The family's defaults (its pipeline's ``__call__`` defaults) with the solver that reproduces the
+        folder's scheduler (:func:`adjointdpm.twins.twin_solver`); None where the scheduler has no twin
+        (``DiffusionComponents.default_solver`` then raises the error that names ``--solver``)."""
         settings = dict(self.settings)
-        solver = SOLVER_OF_SCHEDULER.get(type(c.scheduler).__name__)
-        if solver:
-            settings["default_solver"] = solver
+        settings["default_solver"] = twin_solver(c.scheduler) if has_twin(c.scheduler) else None
         return settings
 
     # ------------------------------------------------------------------ grid and noise
@@ -144,10 +152,13 @@ class Family:
             z = z + cfg.shift_factor
         return z
 
-    def decode(self, c, x0: torch.Tensor) -> torch.Tensor:
+    def decode(self, c, x0: torch.Tensor, checkpoint: bool = True) -> torch.Tensor:
+        """``vae.decode`` of the VAE's latents, its blocks checkpointed when a graph is recorded (``checkpoint``)."""
         if c.vae is None:
             return x0
-        return c.vae.decode(self.to_vae_latents(c, x0).to(c.vae.dtype)).sample
+        from ..vae import decode
+
+        return decode(c.vae, self.to_vae_latents(c, x0).to(c.vae.dtype), checkpoint=checkpoint, scaled=False)
 
     # ------------------------------------------------------------------ time grid
     def set_timesteps(self, c, steps: int) -> torch.Tensor:
@@ -156,11 +167,18 @@ class Family:
 
     # ------------------------------------------------------------------ text
     def encode_prompt(self, c, prompts: list[str], **kwargs):
+        """The cond of ``prompts``, the text encoders brought back first if they were released."""
+        c.restore_encoders()
+        return self.encode_text(c, prompts, **kwargs)
+
+    def encode_text(self, c, prompts: list[str], **kwargs):
+        """What the family's pipeline makes of ``prompts`` for its network (the encoders are loaded)."""
         raise NotImplementedError
 
     def negative_cond(self, c, n: int, **kwargs):
-        """The empty-prompt cond for classifier-free guidance, batch ``n``, without the shared keys."""
-        neg = self.encode_prompt(c, [""] * n, **kwargs)
+        """The negative prompt's cond for classifier-free guidance (the settings' ``negative_prompt``, default
+        the empty prompt, as the pipeline), batch ``n``, without the shared keys."""
+        neg = self.encode_prompt(c, [negative_prompt(c)] * n, **kwargs)
         if isinstance(neg, dict):
             neg = {k: v for k, v in neg.items() if k not in self.shared_keys}
         return neg
@@ -177,6 +195,7 @@ class Family:
         cfg_scale, encode_kwargs = self.guidance(c, float(guidance_scale), true_cfg_scale)
         cfg_scale = float(cfg_scale)
         timesteps = self.set_timesteps(c, steps).detach().cpu().double().numpy()
+        timesteps = np.asarray(pndm_grid_times(c.scheduler, timesteps), dtype=np.float64)  # PLMS lists t₁ twice
         uncond = self.sampling_uncond(c, 1, cfg_scale, encode_kwargs) if with_uncond else None
         return SamplingSetup(c.scheduler, timesteps, cfg_scale, encode_kwargs, uncond)
 

@@ -93,12 +93,12 @@ class Flux(Family):
     def has_guidance_embeds(self, c) -> bool:
         return bool(getattr(c.network.config, "guidance_embeds", False))
 
-    def encode_prompt(self, c, prompts, guidance_scale: float | None = None, **kwargs) -> dict:
+    def encode_text(self, c, prompts, guidance_scale: float | None = None, **kwargs) -> dict:
         te1, te2 = c.text_encoder, c.text_encoder_2
-        ids = pad_ids(c.tokenizer, prompts, c.tokenizer.model_max_length, te1.device)
+        ids = pad_ids(c.tokenizer, prompts, c.tokenizer.model_max_length, c.device)
         pooled = te1(ids, output_hidden_states=False).pooler_output.to(te1.dtype)
         length = int(c.settings["max_sequence_length"])
-        t5 = te2(pad_ids(c.tokenizer_2, prompts, length, te2.device), output_hidden_states=False)[0].to(te2.dtype)
+        t5 = te2(pad_ids(c.tokenizer_2, prompts, length, c.device), output_hidden_states=False)[0].to(te2.dtype)
         cond = {"encoder_hidden_states": t5, "pooled_projections": pooled,
                 "txt_ids": torch.zeros(t5.shape[1], 3, device=c.device, dtype=te1.dtype),
                 "img_ids": self.image_ids(c, t5.dtype)}

@@ -37,14 +37,14 @@ class PixArt(Family):
         settings["max_sequence_length"] = 120 if alpha else 300
         return settings
 
-    def encode_prompt(self, c, prompts, **kwargs) -> dict:
+    def encode_text(self, c, prompts, **kwargs) -> dict:
         text = [p.lower().strip() for p in prompts]
         length = int(c.settings["max_sequence_length"])
         tokens = c.tokenizer(text, padding="max_length", max_length=length, truncation=True,
                              add_special_tokens=True, return_tensors="pt")
         enc = c.text_encoder
-        mask = tokens.attention_mask.to(enc.device)
-        h = enc(tokens.input_ids.to(enc.device), attention_mask=mask)[0].to(enc.dtype)
+        mask = tokens.attention_mask.to(c.device)
+        h = enc(tokens.input_ids.to(c.device), attention_mask=mask)[0].to(enc.dtype)
         added = {"resolution": None, "aspect_ratio": None}
         alpha = c.pipeline_config.get("_class_name") == "PixArtAlphaPipeline"
         if alpha and c.network.config.sample_size == 128:

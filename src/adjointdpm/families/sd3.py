@@ -37,7 +37,7 @@ class StableDiffusion3(Family):
 
     def _clip(self, c, prompts, i: int):
         tok, enc = (c.tokenizer, c.text_encoder) if i == 1 else (c.tokenizer_2, c.text_encoder_2)
-        out = enc(pad_ids(tok, prompts, c.tokenizer.model_max_length, enc.device), output_hidden_states=True)
+        out = enc(pad_ids(tok, prompts, c.tokenizer.model_max_length, c.device), output_hidden_states=True)
         return out.hidden_states[-2].to(c.text_encoder.dtype), out[0]
 
     def _t5(self, c, prompts) -> torch.Tensor:
@@ -47,9 +47,9 @@ class StableDiffusion3(Family):
                                dtype=c.text_encoder.dtype, device=c.device)
         ids = c.tokenizer_3(list(prompts), padding="max_length", max_length=length, truncation=True,
                             add_special_tokens=True, return_tensors="pt").input_ids
-        return c.text_encoder_3(ids.to(c.text_encoder_3.device))[0].to(c.text_encoder_3.dtype)
+        return c.text_encoder_3(ids.to(c.device))[0].to(c.text_encoder_3.dtype)
 
-    def encode_prompt(self, c, prompts, **kwargs) -> dict:
+    def encode_text(self, c, prompts, **kwargs) -> dict:
         h1, p1 = self._clip(c, prompts, 1)
         h2, p2 = self._clip(c, prompts, 2)
         t5 = self._t5(c, prompts)

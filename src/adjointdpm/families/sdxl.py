@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SCHEDULER, UNET, VAE, Family, pad_ids, text_encoder, tokenizer
+from .base import SCHEDULER, UNET, VAE, Family, negative_prompt, pad_ids, text_encoder, tokenizer
 
 
 class StableDiffusionXL(Family):
@@ -42,10 +42,10 @@ class StableDiffusionXL(Family):
                                  f"text_encoder_2's projection give {given}: the folder's configs do not match")
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=c.device).repeat(n, 1)
 
-    def encode_prompt(self, c, prompts, **kwargs) -> dict:
+    def encode_text(self, c, prompts, **kwargs) -> dict:
         hidden, pooled = [], None
         for tok, enc in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)):
-            out = enc(pad_ids(tok, prompts, tok.model_max_length, enc.device), output_hidden_states=True)
+            out = enc(pad_ids(tok, prompts, tok.model_max_length, c.device), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])
@@ -54,8 +54,8 @@ class StableDiffusionXL(Family):
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": self._time_ids(c, len(prompts), h.dtype)}}
 
     def negative_cond(self, c, n: int, **kwargs) -> dict:
-        if not c.pipeline_config.get("force_zeros_for_empty_prompt", True):
-            return self.encode_prompt(c, [""] * n)
+        if c.settings.get("negative_prompt") is not None or not c.pipeline_config.get("force_zeros_for_empty_prompt", True):
+            return self.encode_prompt(c, [negative_prompt(c)] * n)  # (zeros only without a negative prompt)
         # the shapes of the zeros are those of an encoded prompt: encode one, keep its shapes
         ref = self.encode_prompt(c, [""])
         h, pooled = ref["encoder_hidden_states"], ref["added_cond_kwargs"]["text_embeds"]

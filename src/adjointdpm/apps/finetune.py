@@ -1,0 +1,470 @@
+"""``finetune``: reward fine-tuning of a model's weights (LoRA or all) over a distribution of prompts.
+
+Each iteration draws ``--batch`` prompts (uniformly, with replacement, from the training prompts) and as many
+fresh noises x_T from the loop's per-iteration generator, builds a :class:`~adjointdpm.finetuning.Rollout`
+from the session (its network, schedule, grid, guidance, solver, the prompts' conditioning) and lets the
+fine-tuning method add ∇θ of its loss to the weights' ``.grad`` (:mod:`adjointdpm.finetuning`: ``exact``,
+``truncated:k=K`` (DRaFT-K), ``alignprop``, ``onestep`` (ReFL), ``adjoint``, ``adjoint-matching``); the
+method back-propagates itself, so the loss handed to the loop carries no graph. The reward is the weighted sum
+R = Σ w_i r_i of ``--reward`` (maximised) on the decoded images, their prompts and the prompts' fields.
+
+Evaluation, before training, every ``--eval-every`` iterations and after: the evaluation prompts × the same
+``--eval-seeds`` noises (seed j's x_T is ``comps.noise(S, seed + 104729)[j]`` for every prompt, what
+``adjointdpm sample -n S --seed SEED+104729`` draws): the mean optimised reward (and each term), the
+judge's reward (``--judge-reward``, never optimised), its accuracy where the judge has one, the diversity
+per prompt (mean pairwise distance of the judge's features) — per prompt and averaged. The curves of the
+optimised and the judge's reward against the training model calls and seconds go to ``curves.png``;
+``prompts/NN.png`` is prompt NN's before row above its after row. When the optimised reward has risen since
+the judge's best evaluation while the judge's reward has fallen, the reward-hacking alarm is printed and
+recorded in summary.json (``hacking_alarm``: the last ring, ``hacking_alarms``: every one with its iteration).
+
+Defaults that depend on the model: the prompts (the digits model's ten digit prompts on the embedded model,
+DDPO's 45 simple animals otherwise), the reward and the judge (the digits model's guide classifier and its
+independent judge where the model ships them, else ``--reward`` is required); and on the method: the learning
+rate and, for Adjoint Matching, its reward scale λ (:data:`METHOD_RECIPES`).
+
+Outputs: a LoRA as diffusers' ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(OUT)``,
+``adjointdpm sample --lora OUT``), full weights as ``unet/`` (``--lora-rank 0``); the text encoders stay
+frozen. ``--report-to tensorboard`` writes scalars and image grids through accelerate's TensorBoard tracker
+into ``--out/logs``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import prompt_embeddings
+from .errors import UserInputError
+from .options import option, settings_of
+from .session import Session
+from .task import Application, Evaluation, ParamGroup, Task
+from .weights import save_weights, trainable_weights
+
+#: the evaluation noises' seed offset from --seed (never trained on: training noises come from the iteration RNG)
+EVAL_SEED_OFFSET = 104729
+
+#: per method, what --lr, --reward-scale and --iters default to (measured on the embedded model's digits recipe,
+#: docs/finetune.md: the methods that back-propagate through the sampler at 3e-3 collapse the diversity or
+#: break the model — DRaFT-1 did — so 1e-3; AlignProp's 100 iterations cost what exact's 40 do; Adjoint
+#: Matching moves slowly at 3e-3 with λ = 10, and at 1e-2, λ = 30 its best point was 40 iterations)
+METHOD_RECIPES = {
+    "exact": {"lr": 1e-3, "iters": 40},
+    "truncated": {"lr": 1e-3, "iters": 100},
+    "alignprop": {"lr": 1e-3, "iters": 100},
+    "onestep": {"lr": 1e-3, "iters": 130},
+    "adjoint": {"lr": 1e-3, "iters": 40},
+    "adjoint-matching": {"lr": 1e-2, "reward_scale": 30.0, "iters": 40},
+}
+#: the method of ``adjointdpm finetune`` without --method (the best of the measured table, docs/finetune.md:
+#: at an equal budget of model calls the one that taught "eight" and "nine", ≥ 94 % on fresh seeds)
+DEFAULT_METHOD = "alignprop"
+
+
+@dataclass
+class Options:
+    """finetune's options (its command line; the defaults are the recipe of docs/finetune.md)."""
+
+    prompts: Optional[str] = option(None, "--prompts", help="Training prompts: a .txt file (one per line), a .jsonl "
+                                    "file ({\"prompt\": ..., any fields a reward reads, e.g. \"class\"}) or a "
+                                    "built-in set: digits | simple-animals (default: digits on the embedded model, "
+                                    "simple-animals otherwise).")
+    eval_prompts: Optional[str] = option(None, "--eval-prompts", help="Evaluation prompts (a file or a built-in set) "
+                                         "(default: the training prompts).")
+    reward: Optional[list[str]] = option(None, "--reward", help="Reward to maximise, [WEIGHT*]KIND:TARGET, "
+                                         "repeatable (a weighted sum): clip:, pickscore:, aesthetic:, hpsv2:, "
+                                         "classifier: FOLDER, FILE.py:FUNC, package.module:FUNC, or on a digits "
+                                         "model digits-guide (default there: digits-guide).")
+    judge_reward: Optional[str] = option(None, "--judge-reward", help="Evaluation-only reward SPEC, never optimised "
+                                         "(default on a digits model: digits-judge, its independent judge).")
+    method: Optional[str] = option(None, "--method", help="exact | truncated:k=K | alignprop | onestep | adjoint | "
+                                   f"adjoint-matching, options after a colon (default: {DEFAULT_METHOD}).")
+    reward_scale: Optional[float] = option(None, "--reward-scale", help="Adjoint Matching's λ > 0: it fine-tunes "
+                                           "towards p_base·exp(λ·reward) (default: its recipe's, "
+                                           f"{METHOD_RECIPES['adjoint-matching']['reward_scale']:g}).")
+    lora_rank: int = option(4, "--lora-rank", help="LoRA rank (peft); 0 fine-tunes all the weights of the "
+                                                   "denoising network (the text encoders stay frozen).")
+    lr: Optional[float] = option(None, "--lr", help="AdamW learning rate (default: the method's recipe).")
+    batch: int = option(8, "--batch", help="Prompts (and noises) per iteration.")
+    iters: Optional[int] = option(None, "--iters", help="Optimisation iterations (default: the method's recipe).")
+    eval_every: int = option(10, "--eval-every", help="Evaluate every K iterations (and before and after).")
+    eval_seeds: int = option(4, "--eval-seeds", help="Images per evaluation prompt (the same noises every time).")
+    report_to: str = option("none", "--report-to", help="none | tensorboard (scalars and image grids under "
+                                                        "--out/logs, through accelerate's tracker).")
+
+    def __post_init__(self):
+        if self.iters is None:  # (resolved here: the loop reads the iterations before the run is built)
+            self.iters = METHOD_RECIPES.get(method_name(self.method), {}).get("iters", 40)
+
+
+def method_name(spec: str | None) -> str:
+    """The method a --method spec names (the default one for None), spelled as METHOD_RECIPES keys it."""
+    return (spec or DEFAULT_METHOD).strip().partition(":")[0].strip().lower().replace("_", "-")
+
+
+#: what summary.json's settings hold and --resume compares, in this order
+SETTINGS = ("prompts", "eval_prompts", "reward", "judge_reward", "method", "reward_scale", "lora_rank", "lr",
+            "batch", "eval_every", "eval_seeds")
+
+
+def method_recipe(options: Options):
+    """The method ``options`` name, with its recipe's λ and learning rate where not given:
+    (method, learning rate)."""
+    from ..finetuning import MethodError, parse_method
+
+    spec = options.method or DEFAULT_METHOD
+    if options.reward_scale is not None and not (options.reward_scale > 0 and math.isfinite(options.reward_scale)):
+        raise UserInputError(f"--reward-scale must be a number > 0 (Adjoint Matching's λ), got {options.reward_scale:g}")
+    recipe = METHOD_RECIPES.get(method_name(spec), {})
+    scale = options.reward_scale if options.reward_scale is not None else recipe.get("reward_scale")
+    try:
+        method = parse_method(spec, reward_scale=scale)
+    except MethodError as e:
+        raise UserInputError(f"--method: {e}") from None
+    if options.reward_scale is not None and not hasattr(method, "reward_scale"):
+        raise UserInputError(f"--reward-scale is Adjoint Matching's λ; the method {method.name!r} does not use it")
+    lr = options.lr if options.lr is not None else recipe.get("lr", 1e-3)
+    if not lr > 0:
+        raise UserInputError(f"--lr must be > 0, got {lr:g}")
+    return method, float(lr)
+
+
+def build(session: Session, options: Options, seed: int = 0) -> "FinetuneTask":
+    """The finetune run ``options`` describe: prompts, rewards and judge (:func:`.choose.finetune_rewards`),
+    the method and its recipe, all checked before anything runs."""
+    from ..finetuning import MethodError
+    from ..prompts import PromptError, resolve_prompts
+    from .choose import finetune_rewards
+
+    method, lr = method_recipe(options)
+    try:
+        method.check_sampler(session.solver, session.eta)
+    except MethodError as e:
+        raise UserInputError(f"--method: {e}") from None
+    default_prompts = "digits" if session.comps.settings.get("words") else "simple-animals"
+    prompts_source = options.prompts or default_prompts
+    eval_source = options.eval_prompts or prompts_source
+    prompt_sets = []
+    for flag, source in (("--prompts", prompts_source), ("--eval-prompts", eval_source)):
+        try:
+            prompt_sets.append(resolve_prompts(source))
+        except PromptError as e:
+            raise UserInputError(f"{flag}: {e}") from None
+    train, held = prompt_sets
+    reward, judge, reward_specs, judge_spec = finetune_rewards(session, options)
+    resolved = replace(options, prompts=str(prompts_source), eval_prompts=str(eval_source), reward=reward_specs,
+                       judge_reward=judge_spec, method=method.spec, lr=lr,
+                       reward_scale=getattr(method, "reward_scale", None))
+    return FinetuneTask(session, resolved, method, reward, judge, train, held, seed=seed)
+
+
+class FinetuneTask(Task):
+    name = "finetune"
+
+    def __init__(self, session: Session, opts: Options, method, reward, judge, train_prompts, eval_prompts,
+                 seed: int = 0):
+        """``reward``: a :class:`~adjointdpm.rewards.RewardSum`; ``judge``: a reward or None; the prompts:
+        lists of :class:`~adjointdpm.prompts.Prompt`."""
+        if opts.lora_rank < 0:
+            raise UserInputError(f"--lora-rank must be >= 0 (0: all the weights), got {opts.lora_rank}")
+        if min(opts.batch, opts.eval_every, opts.eval_seeds) < 1:
+            raise UserInputError("--batch, --eval-every and --eval-seeds must be >= 1")
+        if opts.report_to not in ("none", "tensorboard"):
+            raise UserInputError(f"--report-to must be none or tensorboard, got {opts.report_to!r}")
+        if session.dp.world_size > 1:
+            raise UserInputError("finetune runs in one process (data parallel fine-tuning is not wired up yet)")
+        self.session, self.opts, self.method, self.reward, self.judge, self.seed = session, opts, method, reward, judge, seed
+        self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
+        for p in {p.text for p in self.train_prompts + self.eval_prompts}:
+            session.check_prompt(p)
+        self._probe()
+        self.tracker = None
+
+    # ------------------------------------------------------------------ checks before anything runs
+    def _probe(self) -> None:
+        """Call the reward (and the judge) once on two images of the model's shape: a wrong shape or no
+        gradient is one line now, before the run writes anything."""
+        from ..critics.errors import CriticError
+        from ..prompts import texts_and_fields
+        from .image_files import image_shape
+
+        c, h, w = image_shape(self.session.comps)
+        texts, fields = texts_and_fields(self.train_prompts[:1] * 2)
+        x = torch.zeros(2, c, h, w, device=self.session.device, requires_grad=True)
+        for what, r, needs_grad in (("--reward", self.reward, True), ("--judge-reward", self.judge, False)):
+            if r is None:
+                continue
+            with torch.enable_grad():
+                try:
+                    value = r(x, texts, fields)
+                except CriticError as e:
+                    raise UserInputError(str(e) if str(e).startswith(what) else f"{what}: {e}") from None
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != (2,):
+                raise UserInputError(f"{what} must return one value per image, shape (2,) for 2 images")
+            if needs_grad and not value.requires_grad:
+                raise UserInputError(f"{what} returned no gradient with respect to the images: compute it with "
+                                     "differentiable torch operations (no .detach(), numpy or PIL)")
+
+    # ------------------------------------------------------------------ the run
+    def describe(self) -> dict:
+        return {**self.session.describe(), **settings_of(self.opts, SETTINGS),
+                "reward_terms": self.reward.describe(), "judge": None if self.judge is None else self.judge.describe()}
+
+    def setup(self) -> None:
+        from ..prompts import texts_and_fields
+
+        s, o = self.session, self.opts
+        self.train_texts, self.train_fields = texts_and_fields(self.train_prompts)
+        self.train_table = s.encode(sorted(set(self.train_texts)))
+        self.train_rows = sorted(set(self.train_texts))
+        texts, fields = texts_and_fields(self.eval_prompts)
+        S = o.eval_seeds
+        self.eval_texts = [t for t in texts for _ in range(S)]
+        self.eval_fields = [dict(f) for f in fields for _ in range(S)]
+        eval_rows = sorted(set(texts))
+        table = s.encode(eval_rows)
+        self.eval_cond = prompt_embeddings.rows(table, torch.tensor([eval_rows.index(t) for t in self.eval_texts]))
+        seed = self.seed + EVAL_SEED_OFFSET
+        noise = s.noise(S, seed)  # image i: prompt i // S, seed j = i % S (the same noises for every prompt)
+        self.eval_noise = noise.repeat(len(texts), *[1] * (noise.dim() - 1))
+        self.eval_streams = s.noise_streams([j for _ in texts for j in range(S)], seed)
+        self.params = trainable_weights(s.comps, o.lora_rank, self.seed)
+        self.method.prepare(s.network)
+        # the run's own record (resumed with the checkpoint): training model calls and seconds, evaluations
+        self.train_calls, self.train_seconds, self.done = 0, 0.0, 0
+        self.evaluations: list[dict] = []
+        self.before_images: torch.Tensor | None = None
+        self.last_images: torch.Tensor | None = None
+        self.alarms: list[dict] = []  # every evaluation at which the reward-hacking alarm rang
+        if self.opts.report_to == "tensorboard" and self.out is not None:
+            from accelerate.tracking import TensorBoardTracker
+
+            self.tracker = TensorBoardTracker("", self.out / "logs")
+            self.tracker.start()
+
+    def param_groups(self):
+        return [ParamGroup("lora" if self.opts.lora_rank > 0 else "unet", self.params,
+                           {"lr": self.opts.lr, "weight_decay": 0.0})]
+
+    def counted_modules(self):
+        return [self.session.network]
+
+    def rollout(self, x_T: torch.Tensor, cond):
+        from ..finetuning import Rollout
+
+        s = self.session
+        return Rollout(s.network, x_T, schedule=s.schedule, timesteps=s.timesteps(), cond=cond,
+                       uncond=s.uncond if s.guidance_scale != 1.0 else None, guidance_scale=s.guidance_scale,
+                       solver=s.solver, eta=s.eta, prediction_type=s.comps.prediction_type)
+
+    def reward_of(self, texts: list[str], fields: list[dict], logs: dict):
+        """The closure the methods maximise: R(decode(x_0)) for these prompts; each term's mean into ``logs``."""
+        def reward(x0: torch.Tensor) -> torch.Tensor:
+            total, terms = self.reward.terms(self.session.decode(x0).float(), texts, fields)
+            logs.update({f"reward/{k}": float(v.detach().mean()) for k, v in terms.items()})
+            return total
+        return reward
+
+    def compute_loss(self, iteration, generator):
+        from ..finetuning import MethodError
+
+        t0 = time.perf_counter()
+        o, s = self.opts, self.session
+        self.done = iteration + 1
+        idx = torch.randint(len(self.train_prompts), (o.batch,), generator=generator)
+        texts = [self.train_texts[i] for i in idx.tolist()]
+        fields = [dict(self.train_fields[i]) for i in idx.tolist()]
+        cond = prompt_embeddings.rows(self.train_table, torch.tensor([self.train_rows.index(t) for t in texts]))
+        x_T = s.noise(o.batch, int(torch.randint(0, 2**62, (1,), generator=generator)))
+        logs: dict = {}
+        try:
+            report = self.method.backward(self.rollout(x_T, cond), self.reward_of(texts, fields, logs), generator)
+        except MethodError as e:
+            raise UserInputError(f"--reward: {e}") from None
+        self.train_calls += report.model_calls
+        self.train_seconds += time.perf_counter() - t0
+        logs.update(reward=float(report.rewards.mean()), method_calls=float(report.model_calls))
+        for k, v in report.stats.items():
+            if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                logs[f"method/{k}"] = float(v)
+        if self.tracker is not None:
+            self.tracker.log({"train/loss": report.loss, **{f"train/{k}": v for k, v in logs.items()}}, step=iteration + 1)
+        # (the method has back-propagated into p.grad itself: the loop only steps)
+        return torch.tensor(report.loss, dtype=torch.float64), logs
+
+    def after_step(self, iteration: int) -> None:
+        done = iteration + 1
+        if done % self.opts.eval_every == 0 and done < self.opts.iters:
+            self.evaluate(f"iteration {done}", iteration=done)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, stage: str, iteration: int | None = None) -> Evaluation:
+        from ..rewards import diversity, group_by_prompt, hacking_alarm
+
+        s = self.session
+        images = s.generate_all(self.eval_noise, self.eval_cond, noise=self.eval_streams)
+        total, terms = self.reward.terms(images, self.eval_texts, self.eval_fields)
+        metrics = {"reward": float(total.mean()), **{f"reward/{k}": float(v.mean()) for k, v in terms.items()}}
+        per_prompt = {p: {"reward": float(v.mean())} for p, v in group_by_prompt(total[:, None], self.eval_texts).items()}
+        features = None
+        if self.judge is not None:
+            scores = self.judge(images, self.eval_texts, self.eval_fields)
+            metrics["judge"] = float(scores.mean())
+            for p, v in group_by_prompt(scores[:, None], self.eval_texts).items():
+                per_prompt[p]["judge"] = float(v.mean())
+            accuracy = getattr(self.judge, "accuracy", None)
+            if accuracy is not None:
+                acc = accuracy(images, self.eval_texts, self.eval_fields)
+                metrics["judge_accuracy"] = float(acc.mean())
+                for p, v in group_by_prompt(acc[:, None], self.eval_texts).items():
+                    per_prompt[p]["judge_accuracy"] = float(v.mean())
+            features = self.judge.features(images)
+        if features is None:
+            features = self.reward.features(images)
+        if features is not None and self.opts.eval_seeds >= 2:
+            d = diversity(group_by_prompt(features, self.eval_texts))
+            metrics["diversity"] = d["mean"]
+            for p, v in d["per_prompt"].items():
+                per_prompt[p]["diversity"] = v
+        metrics["per_prompt"] = per_prompt
+        point = {"stage": stage.split(" ")[0], "iteration": self.done, "calls": self.train_calls,
+                 "seconds": round(self.train_seconds, 3),
+                 **{k: metrics[k] for k in ("reward", "judge", "judge_accuracy", "diversity") if k in metrics}}
+        self.evaluations.append(point)
+        self.last_images = images.cpu()
+        if stage == "before":
+            self.before_images = images.cpu()
+        if "judge" in metrics:
+            # (a fall of more than 5 % of the judge's best: evaluation noise on a few seeds does not ring it)
+            alarm = hacking_alarm([e["reward"] for e in self.evaluations], [e["judge"] for e in self.evaluations],
+                                  relative=0.05, optimised_name="the optimised reward", judge_name="the judge's reward")
+            if alarm is not None:
+                self.alarms.append({"iteration": self.done, "message": alarm})
+                print(f"finetune: {alarm}", flush=True)
+        if self.tracker is not None:
+            from ..images import make_grid
+
+            step = self.done
+            self.tracker.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step)
+            grid = make_grid(images.cpu(), nrow=self.opts.eval_seeds)  # (H, W) grey or (H, W, 3), uint8
+            grid = grid[None, :, :, None] if grid.ndim == 2 else grid[None]
+            self.tracker.log_images({"eval/images": grid}, step=step, dataformats="NHWC")
+        return Evaluation(images, metrics, nrow=self.opts.eval_seeds)
+
+    # ------------------------------------------------------------------ state a resumed run needs
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        import json
+
+        record = {"train_calls": self.train_calls, "train_seconds": self.train_seconds, "done": self.done,
+                  "evaluations": self.evaluations, "alarms": self.alarms, "method": self.method.state_dict()}
+        data = json.dumps(record).encode()
+        return {"record": torch.tensor(list(data), dtype=torch.uint8)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        import json
+
+        if "record" not in tensors:
+            return
+        record = json.loads(bytes(tensors["record"].tolist()).decode())
+        self.train_calls, self.train_seconds = int(record["train_calls"]), float(record["train_seconds"])
+        self.done = int(record["done"])
+        self.evaluations, self.alarms = record["evaluations"], record["alarms"]
+        self.method.load_state_dict(record["method"])
+
+    # ------------------------------------------------------------------ outputs
+    def summarize(self, before, after):
+        out = {"evaluations": self.evaluations, "hacking_alarm": self.alarms[-1]["message"] if self.alarms else None,
+               "hacking_alarms": self.alarms,
+               "metrics_from": ("the optimised reward and the judge (independent, never optimised)" if self.judge is not None
+                                else "the optimised reward only (no --judge-reward: not an independent evaluation)")}
+        if "diversity" in after and before.get("diversity"):
+            out["diversity_kept"] = after["diversity"] / before["diversity"]
+        return out
+
+    def pipeline_call(self) -> dict:
+        """The evaluation noises and prompts (after/) with the trained LoRA (the output folder) or network folder."""
+        from .pipeline_call import pipeline_call
+        from .weights import network_part
+
+        lora = self.opts.lora_rank > 0
+        part = network_part(self.session.comps)
+        return pipeline_call(self.session, tensors={"latents": "eval_latents.safetensors:latents"},
+                             prompts=list(self.eval_texts), lora="." if lora else None,
+                             components=None if lora else {part: part})
+
+    def write_artifacts(self, out):
+        files = {**save_weights(self.session.comps, out, self.opts.lora_rank)}
+        from safetensors.torch import save_file
+
+        save_file({"latents": self.eval_noise.cpu().contiguous()}, str(out / "eval_latents.safetensors"))
+        files["eval_latents"] = "eval_latents.safetensors"
+        files.update(self._write_prompt_grids(out))
+        self._plot_curves(out / "curves.png")
+        files["curves"] = "curves.png"
+        if self.tracker is not None:
+            self.tracker.finish()
+            files["logs"] = "logs/"
+        return files
+
+    def _write_prompt_grids(self, out: Path) -> dict:
+        """``prompts/NN.png``: evaluation prompt NN's before row above its after row."""
+        from ..images import make_grid, save_png
+
+        S = self.opts.eval_seeds
+        before = self.before_images
+        if before is None:  # a resumed run: the before images it wrote
+            before = _read_images(out / "before", len(self.eval_texts))
+        if before is None:
+            return {}
+        after = self.last_images
+        (out / "prompts").mkdir(exist_ok=True)
+        for n in range(len(self.eval_texts) // S):
+            rows = torch.cat([before[n * S:(n + 1) * S], after[n * S:(n + 1) * S]])
+            save_png(make_grid(rows, nrow=S, zoom=max(1, 64 // rows.shape[-1])), out / "prompts" / f"{n:02d}.png")
+        return {"prompt_grids": "prompts/"}
+
+    def _plot_curves(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        points = self.evaluations
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+        for ax, key, label in ((axes[0], "calls", "training model calls"), (axes[1], "seconds", "training seconds")):
+            xs = [p[key] for p in points]
+            ax.plot(xs, [p["reward"] for p in points], marker="o", label="optimised reward")
+            if all("judge" in p for p in points):
+                ax.plot(xs, [p["judge"] for p in points], marker="s", label="judge's reward")
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0].set_title(f"finetune ({self.opts.method})")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def _read_images(folder: Path, n: int) -> torch.Tensor | None:
+    """The ``NNN.png`` images a stage wrote, back in [-1, 1] (None when they are not all there)."""
+    import numpy as np
+    from PIL import Image
+
+    files = [folder / f"{i:03d}.png" for i in range(n)]
+    if not all(f.is_file() for f in files):
+        return None
+    arrays = [np.asarray(Image.open(f), dtype=np.float32) / 127.5 - 1 for f in files]
+    t = torch.from_numpy(np.stack(arrays))
+    return t[:, None] if t.dim() == 3 else t.permute(0, 3, 1, 2)
+
+
+APPLICATION = Application(
+    name="finetune", options=Options, build=build, report_keys=("reward", "judge", "judge_accuracy", "diversity"),
+    help="Reward fine-tuning over prompts: LoRA or all weights, by the exact gradient, DRaFT-K, AlignProp, ReFL, "
+         "the continuous adjoint or Adjoint Matching.")
