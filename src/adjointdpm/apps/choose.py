@@ -10,6 +10,7 @@ critic option the command stops with one line saying which option to give.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 from ..critics.folder_objectives import (BackboneStyle, ClassifierAttack, ClassifierJudge, ClassifierTarget,
@@ -17,7 +18,8 @@ from ..critics.folder_objectives import (BackboneStyle, ClassifierAttack, Classi
                                          target_label_for_judge)
 from .errors import UserInputError
 
-_LOADED_CRITICS: dict = {}
+#: each session's critics, loaded once; a session no longer used takes its critics with it
+_LOADED_CRITICS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def model_critics(session):
@@ -26,8 +28,7 @@ def model_critics(session):
     from ..components import ComponentsError
     from ..embedded.critics import load_critics
 
-    key = id(session)
-    if _LOADED_CRITICS.get(key, (None,))[0] is not session:
+    if session not in _LOADED_CRITICS:
         if session.critics_path is not None:
             critics = load_critics(session.critics_path, device=session.device)
         else:
@@ -37,8 +38,8 @@ def model_critics(session):
                 if session.model_path is None:
                     raise
                 critics = load_critics(None, device=session.device)
-        _LOADED_CRITICS[key] = (session, critics)
-    return _LOADED_CRITICS[key][1]
+        _LOADED_CRITICS[session] = critics
+    return _LOADED_CRITICS[session]
 
 
 def has_own_critics(session) -> bool:
