@@ -390,13 +390,10 @@ class FinetuneTask(Task):
     def pipeline_call(self) -> dict:
         """The evaluation noises and prompts (after/) with the trained LoRA (the output folder) or network folder."""
         from .pipeline_call import pipeline_call
-        from .weights import network_part
+        from .weights import saved_weights_call
 
-        lora = self.opts.lora_rank > 0
-        part = network_part(self.session.comps)
         return pipeline_call(self.session, tensors={"latents": "eval_latents.safetensors:latents"},
-                             prompts=list(self.eval_texts), lora="." if lora else None,
-                             components=None if lora else {part: part})
+                             prompts=list(self.eval_texts), **saved_weights_call(self.session.comps, self.opts.lora_rank))
 
     def write_artifacts(self, out):
         files = {**save_weights(self.session.comps, out, self.opts.lora_rank)}

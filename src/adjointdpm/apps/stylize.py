@@ -230,13 +230,10 @@ class StylizeTask(Task):
     def pipeline_call(self) -> dict:
         """The evaluation noises and prompts with the trained LoRA (the output folder) or network folder."""
         from .pipeline_call import pipeline_call
-        from .weights import network_part
+        from .weights import saved_weights_call
 
-        lora = self.opts.lora_rank > 0
-        part = network_part(self.session.comps)
         return pipeline_call(self.session, tensors={"latents": "eval_latents.safetensors:latents"},
-                             prompts=self.eval_prompts, lora="." if lora else None,
-                             components=None if lora else {part: part})
+                             prompts=self.eval_prompts, **saved_weights_call(self.session.comps, self.opts.lora_rank))
 
 
 APPLICATION = Application(

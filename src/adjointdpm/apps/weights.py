@@ -26,6 +26,15 @@ def network_part(comps) -> str:
     return "unet" if comps.unet is not None else "transformer"
 
 
+def saved_weights_call(comps, lora_rank: int) -> dict:
+    """What :func:`save_weights` wrote into an output folder, as ``pipeline_call``'s keywords: the LoRA in the
+    folder itself (``lora="."``), or the network's own folder (``components={"unet": "unet"}``)."""
+    if lora_rank > 0:
+        return {"lora": ".", "components": None}
+    part = network_part(comps)
+    return {"lora": None, "components": {part: part}}
+
+
 def trainable_weights(comps, lora_rank: int, seed: int) -> dict[str, torch.nn.Parameter]:
     """The parameters to optimise, by name: LoRA adapters of rank ``lora_rank`` added to the network (> 0),
     else every weight of it."""
