@@ -90,6 +90,8 @@ class Options:
     lora_rank: int = option(4, "--lora-rank", help="LoRA rank (peft); 0 fine-tunes all the weights of the "
                                                    "denoising network (the text encoders stay frozen).")
     lr: Optional[float] = option(None, "--lr", help="AdamW learning rate (default: the method's recipe).")
+    max_grad_norm: float = option(1.0, "--max-grad-norm", help="Clip the global norm of the weights' gradient "
+                                  "to this before each step, as diffusers' training scripts do (0: no clipping).")
     batch: int = option(8, "--batch", help="Prompts (and noises) per iteration.")
     iters: Optional[int] = option(None, "--iters", help="Optimisation iterations (default: the method's recipe).")
     eval_every: int = option(10, "--eval-every", help="Evaluate every K iterations (and before and after).")
@@ -109,7 +111,7 @@ def method_name(spec: str | None) -> str:
 
 #: what summary.json's settings hold and --resume compares, in this order
 SETTINGS = ("prompts", "eval_prompts", "reward", "judge_reward", "method", "reward_scale", "lora_rank", "lr",
-            "batch", "eval_every", "eval_seeds")
+            "max_grad_norm", "batch", "eval_every", "eval_seeds")
 
 
 def method_recipe(options: Options):
@@ -172,6 +174,8 @@ class FinetuneTask(Task):
         lists of :class:`~adjointdpm.prompts.Prompt`."""
         if opts.lora_rank < 0:
             raise UserInputError(f"--lora-rank must be >= 0 (0: all the weights), got {opts.lora_rank}")
+        if not (opts.max_grad_norm >= 0 and math.isfinite(opts.max_grad_norm)):
+            raise UserInputError(f"--max-grad-norm must be a number >= 0 (0: no clipping), got {opts.max_grad_norm:g}")
         if min(opts.batch, opts.eval_every, opts.eval_seeds) < 1:
             raise UserInputError("--batch, --eval-every and --eval-seeds must be >= 1")
         if opts.report_to not in ("none", "tensorboard"):
@@ -294,8 +298,15 @@ class FinetuneTask(Task):
                 logs[f"method/{k}"] = float(v)
         if self.tracker is not None:
             self.tracker.log({"train/loss": report.loss, **{f"train/{k}": v for k, v in logs.items()}}, step=iteration + 1)
-        # (the method has back-propagated into p.grad itself: the loop only steps)
+        # (the method has back-propagated into p.grad itself: the loop only steps, after before_step's clipping)
+        self._step_logs = logs
         return torch.tensor(report.loss, dtype=torch.float64), logs
+
+    def before_step(self, iteration: int) -> None:
+        """Clip the global gradient norm (after the processes' gradients are reduced); log it unclipped."""
+        limit = self.opts.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), limit if limit > 0 else math.inf)
+        self._step_logs["grad_norm"] = float(norm)
 
     def after_step(self, iteration: int) -> None:
         done = iteration + 1
