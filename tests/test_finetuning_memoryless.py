@@ -112,8 +112,11 @@ def test_flow_sde_step_is_its_formula():
     assert chain.std(5) > 0  # the last step to σ = 0 still injects noise on the flow path
 
 
+@pytest.mark.parametrize("guided", [False, True], ids=["conditional", "guided"])
 @pytest.mark.parametrize("flow", [False, True])
-def test_lean_adjoint_is_autograd_at_base(flow):
+def test_lean_adjoint_is_autograd_at_base(flow, guided):
+    """With the noises frozen, ã_k = ∂(−λ r(X_K))/∂X_k through the base chain — the conditional one, or the
+    classifier-free-guided one (Adjoint Matching's ``guidance=all``)."""
     steps, lam = 7, 3.0
     sched = flow_scheduler(steps) if flow else ddpm_scheduler(steps)
     net = TinyNet(seed=4)
@@ -121,25 +124,29 @@ def test_lean_adjoint_is_autograd_at_base(flow):
     x_T = torch.randn(3, 3, dtype=F64, generator=gen)
     noises = torch.randn(steps, 3, 3, dtype=F64, generator=gen)
     cond = torch.randn(3, 2, dtype=F64, generator=gen)
+    uncond = torch.randn(3, 2, dtype=F64, generator=gen) if guided else None
+    scale = 3.5 if guided else 1.0
     reward = lambda x: torch.sin(x).sum(1) + 0.3 * (x ** 2).sum(1)
     rollout = _rollout(net, sched, x_T, cond=cond, noise=noises)
     chain = MemorylessChain(rollout)
+    den = rollout.denoiser(guidance_scale=scale)
     with torch.no_grad():
-        states = _chain_states(chain, rollout, noises)
+        x, states = rollout.initial_state(), [rollout.initial_state()]
+        for k in range(steps):
+            x = chain.step(k, x, den, cond, uncond, noises[k])
+            states.append(x)
     x_end = states[-1].clone().requires_grad_()
     (grad_r,) = torch.autograd.grad(reward(x_end).sum(), x_end)
-    adjoints, _ = lean_adjoint(chain, rollout.denoiser(guidance_scale=1.0), states, -lam * grad_r, cond,
-                               set(range(steps + 1)))
-    den = rollout.denoiser(guidance_scale=1.0)
+    adjoints, _ = lean_adjoint(chain, den, states, -lam * grad_r, cond, set(range(steps + 1)), uncond=uncond)
     for k in range(steps + 1):
         x = states[k].clone().requires_grad_()
         y = x
         for j in range(k, steps):
-            y = chain.step(j, y, den, cond, None, noises[j])
+            y = chain.step(j, y, den, cond, uncond, noises[j])
         (expected,) = torch.autograd.grad(-lam * reward(y).sum(), x)
         assert torch.allclose(adjoints[k], expected, rtol=0, atol=1e-8 * (1 + expected.abs().max())), k
     assert adjoints[0].abs().max() > 1e-3  # the check is not vacuous
-    if not flow:  # and through the engine's own ddpm sampler started at X_k, by plain back-propagation
+    if not flow and not guided:  # and through the engine's own ddpm sampler started at X_k, by plain back-propagation
         for k in (0, 3):
             x = states[k].clone().requires_grad_()
             y = adpm.sample(net, x, schedule=sched, timesteps=sched.timesteps[k:], cond=cond, solver="ddpm",

@@ -90,8 +90,9 @@ class Options:
     lora_rank: int = option(4, "--lora-rank", help="LoRA rank (peft); 0 fine-tunes all the weights of the "
                                                    "denoising network (the text encoders stay frozen).")
     lr: Optional[float] = option(None, "--lr", help="AdamW learning rate (default: the method's recipe).")
-    max_grad_norm: float = option(1.0, "--max-grad-norm", help="Clip the global norm of the weights' gradient "
-                                  "to this before each step, as diffusers' training scripts do (0: no clipping).")
+    max_grad_norm: float = option(0.0, "--max-grad-norm", help="Clip the global norm of the weights' gradient "
+                                  "to this before each step (diffusers' training scripts use 1.0; default 0: no "
+                                  "clipping, the measured recipes of docs/finetune.md).")
     batch: int = option(8, "--batch", help="Prompts (and noises) per iteration.")
     iters: Optional[int] = option(None, "--iters", help="Optimisation iterations (default: the method's recipe).")
     eval_every: int = option(10, "--eval-every", help="Evaluate every K iterations (and before and after).")

@@ -48,13 +48,14 @@ from .method import MethodBase, seed_from, trainable
 from .rollout import Rollout, StepReport, checked_rewards
 
 PAIRINGS = ("next", "current")
+GUIDANCE = ("sampling", "all")
 
 
 class AdjointMatchingMethod(MethodBase):
     name = "adjoint-matching"
 
     def __init__(self, reward_scale: float = 1.0, steps: int = 4, pairing: str = "next", quantile=0.9,
-                 ema_decay: float = 0.9):
+                 ema_decay: float = 0.9, guidance: str = "sampling"):
         if isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float)) or not reward_scale > 0 \
                 or not math.isfinite(reward_scale):
             raise MethodError(f"adjoint-matching: the reward scale λ must be a number > 0, got {reward_scale!r}")
@@ -66,10 +67,13 @@ class AdjointMatchingMethod(MethodBase):
             quantile = None
         elif isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 < quantile <= 1.0:
             raise MethodError(f"adjoint-matching: quantile must lie in (0, 1] or be 'off', got {quantile!r}")
+        if guidance not in GUIDANCE:
+            raise MethodError(f"adjoint-matching: guidance must be one of {', '.join(GUIDANCE)}, got {guidance!r}")
         if not 0.0 <= float(ema_decay) < 1.0:
             raise MethodError(f"adjoint-matching: ema_decay must lie in [0, 1), got {ema_decay!r}")
         self.reward_scale, self.steps, self.pairing = float(reward_scale), steps, pairing
         self.quantile, self.ema_decay = (None if quantile is None else float(quantile)), float(ema_decay)
+        self.guidance = guidance
         self.base: BaseModel | None = None
         self.ema_value, self.ema_updates = None, 0
         #: data parallel: a function gathering every process's (B, steps) losses (e.g. accelerate's
@@ -78,7 +82,7 @@ class AdjointMatchingMethod(MethodBase):
 
     def options(self):
         return {"reward_scale": self.reward_scale, "steps": self.steps, "pairing": self.pairing,
-                "quantile": "off" if self.quantile is None else self.quantile, "ema_decay": self.ema_decay}
+                "quantile": "off" if self.quantile is None else self.quantile, "ema_decay": self.ema_decay, "guidance": self.guidance}
 
     # -- state -------------------------------------------------------------------------------------
     def prepare(self, network, base=None) -> None:
@@ -153,16 +157,18 @@ class AdjointMatchingMethod(MethodBase):
                 raise MethodError("adjoint-matching: no step of this grid injects noise; use more than one step")
             picked = self.sample_steps(controlled, generator)
             shift = 1 if self.pairing == "next" else 0
+            cond, uncond = rollout.guided_pair() if self.guidance == "all" else (rollout.cond, None)
+            scale = rollout.guidance_scale if uncond is not None else 1.0
             with self.base() as base_net:
-                base = rollout.denoiser(base_net, guidance_scale=1.0)
-                adjoints, base_means = lean_adjoint(chain, base, states, terminal, rollout.cond,
-                                                    {k + shift for k in picked}, set(picked))
-            current = rollout.denoiser(guidance_scale=1.0)
+                base = rollout.denoiser(base_net, guidance_scale=scale)
+                adjoints, base_means = lean_adjoint(chain, base, states, terminal, cond,
+                                                    {k + shift for k in picked}, set(picked), uncond)
+            current = rollout.denoiser(guidance_scale=scale)
             errors, control, target = [], [], []
             with torch.enable_grad():
                 for k in picked:
                     s = chain.std(k)
-                    mu = chain.mean(k, states[k].detach(), current, rollout.cond, None)
+                    mu = chain.mean(k, states[k].detach(), current, cond, uncond)
                     u = (mu - base_means[k]) / s
                     t = s * adjoints[k + shift]
                     errors.append((u + t).flatten(1).pow(2).sum(1))

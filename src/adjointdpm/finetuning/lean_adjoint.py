@@ -22,10 +22,10 @@ from .memoryless import MemorylessChain
 
 
 def lean_adjoint(chain: MemorylessChain, base_denoiser, states: Sequence[torch.Tensor], terminal: torch.Tensor,
-                 cond, need_adjoint: set[int], need_mean: set[int] = frozenset()):
+                 cond, need_adjoint: set[int], need_mean: set[int] = frozenset(), uncond=None):
     """ã_k for k in ``need_adjoint`` and μ_base(X_k) for k in ``need_mean``.
 
-    ``states`` are X_0 … X_K, ``terminal`` is ã_K. The walk stops at the lowest k whose adjoint is needed;
+    ``states`` are X_0 … X_K, ``terminal`` is ã_K; ``uncond`` is given when the base chain is guided. The walk stops at the lowest k whose adjoint is needed;
     a mean needed below it costs one forward without a graph. Returns (adjoints, means) as dicts by k.
     """
     num = chain.num_steps
@@ -39,7 +39,7 @@ def lean_adjoint(chain: MemorylessChain, base_denoiser, states: Sequence[torch.T
     for k in reversed(range(lowest, num)):
         x = states[k].detach().requires_grad_()
         with torch.enable_grad():
-            mu = chain.mean(k, x, base_denoiser, cond, None)
+            mu = chain.mean(k, x, base_denoiser, cond, uncond)
             (a,) = torch.autograd.grad(mu, x, grad_outputs=a.to(mu.dtype))
         check_step_cotangent(a, k, float(chain.grid.t[k]))
         if k in need_mean:
@@ -50,5 +50,5 @@ def lean_adjoint(chain: MemorylessChain, base_denoiser, states: Sequence[torch.T
     with torch.no_grad():
         for k in sorted(need_mean):
             if k not in means:
-                means[k] = chain.mean(k, states[k], base_denoiser, cond, None)
+                means[k] = chain.mean(k, states[k], base_denoiser, cond, uncond)
     return adjoints, means
