@@ -48,6 +48,7 @@ METHOD_SPECS = ("exact", "truncated:k=1", "truncated:k=2", "alignprop", "onestep
 SAMPLE = "sample"
 MODELS = ("embedded", "sd15-reduced")
 LORA_RANK = 4
+RATIO_KEYS = ("model_calls", "seconds", "cpu_seconds", "peak_mib")
 LEARNING_RATE = 1e-5  # (the cost of an iteration does not depend on it; small keeps random-weight models sane)
 
 
@@ -223,17 +224,14 @@ def peak_meter(device: torch.device):
 
 def memory_of(runner: Runner, spec: str) -> dict:
     """Peak memory of one iteration of ``spec`` (after a warm-up iteration of it)."""
-    import gc
-
     runner.once(spec)
-    gc.collect()
     if runner.device.type == "cuda":
         torch.cuda.empty_cache()
     with peak_meter(runner.device) as peak:
         out = runner.once(spec)
         runner.sync()
-    row = {"peak_mib": peak.peak_mib, "memory_method": peak.method if isinstance(peak.method, str) else str(peak.method),
-           "baseline_mib": peak.baseline_mib, "memory_iteration": out}
+    row = {"peak_mib": peak.peak_mib, "memory_method": peak.method, "baseline_mib": peak.baseline_mib,
+           "memory_iteration": out}
     if hasattr(peak, "total_mib"):
         row["peak_total_mib"] = peak.total_mib
     return row
@@ -350,7 +348,7 @@ def rows_of(model: str, specs: list[str], measured: dict) -> list[dict]:
     base = next((r for r in rows if r["method"] == SAMPLE and r["status"] == "ok"), None)
     for row in rows:
         if base is not None and row["status"] == "ok":
-            row["ratios"] = {key: _ratio(row[key], base[key]) for key in ("model_calls", "seconds", "cpu_seconds", "peak_mib")}
+            row["ratios"] = {key: _ratio(row[key], base[key]) for key in RATIO_KEYS}
     return rows
 
 
