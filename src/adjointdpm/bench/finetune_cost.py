@@ -237,12 +237,12 @@ def memory_of(runner: Runner, spec: str) -> dict:
     return row
 
 
-def timings_of(runner: Runner, specs: list[str], repeats: int) -> dict:
-    """Every spec once (warm-up), then ``repeats`` rounds in a rotating order: per spec its iterations'
-    seconds, CPU seconds and counts."""
+def timings_of(runner: Runner, specs: list[str], repeats: int, warm_up: bool = True) -> dict:
+    """Every spec once (the warm-up, unless they already ran), then ``repeats`` rounds in a rotating order: per
+    spec its iterations' seconds, CPU seconds and counts."""
     from .common import loadavg
 
-    for spec in specs:
+    for spec in specs if warm_up else ():
         runner.once(spec)
         runner.sync()
     out = {s: {"seconds": [], "cpu_seconds": [], "iterations": []} for s in specs}
@@ -274,7 +274,8 @@ def measure_in_process(case: Case, specs: list[str], repeats: int) -> dict:
         if runner.device.type == "cuda":
             torch.cuda.empty_cache()
     ok = [s for s in specs if "error" not in memory[s]]
-    timing = timings_of(runner, ok, repeats) if ok else {"per_spec": {}, "loadavg_1min": []}
+    # (each spec has run twice already: no other warm-up)
+    timing = timings_of(runner, ok, repeats, warm_up=False) if ok else {"per_spec": {}, "loadavg_1min": []}
     return {"memory": memory, "timing": timing}
 
 
