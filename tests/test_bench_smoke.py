@@ -161,14 +161,14 @@ def _documented_calls(method: str, n: int, stats: dict) -> tuple[int, int] | Non
 
 
 def test_finetune_cost_command(tmp_path, capsys):
-    """Every method's iteration on the SD-1.5-shaped reduced UNet: finite ratios to the plain sample, and the
-    measured calls are the documented ones (exact: 3 N)."""
+    """Every method's iteration on the SD-1.5-shaped reduced UNet (memory in a fresh process each): finite
+    ratios to the plain sample, and the measured calls are the documented ones (exact: 3 N)."""
     from adjointdpm.bench.finetune_cost import METHOD_SPECS
     from adjointdpm.bench.finetune_cost import main as finetune_cost
 
     n = 2
     out, md = tmp_path / "cost.json", tmp_path / "cost.md"
-    finetune_cost(["--models", "sd15-reduced", "--steps", str(n), "--batch", "1", "--repeats", "1", "--in-process",
+    finetune_cost(["--models", "sd15-reduced", "--steps", str(n), "--batch", "1", "--repeats", "1",
                    "--threads", "1", "--out", str(out), "--markdown", str(md)])
     result = json.loads(out.read_text())
     rows = {r["method"]: r for r in result["rows"]}
@@ -187,6 +187,8 @@ def test_finetune_cost_command(tmp_path, capsys):
     assert rows["truncated:k=2"]["model_calls"] == n + 2
     assert result["settings"]["sd15-reduced"]["latent_shape"] == [4, 8, 8]
     assert "| sd15-reduced | `exact` | 6 (3.00) |" in md.read_text()
+    assert all(r["memory_method"] == rows["sample"]["memory_method"] for r in rows.values())
+    assert "fresh process per method" in result["memory"]
 
 
 def test_gpu_finetune_target_reduced_on_cpu(tmp_path, capsys):

@@ -42,7 +42,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import peft  # noqa: F401
 import torch
+
+# (imported here, not in the functions that use them: the fresh processes are forked from a helper that has
+# imported this module, so each one starts with them loaded)
+from ..apps import finetune as _finetune_app  # noqa: F401
+from ..apps import session as _session  # noqa: F401
+from ..embedded import rewards as _digit_rewards  # noqa: F401
+from ..rewards import load_rewards as _load_rewards  # noqa: F401
+from ..finetuning import CallCounter, Rollout, parse_method
+from .family_configs import FAMILIES, build_network, build_vae
+from .gpu import GUIDANCE, Inputs, sample_kwargs
 
 METHOD_SPECS = ("exact", "truncated:k=1", "truncated:k=2", "alignprop", "onestep", "adjoint", "adjoint-matching")
 SAMPLE = "sample"
@@ -125,10 +136,6 @@ def family_case(family_name: str = "sd15", reduced: bool = True, device="cpu", d
                 solver: str = "dpmpp2m", steps: int = 20) -> Case:
     """A model family of the GPU suite (``family_configs``: native size, or ``reduced``), random weights, LoRA
     rank 4, ``batch`` seeded noises with the suite's text embeddings (one prompt for the batch) and guidance."""
-    from ..finetuning import Rollout
-    from .family_configs import FAMILIES, build_network, build_vae
-    from .gpu import GUIDANCE, Inputs, sample_kwargs
-
     device = torch.device(device)
     family = FAMILIES[family_name]
     network = build_network(family, reduced, device, dtype)
@@ -160,8 +167,6 @@ class Runner:
         self.optimizer = torch.optim.AdamW(case.params, lr=LEARNING_RATE, weight_decay=0.0)
 
     def method(self, spec: str):
-        from ..finetuning import parse_method
-
         if spec not in self.methods:
             method = parse_method(spec, **self.case.method_options)
             method.check_sampler(self.case.rollout.solver, self.case.rollout.eta)
@@ -173,8 +178,6 @@ class Runner:
     def once(self, spec: str) -> dict:
         """One iteration: {"forward", "vjp", "stats"}."""
         import adjointdpm as adpm
-
-        from ..finetuning import CallCounter
 
         case = self.case
         if spec == SAMPLE:
@@ -274,8 +277,13 @@ def measure_in_process(case: Case, specs: list[str], repeats: int) -> dict:
         if runner.device.type == "cuda":
             torch.cuda.empty_cache()
     ok = [s for s in specs if "error" not in memory[s]]
-    # (each spec has run twice already: no other warm-up)
-    timing = timings_of(runner, ok, repeats, warm_up=False) if ok else {"per_spec": {}, "loadavg_1min": []}
+    timing = {"per_spec": {}, "loadavg_1min": []}
+    try:  # (each spec has run twice already: no other warm-up)
+        timing = timings_of(runner, ok, repeats, warm_up=False) if ok else timing
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        timing["error"] = f"out of memory while timing: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    except Exception as exc:
+        timing["error"] = f"timing: {type(exc).__name__}: {str(exc)[:200]}"
     return {"memory": memory, "timing": timing}
 
 
@@ -330,7 +338,7 @@ def rows_of(model: str, specs: list[str], measured: dict) -> list[dict]:
         mem, tim = measured["memory"].get(spec, {}), per_spec.get(spec)
         row = {"model": model, "method": spec}
         if "error" in mem or tim is None:
-            row["status"] = mem.get("error", "not timed")
+            row["status"] = mem.get("error") or measured["timing"].get("error") or "not timed"
             rows.append(row)
             continue
         its = tim["iterations"]
@@ -410,7 +418,7 @@ def main(argv=None) -> int:
     bad = [m for m in models if m not in MODELS]
     if bad or args.repeats < 1 or args.batch < 1:
         raise SystemExit(f"unknown model {bad} (use {', '.join(MODELS)}), or --repeats / --batch below 1")
-    from ..finetuning import MethodError, parse_method
+    from ..finetuning import MethodError
 
     for spec in specs[1:]:
         try:
