@@ -140,3 +140,64 @@ def test_odeint_adjoint_with_heun_for_dpmpp2m():
     for group in ("x_T", "text", "weights"):
         assert torch.isfinite(grads[group]).all() and grads[group].shape == exact[group].shape
         assert compare(grads[group], exact[group])["cos"] > 0
+
+
+def _documented_calls(method: str, n: int, stats: dict) -> tuple[int, int] | None:
+    """(forward, VJP) network calls of one iteration as the methods document them (docs/finetune.md and the
+    methods' docstrings); None where only bounds are documented (the continuous adjoint)."""
+    if method == "sample":
+        return n, 0
+    if method == "exact":
+        return 2 * n, n  # the sampling pass, its recomputation in the backward pass, one VJP per step
+    if method.startswith("truncated:k=") or method == "alignprop":
+        return n, stats["k"]
+    if method == "onestep":
+        return stats["step"] + 1, 1
+    if method == "adjoint-matching":  # sampling + lean adjoint down to ã_{lowest} + one μ_base below it + the loss
+        picked = stats["steps"]
+        lowest = min(picked) + 1
+        return n + (n - lowest) + 1 + len(picked), (n - lowest) + len(picked)
+    return None
+
+
+def test_finetune_cost_command(tmp_path, capsys):
+    """Every method's iteration on the SD-1.5-shaped reduced UNet (memory in a fresh process each): finite
+    ratios to the plain sample, and the measured calls are the documented ones (exact: 3 N)."""
+    from adjointdpm.bench.finetune_cost import METHOD_SPECS
+    from adjointdpm.bench.finetune_cost import main as finetune_cost
+
+    n = 2
+    out, md = tmp_path / "cost.json", tmp_path / "cost.md"
+    finetune_cost(["--models", "sd15-reduced", "--steps", str(n), "--batch", "1", "--repeats", "1",
+                   "--threads", "1", "--out", str(out), "--markdown", str(md)])
+    result = json.loads(out.read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["sample", *METHOD_SPECS]
+    for method, row in rows.items():
+        assert row["status"] == "ok" and row["finite"], row
+        assert all(np.isfinite(v) and v > 0 for v in row["ratios"].values()), row["ratios"]
+        (stats,) = row["stats_per_iteration"]
+        documented = _documented_calls(method, n, stats)
+        if documented is None:
+            assert row["forward_calls"] >= n and row["vjp_calls"] >= n - 1, row
+        else:
+            assert (row["forward_calls"], row["vjp_calls"]) == documented, (method, row, stats)
+    assert rows["sample"]["ratios"] == {"model_calls": 1.0, "seconds": 1.0, "cpu_seconds": 1.0, "peak_mib": 1.0}
+    assert rows["exact"]["ratios"]["model_calls"] == 3.0
+    assert rows["truncated:k=2"]["model_calls"] == n + 2
+    assert result["settings"]["sd15-reduced"]["latent_shape"] == [4, 8, 8]
+    assert "| sd15-reduced | `exact` | 6 (3.00) |" in md.read_text()
+    assert all(r["memory_method"] == rows["sample"]["memory_method"] for r in rows.values())
+    assert "fresh process per method" in result["memory"]
+
+
+def test_gpu_finetune_target_reduced_on_cpu(tmp_path, capsys):
+    main(["gpu", "--reduced", "--family", "sd15", "--targets", "finetune", "--methods", "exact,onestep",
+          "--solvers", "ddim", "--ddim-steps", "2", "--out", str(tmp_path / "gpu.json")])
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    assert [(r["mode"], r["status"]) for r in rows] == [("sample", "ok"), ("exact", "ok"), ("onestep", "ok")], rows
+    assert rows[1]["model_calls"] == 6 and rows[1]["ratios"]["model_calls"] == 3.0
+    assert all(r["s_per_step"] > 0 and r["peak_mib"] > 0 and r["batch"] == 1 for r in rows)
+    assert "| sd15 | ddim, 2 | exact | 6 (3.00) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--methods"):
+        main(["gpu", "--reduced", "--targets", "finetune", "--methods", "draft"])

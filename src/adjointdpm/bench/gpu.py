@@ -3,6 +3,7 @@
     python -m adjointdpm.bench gpu --family sd15,sdxl          # on a CUDA machine, bf16 weights
     python -m adjointdpm.bench gpu --family sd15 --compile off,on --modes exact,exact:inf,backprop
     python -m adjointdpm.bench gpu --reduced                    # anywhere (CPU): tiny configs, 64², few steps
+    python -m adjointdpm.bench gpu --family sd15 --targets finetune --solvers dpmpp2m   # the fine-tuning methods
 
 For each family (see ``family_configs.py``: SD-1.5 and SDXL UNets, SD3 and Flux flow-matching transformers;
 conditioning as the engine takes it, e.g. SDXL's nested ``added_cond_kwargs``) and each target it measures, after one warm-up step, the peak memory and
@@ -14,6 +15,11 @@ the seconds of:
     text     the same, AdamW on the text embeddings (cond and uncond)
     lora     the same, AdamW on peft LoRA adapters (rank --lora-rank on the attention projections)
     full     the same, AdamW on every network weight (float32 master weights under --full-autocast)
+    finetune (only when asked for) one iteration of each fine-tuning method of ``--methods`` (``adjointdpm
+             finetune``'s: method.backward, clipping, AdamW on a rank-4 LoRA) on a batch of ``--finetune-batch``,
+             against one plain sample of that batch: model calls, seconds and peak memory above the memory
+             resident before the iteration, each also as a ratio to the plain sample's (``finetune_cost.py``;
+             reward: a fixed random linear functional of the decoded image)
 
 for each solver setting (DDIM 50 steps on the UNets, Euler 28 steps on the flow-matching transformers;
 DPM-Solver++(2M) 20 steps) and
@@ -37,7 +43,8 @@ import torch
 
 from .family_configs import FAMILIES, SD_BETAS, build_network, build_vae
 
-TARGETS = ("forward", "x_T", "text", "lora", "full")
+DEFAULT_TARGETS = ("forward", "x_T", "text", "lora", "full")
+TARGETS = DEFAULT_TARGETS + ("finetune",)
 MODES = ("adjoint", "exact", "checkpoint", "reversible", "backprop")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 GUIDANCE = {"sd15": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 1.0}
@@ -48,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reduced", action="store_true",
                    help="tiny configs, 64×64, float32, few steps: proves the command on a CPU in a minute")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--targets", default=",".join(TARGETS), help=f"default {','.join(TARGETS)}")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help=f"of {','.join(TARGETS)} (default {','.join(DEFAULT_TARGETS)})")
     p.add_argument("--modes", default="exact,adjoint,checkpoint,backprop",
                    help="gradient modes (default exact,adjoint,checkpoint,backprop; also reversible, and exact:SIZE "
                         "for Exact(memory=SIZE), e.g. exact:inf or exact:16GiB)")
@@ -72,6 +80,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unet-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="diffusers' gradient checkpointing inside the network's blocks (default off)")
     p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--methods", default=None, help="the finetune target's fine-tuning methods, comma-separated as "
+                   "finetune's --method takes them (default exact,truncated:k=1,truncated:k=2,alignprop,onestep,"
+                   "adjoint,adjoint-matching)")
+    p.add_argument("--finetune-batch", type=int, default=None, help="the finetune target's batch (default 2; 1 with "
+                   "--reduced)")
     p.add_argument("--repeats", type=int, default=1, help="measured steps after the warm-up (default 1)")
     p.add_argument("--out", default="outputs/bench/gpu.json")
 
@@ -353,6 +366,14 @@ def main(args) -> int:
     if bad or compiles is None:
         raise SystemExit(f"unknown family/target/mode/--compile {bad or args.compile}; families {tuple(FAMILIES)}, "
                          f"targets {TARGETS}, modes {MODES} or exact:SIZE, --compile off|on|off,on")
+    if args.methods:  # (a misspelt method fails now, not after the models are built)
+        from ..finetuning import MethodError, parse_method
+
+        for spec in args.methods.split(","):
+            try:
+                parse_method(spec)
+            except MethodError as e:
+                raise SystemExit(f"--methods: {e}")
 
     def settings_of(family):
         """(solver, steps): DDIM / Euler (50 steps for the UNets, 28 for the flow models), DPM-Solver++(2M) 20."""
@@ -374,10 +395,66 @@ def main(args) -> int:
             vae_rows(args, family, device, size, write)
         for compiled in compiles:
             for target in targets:
+                if target == "finetune":
+                    if compiled == compiles[0]:  # (the network is not compiled for it: once per family)
+                        finetune_rows(args, family, device, settings_of(family), write)
+                    continue
                 run_target(args, family, device, target, compiled, settings_of(family), modes, result, write)
     result["wall_s"] = time.time() - started
     write_report(args.out, result, gpu_table(result))
     return 0
+
+
+def finetune_rows(args, family, device, settings, write) -> None:
+    """The finetune target: per (solver, steps), the plain sample and one iteration of each method, measured
+    in this process (finetune_cost.measure_in_process), each row with its ratios to the plain sample."""
+    from .finetune_cost import METHOD_SPECS, SAMPLE, family_case, measure_in_process, rows_of
+
+    specs = [SAMPLE] + ([m for m in args.methods.split(",") if m] if args.methods else list(METHOD_SPECS))
+    batch = args.finetune_batch or (1 if args.reduced else 2)
+    dtype = DTYPES[args.dtype]
+    for solver, steps in settings:
+        head = {"family": family.name, "target": "finetune", "solver": solver, "steps": steps, "compile": False,
+                "weights_dtype": str(dtype), "batch": batch}
+        try:
+            case = family_case(family.name, args.reduced, device, dtype, batch, solver, steps)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            for spec in specs:
+                write({**head, "mode": spec, "status": "OOM building the models", "error": str(exc)[:200]})
+            continue
+        measured = measure_in_process(case, specs, args.repeats)
+        for row in rows_of(family.name, specs, measured):
+            spec = row.pop("method")
+            row.pop("model")
+            out = {**head, "mode": spec, **row, "settings": case.settings}
+            if row["status"] == "ok":
+                out.update(s_per_step=row["seconds"], peak_above_resident_mib=row["peak_mib"],
+                           peak_mib=row.get("peak_total_mib", row["peak_mib"]))
+            write(out)
+        del case, measured
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def finetune_table(result) -> str:
+    """Markdown of the finetune target: per family and sampler, each method's calls, seconds and peak memory
+    above the resident memory, with the ratios to the plain sample (and the total peak)."""
+    unit = "GiB" if result.get("device", "").startswith("cuda") else "GiB (CPU RSS)"
+    lines = [f"| family | sampler | method | model calls (× sample) | s / iteration (× sample) | peak above resident "
+             f"{unit} (× sample) | peak total {unit} |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if r["target"] != "finetune":
+            continue
+        head = f"| {r['family']} | {r['solver']}, {r['steps']} | {r['mode']} |"
+        if r["status"] != "ok":
+            lines.append(f"{head} {r['status'][:60]} | | | |")
+            continue
+        q = r.get("ratios", {})
+        lines.append(f"{head} {r['model_calls']:g} ({q.get('model_calls', float('nan')):.2f}) | {r['seconds']:.2f} "
+                     f"({q.get('seconds', float('nan')):.2f}) | {r['peak_above_resident_mib'] / 1024:.3f} "
+                     f"({q.get('peak_mib', float('nan')):.1f}) | {r['peak_mib'] / 1024:.3f} |")
+    return "\n".join(lines)
 
 
 def _row_line(row) -> str:
@@ -385,17 +462,32 @@ def _row_line(row) -> str:
             f"{'compiled' if row.get('compile') else '':>8}")
     if row["status"] != "ok":
         return f"{head}: {row['status']}"
-    return f"{head}: {row['peak_mib'] / 1024:7.3f} GiB  {row['s_per_step']:7.2f} s/step"
+    line = f"{head}: {row['peak_mib'] / 1024:7.3f} GiB  {row['s_per_step']:7.2f} s/step"
+    if row["target"] == "finetune" and "ratios" in row:
+        q = row["ratios"]
+        line += (f"  {row['model_calls']:g} calls; × sample: calls {q['model_calls']:.2f}, s {q['seconds']:.2f}, "
+                 f"peak above resident {q['peak_mib']:.1f}")
+    return line
 
 
 def gpu_table(result) -> str:
-    """Markdown: one row per (family, target, solver, compile), one column per mode: 'peak GiB / s per step'."""
-    modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
+    """Markdown: one row per (family, target, solver, compile), one column per mode: 'peak GiB / s per step';
+    the finetune target's rows in their own table (:func:`finetune_table`)."""
+    tables = []
+    if any(r["target"] != "finetune" for r in result["rows"]):
+        tables.append(_modes_table(result))
+    if any(r["target"] == "finetune" for r in result["rows"]):
+        tables.append(finetune_table(result))
+    return "\n\n".join(tables)
+
+
+def _modes_table(result) -> str:
+    modes = list(dict.fromkeys(r["mode"] for r in result["rows"] if r["target"] != "finetune"))
     unit = "GiB" if result.get("device", "").startswith("cuda") else "GiB (CPU RSS)"
     lines = ["| family | target | solver, steps | compiled | " + " | ".join(f"{m}: peak {unit} / s" for m in modes) + " |",
              "|---|---|---|---|" + "---|" * len(modes)]
     keys = list(dict.fromkeys((r["family"], r["target"], r["solver"], r["steps"], bool(r.get("compile")))
-                              for r in result["rows"]))
+                              for r in result["rows"] if r["target"] != "finetune"))
     for family, target, solver, steps, compiled in keys:
         cells = []
         for m in modes:
