@@ -97,6 +97,9 @@ class Options:
     iters: Optional[int] = option(None, "--iters", help="Optimisation iterations (default: the method's recipe).")
     eval_every: int = option(10, "--eval-every", help="Evaluate every K iterations (and before and after).")
     eval_seeds: int = option(4, "--eval-seeds", help="Images per evaluation prompt (the same noises every time).")
+    keep_best: bool = option(False, "--keep-best/--no-keep-best", help="Write the weights of the evaluation with the "
+                             "highest optimised reward (never the judge's), not the last iteration's: transformers' "
+                             "load_best_model_at_end. Training itself is unchanged.")
     report_to: str = option("none", "--report-to", help="none | tensorboard (scalars and image grids under "
                                                         "--out/logs, through accelerate's tracker).")
 
@@ -112,7 +115,7 @@ def method_name(spec: str | None) -> str:
 
 #: what summary.json's settings hold and --resume compares, in this order
 SETTINGS = ("prompts", "eval_prompts", "reward", "judge_reward", "method", "reward_scale", "lora_rank", "lr",
-            "max_grad_norm", "batch", "eval_every", "eval_seeds")
+            "max_grad_norm", "keep_best", "batch", "eval_every", "eval_seeds")
 
 
 def method_recipe(options: Options):
@@ -246,6 +249,9 @@ class FinetuneTask(Task):
         self.before_images: torch.Tensor | None = None
         self.last_images: torch.Tensor | None = None
         self.alarms: list[dict] = []  # every evaluation at which the reward-hacking alarm rang
+        #: --keep-best: the weights of the evaluation with the highest optimised reward, and its record
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best: dict | None = None
         if self.opts.report_to == "tensorboard" and self.out is not None:
             from accelerate.tracking import TensorBoardTracker
 
@@ -317,6 +323,28 @@ class FinetuneTask(Task):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, stage: str, iteration: int | None = None) -> Evaluation:
+        evaluation = self._evaluate(stage)
+        if self.opts.keep_best:
+            self._keep_best(stage, evaluation.metrics)
+            if stage == "after" and self.best is not None and self.best["iteration"] != self.done:
+                self._restore_best()
+                self.evaluations.pop()
+                evaluation = self._evaluate("after")
+        return evaluation
+
+    def _keep_best(self, stage: str, metrics: dict) -> None:
+        """--keep-best: remember the trainable weights when the optimised reward is the highest so far."""
+        if self.best is None or metrics["reward"] > self.best["reward"]:
+            self.best = {"iteration": self.done, "reward": metrics["reward"], "stage": stage.split(" ")[0]}
+            self.best_weights = {k: p.detach().clone() for k, p in self.params.items()}
+
+    def _restore_best(self) -> None:
+        for k, p in self.params.items():
+            p.data.copy_(self.best_weights[k])
+        print(f"finetune: --keep-best: the weights of iteration {self.best['iteration']} (optimised reward "
+              f"{self.best['reward']:.4g}, the highest evaluated) replace the last iteration's", flush=True)
+
+    def _evaluate(self, stage: str) -> Evaluation:
         from ..rewards import diversity, group_by_prompt, hacking_alarm
 
         s = self.session
@@ -374,9 +402,11 @@ class FinetuneTask(Task):
         import json
 
         record = {"train_calls": self.train_calls, "train_seconds": self.train_seconds, "done": self.done,
-                  "evaluations": self.evaluations, "alarms": self.alarms, "method": self.method.state_dict()}
+                  "evaluations": self.evaluations, "alarms": self.alarms, "method": self.method.state_dict(),
+                  "best": self.best}
         data = json.dumps(record).encode()
-        return {"record": torch.tensor(list(data), dtype=torch.uint8)}
+        best = {f"best/{k}": v.contiguous() for k, v in (self.best_weights or {}).items()}
+        return {"record": torch.tensor(list(data), dtype=torch.uint8), **best}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         import json
@@ -388,6 +418,9 @@ class FinetuneTask(Task):
         self.done = int(record["done"])
         self.evaluations, self.alarms = record["evaluations"], record["alarms"]
         self.method.load_state_dict(record["method"])
+        self.best = record.get("best")
+        if self.best is not None:
+            self.best_weights = {k: tensors[f"best/{k}"].to(p.device, p.dtype) for k, p in self.params.items()}
 
     # ------------------------------------------------------------------ outputs
     def summarize(self, before, after):
@@ -397,6 +430,8 @@ class FinetuneTask(Task):
                                 else "the optimised reward only (no --judge-reward: not an independent evaluation)")}
         if "diversity" in after and before.get("diversity"):
             out["diversity_kept"] = after["diversity"] / before["diversity"]
+        if self.opts.keep_best:
+            out["kept_best"] = self.best
         return out
 
     def pipeline_call(self) -> dict:
