@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from ..stochastic import SeededNoise, resolve_noise
+from ..stochastic import resolve_noise
 from .base_model import BaseModel
 from .counting import CallCounter
 from .errors import MethodError
@@ -125,7 +125,8 @@ class AdjointMatchingMethod(MethodBase):
         """X_0 … X_K from the current model with the rollout's guidance, without a graph."""
         x = rollout.initial_state()
         num = chain.num_steps
-        source = SeededNoise(seed_from(generator)) if rollout.noise is None else resolve_noise(rollout.noise, num, x)
+        source = resolve_noise(rollout.seeded_noise(seed_from(generator)) if rollout.noise is None else rollout.noise,
+                               num, x)
         current = rollout.denoiser()
         cond, uncond = rollout.guided_pair()
         states = [x]
