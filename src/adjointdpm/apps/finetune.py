@@ -191,6 +191,10 @@ class FinetuneTask(Task):
         if opts.report_to not in ("none", "tensorboard"):
             raise UserInputError(f"--report-to must be none or tensorboard, got {opts.report_to!r}")
         self.dp = session.dp
+        if getattr(self.dp, "shards_weights", False):
+            raise UserInputError("finetune runs data parallel (replicated weights), not FSDP: the engine's gradients go "
+                                 "into the parameters themselves, which FSDP's forward does not use; launch without the "
+                                 "FSDP configuration (torchrun, or accelerate launch --multi_gpu)")
         if opts.batch < self.dp.world_size:
             raise UserInputError(f"--batch ({opts.batch}) must be at least the number of processes ({self.dp.world_size}): "
                                  "each process samples its share of the batch")

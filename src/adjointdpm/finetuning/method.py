@@ -79,6 +79,10 @@ class MethodBase:
 def trainable(network: Callable) -> list[torch.Tensor]:
     """The network's parameters with requires_grad; none is a MethodError (nothing to fine-tune)."""
     params = trainable_parameters(network)
+    if any(type(p).__name__ == "DTensor" for p in params):
+        raise MethodError("the network's weights are sharded (FSDP, DTensor parameters): the fine-tuning methods "
+                          "back-propagate into the parameters themselves, which FSDP's forward does not use, so the "
+                          "gradient would be lost; use data parallelism (torchrun, or accelerate launch without FSDP)")
     if not params:
         raise MethodError("the network has no parameter with requires_grad: add LoRA adapters "
                           "or call requires_grad_(True) on the weights to fine-tune")
