@@ -97,6 +97,25 @@ def test_a_batch_smaller_than_the_processes_is_one_line(runs):
     assert "--batch (1) must be at least the number of processes (2)" in lines[0]
 
 
+def test_a_shard_draws_its_rows_of_the_global_batch_noises():
+    """A rollout of rows 1 … 3 of a batch of 4 injects exactly those rows of the global batch's seeded draws
+    (what a stochastic sampler and Adjoint Matching use), whatever the seed; one process's rollout the seed itself."""
+    from adjointdpm.finetuning import Rollout
+    from adjointdpm.finetuning.rollout import GlobalBatchRows
+    from adjointdpm.stochastic import SeededNoise
+
+    x = torch.zeros(4, 2, 3, 3, dtype=torch.float64)
+    whole = Rollout(network=None, x_T=x, schedule=None, timesteps=None)
+    part = Rollout(network=None, x_T=x[1:3], schedule=None, timesteps=None, rows=(1, 3, 4))
+    assert whole.seeded_noise(7) == 7
+    source = part.seeded_noise(7)
+    assert isinstance(source, GlobalBatchRows)
+    for step in (0, 5):
+        assert torch.equal(source.noise_at(step, x[1:3]), SeededNoise(7).noise_at(step, x)[1:3])
+    with pytest.raises(ValueError, match="2 rows was asked for a batch of 3"):
+        source.noise_at(0, x[:3])
+
+
 # ------------------------------------------------------------------------------------------- FSDP2
 @pytest.fixture(scope="module")
 def fsdp2(tmp_path_factory):
