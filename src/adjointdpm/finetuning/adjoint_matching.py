@@ -72,8 +72,8 @@ class AdjointMatchingMethod(MethodBase):
         self.quantile, self.ema_decay = (None if quantile is None else float(quantile)), float(ema_decay)
         self.base: BaseModel | None = None
         self.ema_value, self.ema_updates = None, 0
-        #: data parallel: a function gathering every process's (B, steps) losses (e.g. accelerate's
-        #: ``accelerator.gather``), so the percentile is the global batch's, as the reference code takes it
+        #: data parallel: a function gathering every process's (B_p, steps) losses, shards of any size (e.g.
+        #: ``DataParallel.gather_shards``), so the percentile is the global batch's, as the reference code takes it
         self.gather = None
 
     def options(self):
