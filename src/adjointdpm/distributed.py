@@ -11,6 +11,12 @@ Noises (guided sampling, auditing). Each initial noise is its own optimisation v
 act on samples independently, so the noises are sharded and optimised without any communication; the
 results are gathered at the end.
 
+FSDP (sharded weights) is not supported: the engine's gradient modes and the fine-tuning methods differentiate
+with ``torch.autograd.backward(…, inputs=parameters)``, and FSDP2's parameters (sharded DTensors) are not the
+tensors its forward uses (it all-gathers them into other tensors), so the gradient would never reach them. A
+2-process FSDP2 run on gloo matches one process with plain autograd (``grad="backprop"``) but leaves every
+gradient empty with ``grad="exact"``; the fine-tuning methods refuse sharded parameters with one line.
+
 Launch on several GPUs or processes with ``accelerate launch --num_processes P your_script.py`` (or
 ``torchrun --nproc_per_node P``); a single process works unchanged (every call is then a no-op).
 The ``adjointdpm`` commands pick their mode with :func:`from_environment`: :class:`SingleProcess` (the
@@ -35,7 +41,7 @@ def from_environment(device: torch.device | str = "cpu"):
 class SingleProcess:
     """The :class:`DataParallel` interface for one process: every call is the identity (same tensor objects)."""
 
-    rank, world_size, is_main = 0, 1, True
+    rank, world_size, is_main, shards_weights = 0, 1, True, False
 
     def shard_bounds(self, global_size: int) -> tuple[int, int]:
         return 0, global_size
@@ -99,6 +105,13 @@ class DataParallel:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def shards_weights(self) -> bool:
+        """True when launched with an FSDP configuration (``accelerate launch --config_file`` with
+        ``distributed_type: FSDP``): the user asked for sharded weights, which this class does not do (it
+        replicates them)."""
+        return str(getattr(self.accelerator, "distributed_type", "")).endswith("FSDP")
 
     def shard_bounds(self, global_size: int) -> tuple[int, int]:
         """[start, stop) of this process's contiguous shard of a global batch."""

@@ -23,6 +23,16 @@ DDPO's 45 simple animals otherwise), the reward and the judge (the digits model'
 independent judge where the model ships them, else ``--reward`` is required); and on the method: the learning
 rate and, for Adjoint Matching, its reward scale λ (:data:`METHOD_RECIPES`).
 
+Several processes (``torchrun`` / ``accelerate launch``): data parallel. Every process draws the same global
+batch (prompts and x_T from the same iteration generator, as one process does) and samples its rows of it; the
+noises a method injects are the global batch's rows too (:meth:`~adjointdpm.finetuning.Rollout.seeded_noise`).
+Its gradient, of its shard's mean loss, is weighted by its share B_p / B of the batch and the loop sums the
+gradients over the processes: the gradient of the global batch's mean loss, clipped after the sum. Adjoint
+Matching's outlier percentile is taken over the global batch (its ``gather``); the logged rewards, loss and the
+method's numbers are the global batch's; the training model calls are summed over the processes. The
+evaluation's images are generated in shards and gathered (:meth:`Session.generate_all`), so its numbers are one
+process's; only the first process writes.
+
 Outputs: a LoRA as diffusers' ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(OUT)``,
 ``adjointdpm sample --lora OUT``), full weights as ``unet/`` (``--lora-rank 0``); the text encoders stay
 frozen. ``--report-to tensorboard`` writes scalars and image grids through accelerate's TensorBoard tracker
@@ -184,8 +194,14 @@ class FinetuneTask(Task):
             raise UserInputError("--batch, --eval-every and --eval-seeds must be >= 1")
         if opts.report_to not in ("none", "tensorboard"):
             raise UserInputError(f"--report-to must be none or tensorboard, got {opts.report_to!r}")
-        if session.dp.world_size > 1:
-            raise UserInputError("finetune runs in one process (data parallel fine-tuning is not wired up yet)")
+        self.dp = session.dp
+        if getattr(self.dp, "shards_weights", False):
+            raise UserInputError("finetune runs data parallel (replicated weights), not FSDP: the engine's gradients go "
+                                 "into the parameters themselves, which FSDP's forward does not use; launch without the "
+                                 "FSDP configuration (torchrun, or accelerate launch --multi_gpu)")
+        if opts.batch < self.dp.world_size:
+            raise UserInputError(f"--batch ({opts.batch}) must be at least the number of processes ({self.dp.world_size}): "
+                                 "each process samples its share of the batch")
         self.session, self.opts, self.method, self.reward, self.judge, self.seed = session, opts, method, reward, judge, seed
         self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
         for p in {p.text for p in self.train_prompts + self.eval_prompts}:
@@ -243,6 +259,8 @@ class FinetuneTask(Task):
         self.eval_streams = s.noise_streams([j for _ in texts for j in range(S)], seed)
         self.params = trainable_weights(s.comps, o.lora_rank, self.seed)
         self.method.prepare(s.network)
+        if self.dp.world_size > 1 and hasattr(self.method, "gather"):
+            self.method.gather = self.dp.gather_shards  # Adjoint Matching's outlier percentile: the global batch's
         # the run's own record (resumed with the checkpoint): training model calls and seconds, evaluations
         self.train_calls, self.train_seconds, self.done = 0, 0.0, 0
         self.evaluations: list[dict] = []
@@ -252,7 +270,7 @@ class FinetuneTask(Task):
         #: --keep-best: the weights of the evaluation with the highest optimised reward, and its record
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.best: dict | None = None
-        if self.opts.report_to == "tensorboard" and self.out is not None:
+        if self.opts.report_to == "tensorboard" and self.out is not None and self.dp.is_main:
             from accelerate.tracking import TensorBoardTracker
 
             self.tracker = TensorBoardTracker("", self.out / "logs")
@@ -287,27 +305,55 @@ class FinetuneTask(Task):
         t0 = time.perf_counter()
         o, s = self.opts, self.session
         self.done = iteration + 1
+        # the global batch, drawn as in one process; this process samples its rows start … stop of it
         idx = torch.randint(len(self.train_prompts), (o.batch,), generator=generator)
+        x_T = s.noise(o.batch, int(torch.randint(0, 2**62, (1,), generator=generator)))
+        start, stop = self.dp.shard_bounds(o.batch)
+        idx, x_T = idx[start:stop], x_T[start:stop]
         texts = [self.train_texts[i] for i in idx.tolist()]
         fields = [dict(self.train_fields[i]) for i in idx.tolist()]
         cond = prompt_embeddings.rows(self.train_table, torch.tensor([self.train_rows.index(t) for t in texts]))
-        x_T = s.noise(o.batch, int(torch.randint(0, 2**62, (1,), generator=generator)))
+        rollout = self.rollout(x_T, cond)
+        if self.dp.world_size > 1:
+            rollout = replace(rollout, rows=(start, stop, o.batch))
         logs: dict = {}
         try:
-            report = self.method.backward(self.rollout(x_T, cond), self.reward_of(texts, fields, logs), generator)
+            report = self.method.backward(rollout, self.reward_of(texts, fields, logs), generator)
         except MethodError as e:
             raise UserInputError(f"--reward: {e}") from None
-        self.train_calls += report.model_calls
-        self.train_seconds += time.perf_counter() - t0
-        logs.update(reward=float(report.rewards.mean()), method_calls=float(report.model_calls))
+        logs.update(reward=float(report.rewards.mean()))
         for k, v in report.stats.items():
-            if isinstance(v, (int, float)) and math.isfinite(float(v)):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 logs[f"method/{k}"] = float(v)
+        loss, logs, calls = self._global(report, logs)
+        self.train_calls += calls
+        self.train_seconds += time.perf_counter() - t0
+        logs = {"reward": logs.pop("reward"), **logs, "method_calls": float(calls)}
+        logs = {k: v for k, v in logs.items() if not k.startswith("method/") or math.isfinite(v)}
         if self.tracker is not None:
-            self.tracker.log({"train/loss": report.loss, **{f"train/{k}": v for k, v in logs.items()}}, step=iteration + 1)
+            self.tracker.log({"train/loss": loss, **{f"train/{k}": v for k, v in logs.items()}}, step=iteration + 1)
         # (the method has back-propagated into p.grad itself: the loop only steps, after before_step's clipping)
         self._step_logs = logs
-        return torch.tensor(report.loss, dtype=torch.float64), logs
+        # (each process hands the loop its share of the loss: the loop sums them over the processes)
+        return torch.tensor(report.loss * self.dp.loss_weight(o.batch), dtype=torch.float64), logs
+
+    def _global(self, report, logs: dict) -> tuple[float, dict, int]:
+        """Several processes: weight this process's gradient by its share B_p / B of the global batch (the
+        method back-propagated its shard's mean loss; the loop sums the gradients over the processes), and
+        pool what it logs: the loss, rewards and the method's numbers as the global batch's means (each process's
+        mean weighted by its share), the model calls summed over the processes. One process: as they are."""
+        if self.dp.world_size == 1:
+            return report.loss, logs, report.model_calls
+        w = self.dp.loss_weight(self.opts.batch)
+        with torch.no_grad():
+            for p in self.params.values():
+                if p.grad is not None:
+                    p.grad.mul_(w)
+        keys = sorted(logs)
+        local = torch.tensor([report.loss * w, *(logs[k] * w for k in keys), float(report.model_calls)],
+                             dtype=torch.float64)
+        pooled = self.dp.sum(local).tolist()
+        return pooled[0], dict(zip(keys, pooled[1:-1])), int(round(pooled[-1]))
 
     def before_step(self, iteration: int) -> None:
         """Clip the global gradient norm (after the processes' gradients are reduced); log it unclipped."""
@@ -341,8 +387,9 @@ class FinetuneTask(Task):
     def _restore_best(self) -> None:
         for k, p in self.params.items():
             p.data.copy_(self.best_weights[k])
-        print(f"finetune: --keep-best: the weights of iteration {self.best['iteration']} (optimised reward "
-              f"{self.best['reward']:.4g}, the highest evaluated) replace the last iteration's", flush=True)
+        if self.dp.is_main:
+            print(f"finetune: --keep-best: the weights of iteration {self.best['iteration']} (optimised reward "
+                  f"{self.best['reward']:.4g}, the highest evaluated) replace the last iteration's", flush=True)
 
     def _evaluate(self, stage: str) -> Evaluation:
         from ..rewards import diversity, group_by_prompt, hacking_alarm
@@ -386,7 +433,8 @@ class FinetuneTask(Task):
                                   relative=0.05, optimised_name="the optimised reward", judge_name="the judge's reward")
             if alarm is not None:
                 self.alarms.append({"iteration": self.done, "message": alarm})
-                print(f"finetune: {alarm}", flush=True)
+                if self.dp.is_main:
+                    print(f"finetune: {alarm}", flush=True)
         if self.tracker is not None:
             from ..images import make_grid
 
@@ -443,6 +491,8 @@ class FinetuneTask(Task):
                              prompts=list(self.eval_texts), **saved_weights_call(self.session.comps, self.opts.lora_rank))
 
     def write_artifacts(self, out):
+        if not self.dp.is_main:  # (the weights and every record are the same in every process)
+            return {}
         files = {**save_weights(self.session.comps, out, self.opts.lora_rank)}
         from safetensors.torch import save_file
 

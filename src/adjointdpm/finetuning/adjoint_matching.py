@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from ..stochastic import SeededNoise, resolve_noise
+from ..stochastic import resolve_noise
 from .base_model import BaseModel
 from .counting import CallCounter
 from .errors import MethodError
@@ -76,8 +76,8 @@ class AdjointMatchingMethod(MethodBase):
         self.guidance = guidance
         self.base: BaseModel | None = None
         self.ema_value, self.ema_updates = None, 0
-        #: data parallel: a function gathering every process's (B, steps) losses (e.g. accelerate's
-        #: ``accelerator.gather``), so the percentile is the global batch's, as the reference code takes it
+        #: data parallel: a function gathering every process's (B_p, steps) losses, shards of any size (e.g.
+        #: ``DataParallel.gather_shards``), so the percentile is the global batch's, as the reference code takes it
         self.gather = None
 
     def options(self):
@@ -129,7 +129,8 @@ class AdjointMatchingMethod(MethodBase):
         """X_0 … X_K from the current model with the rollout's guidance, without a graph."""
         x = rollout.initial_state()
         num = chain.num_steps
-        source = SeededNoise(seed_from(generator)) if rollout.noise is None else resolve_noise(rollout.noise, num, x)
+        source = resolve_noise(rollout.seeded_noise(seed_from(generator)) if rollout.noise is None else rollout.noise,
+                               num, x)
         current = rollout.denoiser()
         cond, uncond = rollout.guided_pair()
         states = [x]

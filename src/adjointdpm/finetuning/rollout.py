@@ -9,6 +9,10 @@ prompts, the prompts' fields) and is *maximised*.
 ``Rollout.sampler(network)`` asks the engine (``build_sampler``) for the rollout's sampler exactly as ``sample``
 builds it (same Denoiser, grid and noise source), for the methods that step by hand (the one-step method stops at
 an intermediate step; Adjoint Matching samples its own memoryless chain on the same grid).
+
+Data parallel: a rollout may hold rows ``start … stop`` of a global batch of ``size`` samples (``rows``). The
+noises a method seeds itself (:meth:`Rollout.seeded_noise`) are then drawn for the whole global batch and these
+rows kept (:class:`GlobalBatchRows`), so every sample gets the injected noises it gets in one process.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ..grid import TimeGrid
 from ..model import Denoiser
 from ..schedule import NoiseSchedule
 from ..solvers import solver_name
-from ..stochastic import is_stochastic
+from ..stochastic import NoiseSource, SeededNoise, is_stochastic
 from .errors import MethodError
 
 Reward = Callable[[torch.Tensor], torch.Tensor]
@@ -45,6 +49,7 @@ class Rollout:
     noise: Any = None  # the stochastic solvers' noises: seed, generator, (N, B, …) tensor or None
     prediction_type: str | None = None
     model_kwargs: dict = field(default_factory=dict)
+    rows: tuple[int, int, int] | None = None  # (start, stop, size): these rows of a global batch (data parallel)
 
     @property
     def num_steps(self) -> int:
@@ -69,7 +74,15 @@ class Rollout:
         if self.noise is not None or not self.stochastic:
             return self
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
-        return replace(self, noise=seed)
+        return replace(self, noise=self.seeded_noise(seed))
+
+    def seeded_noise(self, seed: int):
+        """The injected noises of ``seed`` for this rollout: the seed itself (one draw of the batch per step), or,
+        for rows of a global batch, the global batch's draw restricted to these rows."""
+        if self.rows is None:
+            return seed
+        start, stop, size = self.rows
+        return GlobalBatchRows(SeededNoise(seed), start, stop, size)
 
     # -- the engine's pieces, as sample() builds them ---------------------------------------------
     def sampler(self, network: Callable | None = None, guidance_scale: float | None = None) -> Sampler:
@@ -104,6 +117,22 @@ class Rollout:
     def guided_pair(self):
         """(cond, uncond) as the step maps take them: uncond dropped without guidance."""
         return self.cond, (self.uncond if float(self.guidance_scale) != 1.0 else None)
+
+
+class GlobalBatchRows(NoiseSource):
+    """Rows ``start … stop`` of what ``source`` draws for a batch of ``size`` samples (a single-seed source draws
+    each step for the whole batch at once, so a process's rows must be cut from the global draw)."""
+
+    def __init__(self, source: NoiseSource, start: int, stop: int, size: int):
+        if not 0 <= start < stop <= size:
+            raise ValueError(f"rows {start}…{stop} do not lie in a batch of {size}")
+        self.source, self.start, self.stop, self.size = source, int(start), int(stop), int(size)
+
+    def noise_at(self, i, like):
+        if like.shape[0] != self.stop - self.start:
+            raise ValueError(f"a noise source of {self.stop - self.start} rows was asked for a batch of {like.shape[0]}")
+        full = torch.empty((self.size, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        return self.source.noise_at(i, full)[self.start:self.stop]
 
 
 @dataclass
