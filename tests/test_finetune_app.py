@@ -199,3 +199,27 @@ def test_evaluations_do_not_change_the_training(tmp_path):
         assert code == 0, err
         outs.append(load_file(str(out / "pytorch_lora_weights.safetensors")))
     assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_keep_best_writes_the_best_evaluated_weights_and_resumes(tmp_path):
+    """--keep-best: a reward that training raises and evaluation lowers (brightness with a gradient, darkness
+    without) is best before any step, so the run writes the untouched LoRA (B = 0) and its after-evaluation is
+    its before-evaluation; interrupted and resumed, it keeps the same best."""
+    plugin = tmp_path / "flip.py"
+    plugin.write_text("def flip(images, prompts, fields):\n    s = images.mean(dim=(1, 2, 3))\n"
+                      "    return s if images.requires_grad else -s\n")
+    args = ["finetune", *TINY, "--method", "exact", "--lr", "0.05", "--eval-every", "1", "--checkpoint-every", "1",
+            "--reward", f"{plugin}:flip", "--keep-best"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    for extra in ([full, "--iters", "2"], [part, "--iters", "1"], [part, "--iters", "2", "--resume"]):
+        code, stdout, err = cli([*args, "--out", *extra])
+        assert code == 0, err
+    s = json.loads((full / "summary.json").read_text())
+    rewards = [p["reward"] for p in s["evaluations"]]
+    assert s["kept_best"]["iteration"] == 0 and rewards[1] < rewards[0]
+    assert s["after"]["reward"] == pytest.approx(s["before"]["reward"], abs=1e-6)
+    lora = load_file(str(full / "pytorch_lora_weights.safetensors"))
+    assert all(not v.any() for k, v in lora.items() if "lora_B" in k)
+    assert json.loads((part / "summary.json").read_text())["kept_best"] == s["kept_best"]
+    resumed = load_file(str(part / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(lora[k], resumed[k]) for k in lora)
