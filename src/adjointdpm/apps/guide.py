@@ -151,14 +151,15 @@ class GuideTask(Task):
         self.done = torch.zeros(n, dtype=torch.bool, device=x.device)
         self._rows = None
         self._active = torch.arange(n, device=x.device)
-        self.manifold = self._manifold_check() if (o.manifold_threshold > 0 or o.manifold_weight > 0) else None
+        self.manifold = self.manifold_check() if (o.manifold_threshold > 0 or o.manifold_weight > 0) else None
         self._last_z = self._last_critic = None
 
     #: seed offset of the calibration's plain noises (never the run's own noises)
     CALIBRATION_SEED = 104_729
 
-    def _manifold_check(self):
-        """The base model's denoising error on this prompt, calibrated on plain samples from fresh noises."""
+    def manifold_check(self, threshold: float | None = None):
+        """The base model's denoising error on this prompt, calibrated on plain samples from fresh noises
+        (``threshold``: the flag's, default --manifold-threshold; 0 never flags)."""
         import adjointdpm as adpm
 
         from .manifold import ManifoldCheck
@@ -169,8 +170,8 @@ class GuideTask(Task):
         with torch.no_grad():
             plain = torch.cat([s.sample(s.noise(o.calibration_samples, self.seed + self.CALIBRATION_SEED)[i:i + 64],
                                         self.cond0) for i in range(0, o.calibration_samples, 64)])
-        return ManifoldCheck.calibrated(sampler, self.cond0, plain, threshold=o.manifold_threshold or float("inf"),
-                                        seed=self.seed)
+        threshold = o.manifold_threshold if threshold is None else threshold
+        return ManifoldCheck.calibrated(sampler, self.cond0, plain, threshold=threshold or float("inf"), seed=self.seed)
 
     #: what ranks a flagged iterate after every unflagged one in keep-best
     OFF_MANIFOLD_RANK = 1e6
