@@ -72,6 +72,11 @@ def test_a_broken_network_is_flagged_and_the_base_model_is_not(tmp_path, lora_ra
     assert after["off_manifold_fraction"] >= 0.75, after["manifold_z"]
     assert sum(v["off_manifold"] for v in after["per_prompt"].values()) == after["off_manifold_count"]
     assert task.evaluations[-1]["flagged"] == after["off_manifold_count"]
+    # a resumed run calibrates on the base model's images of the same noises: the same calibration
+    calibration, task.manifold_calibration = task.manifold_calibration, None
+    again = task.evaluate("iteration 1").metrics
+    assert task.manifold_calibration.centre == pytest.approx(calibration.centre, abs=1e-5)
+    assert again["off_manifold_count"] == after["off_manifold_count"]
     # reading the base model left the trained (here: broken) weights and their gradient switches as they were
     for k, p in task.params.items():
         assert torch.equal(p, broken[k]) and p.requires_grad, k

@@ -357,18 +357,20 @@ class FinetuneTask(Task):
             metrics["diversity"] = d["mean"]
             for p, v in d["per_prompt"].items():
                 per_prompt[p]["diversity"] = v
-        flagged = [i for i, f in enumerate(flags.tolist()) if f]
-        metrics.update(manifold_z=[round(float(v), 2) for v in z], off_manifold_count=len(flagged),
-                       off_manifold_fraction=len(flagged) / len(z), off_manifold_images=flagged)
-        for p, v in group_by_prompt(flags.float()[:, None], self.eval_texts).items():
-            per_prompt[p]["off_manifold"] = int(v.sum())
-        if stage == "before":
-            metrics["manifold_calibration"] = self.manifold_calibration.describe()
+        flag = {}
+        if z is not None:  # the images off the base model's manifold
+            flagged = [i for i, f in enumerate(flags.tolist()) if f]
+            flag = {"flagged": len(flagged), "flagged_fraction": len(flagged) / len(z)}
+            metrics.update(manifold_z=[round(float(v), 2) for v in z], off_manifold_count=len(flagged),
+                           off_manifold_fraction=len(flagged) / len(z), off_manifold_images=flagged)
+            for p, v in group_by_prompt(flags.float()[:, None], self.eval_texts).items():
+                per_prompt[p]["off_manifold"] = int(v.sum())
+            if stage == "before":
+                metrics["manifold_calibration"] = self.manifold_calibration.describe()
         metrics["per_prompt"] = per_prompt
         point = {"stage": stage.split(" ")[0], "iteration": self.done, "calls": self.train_calls,
                  "seconds": round(self.train_seconds, 3),
-                 **{k: metrics[k] for k in ("reward", "judge", "judge_accuracy", "diversity") if k in metrics},
-                 "flagged": len(flagged), "flagged_fraction": len(flagged) / len(z)}
+                 **{k: metrics[k] for k in ("reward", "judge", "judge_accuracy", "diversity") if k in metrics}, **flag}
         self.evaluations.append(point)
         self.last_images = images.cpu()
         if stage == "before":
@@ -390,12 +392,14 @@ class FinetuneTask(Task):
             self.tracker.log_images({"eval/images": grid}, step=step, dataformats="NHWC")
         from .manifold import flag_captions
 
-        return Evaluation(images, metrics, nrow=self.opts.eval_seeds, captions=flag_captions(z, flags))
+        return Evaluation(images, metrics, nrow=self.opts.eval_seeds,
+                          captions=None if z is None else flag_captions(z, flags))
 
     def _sample_and_flag(self, stage: str):
         """The evaluation images (all of them, on every process) and each one's denoising-error z-score and
         flag under the base model; the first evaluation calibrates the flag (on the before-images, or on a
-        resumed run on the base model's samples of the same noises)."""
+        resumed run on the base model's samples of the same noises). A single evaluation image has no spread to
+        calibrate on: then z and the flags are None."""
         from .manifold import ManifoldCalibration, base_sampler, denoising_error, off_manifold
 
         s, dp = self.session, self.session.dp
@@ -423,6 +427,8 @@ class FinetuneTask(Task):
         latents = latents_of()
         images = dp.gather_shards(torch.cat([s.decode(latents[i:i + 64]).float()
                                              for i in range(0, latents.shape[0], 64)]))
+        if n < 2:
+            return images, None, None
         errors = base_errors(latents)
         if self.manifold_calibration is None:
             if stage == "before":
