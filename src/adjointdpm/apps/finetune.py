@@ -18,6 +18,15 @@ optimised and the judge's reward against the training model calls and seconds go
 the judge's best evaluation while the judge's reward has fallen, the reward-hacking alarm is printed and
 recorded in summary.json (``hacking_alarm``: the last ring, ``hacking_alarms``: every one with its iteration).
 
+Every evaluation image is also checked against the base model's manifold (:mod:`.manifold`): its denoising
+error under the *base* model (the LoRA switched off, or the weights as they were before training) as a
+z-score against the before-images (the base model's own samples of the evaluation prompts and seeds: the
+calibration costs no extra sampling); z > 6 flags it. Each evaluation records ``flagged`` and
+``flagged_fraction``; the before/after metrics hold every image's ``manifold_z``, the flagged indices
+(``off_manifold_images``) and the count per prompt; comparison.png captions each image with its z ("OFF" when
+flagged). Cost: 3 network calls per image per evaluation (no guidance, no backward), and with ``--lora-rank 0``
+a copy of the weights in host memory.
+
 Defaults that depend on the model: the prompts (the digits model's ten digit prompts on the embedded model,
 DDPO's 45 simple animals otherwise), the reward and the judge (the digits model's guide classifier and its
 independent judge where the model ships them, else ``--reward`` is required); and on the method: the learning
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -258,6 +268,10 @@ class FinetuneTask(Task):
         self.eval_noise = noise.repeat(len(texts), *[1] * (noise.dim() - 1))
         self.eval_streams = s.noise_streams([j for _ in texts for j in range(S)], seed)
         self.params = trainable_weights(s.comps, o.lora_rank, self.seed)
+        # the base model the evaluation's manifold flag reads (full weights: a host copy, taken before any step)
+        self.base_weights = (None if o.lora_rank > 0 else
+                             {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()})
+        self.manifold_calibration = None
         self.method.prepare(s.network)
         if self.dp.world_size > 1 and hasattr(self.method, "gather"):
             self.method.gather = self.dp.gather_shards  # Adjoint Matching's outlier percentile: the global batch's
@@ -395,7 +409,7 @@ class FinetuneTask(Task):
         from ..rewards import diversity, group_by_prompt, hacking_alarm
 
         s = self.session
-        images = s.generate_all(self.eval_noise, self.eval_cond, noise=self.eval_streams)
+        images, z, flags = self._sample_and_flag(stage)
         total, terms = self.reward.terms(images, self.eval_texts, self.eval_fields)
         metrics = {"reward": float(total.mean()), **{f"reward/{k}": float(v.mean()) for k, v in terms.items()}}
         per_prompt = {p: {"reward": float(v.mean())} for p, v in group_by_prompt(total[:, None], self.eval_texts).items()}
@@ -419,10 +433,20 @@ class FinetuneTask(Task):
             metrics["diversity"] = d["mean"]
             for p, v in d["per_prompt"].items():
                 per_prompt[p]["diversity"] = v
+        flag = {}
+        if z is not None:  # the images off the base model's manifold
+            flagged = [i for i, f in enumerate(flags.tolist()) if f]
+            flag = {"flagged": len(flagged), "flagged_fraction": len(flagged) / len(z)}
+            metrics.update(manifold_z=[round(float(v), 2) for v in z], off_manifold_count=len(flagged),
+                           off_manifold_fraction=len(flagged) / len(z), off_manifold_images=flagged)
+            for p, v in group_by_prompt(flags.float()[:, None], self.eval_texts).items():
+                per_prompt[p]["off_manifold"] = int(v.sum())
+            if stage == "before":
+                metrics["manifold_calibration"] = self.manifold_calibration.describe()
         metrics["per_prompt"] = per_prompt
         point = {"stage": stage.split(" ")[0], "iteration": self.done, "calls": self.train_calls,
                  "seconds": round(self.train_seconds, 3),
-                 **{k: metrics[k] for k in ("reward", "judge", "judge_accuracy", "diversity") if k in metrics}}
+                 **{k: metrics[k] for k in ("reward", "judge", "judge_accuracy", "diversity") if k in metrics}, **flag}
         self.evaluations.append(point)
         self.last_images = images.cpu()
         if stage == "before":
@@ -443,7 +467,82 @@ class FinetuneTask(Task):
             grid = make_grid(images.cpu(), nrow=self.opts.eval_seeds)  # (H, W) grey or (H, W, 3), uint8
             grid = grid[None, :, :, None] if grid.ndim == 2 else grid[None]
             self.tracker.log_images({"eval/images": grid}, step=step, dataformats="NHWC")
-        return Evaluation(images, metrics, nrow=self.opts.eval_seeds)
+        from .manifold import flag_captions
+
+        return Evaluation(images, metrics, nrow=self.opts.eval_seeds,
+                          captions=None if z is None else flag_captions(z, flags))
+
+    def _sample_and_flag(self, stage: str):
+        """The evaluation images (all of them, on every process) and each one's denoising-error z-score and
+        flag under the base model; the first evaluation calibrates the flag (on the before-images, or on a
+        resumed run on the base model's samples of the same noises). A single evaluation image has no spread to
+        calibrate on: then z and the flags are None."""
+        from .manifold import ManifoldCalibration, base_sampler, denoising_error, off_manifold
+
+        s, dp = self.session, self.session.dp
+        n = self.eval_noise.shape[0]
+        index = torch.arange(n)
+        sharded = dp.world_size > 1 and n >= dp.world_size
+        if sharded:
+            index = dp.shard(index)
+        cond = prompt_embeddings.rows(self.eval_cond, index)
+        sampler = base_sampler(s.network, s.schedule, s.timesteps(0), s.comps.prediction_type)
+
+        def latents_of() -> torch.Tensor:  # this process's rows, in batches as Session.generate samples them
+            out = []
+            for i in range(0, index.numel(), 64):
+                rows = index[i:i + 64]
+                c = cond if prompt_embeddings.count(cond) == 1 else prompt_embeddings.rows(cond, slice(i, i + 64))
+                noise = None if self.eval_streams is None else self.eval_streams.rows(rows)
+                out.append(s.sample(self.eval_noise[rows], c, noise=noise))
+            return torch.cat(out)
+
+        def base_errors(latents: torch.Tensor) -> torch.Tensor:
+            with self._base_model():
+                return dp.gather_shards(denoising_error(sampler, latents, cond))
+
+        latents = latents_of()
+        images = dp.gather_shards(torch.cat([s.decode(latents[i:i + 64]).float()
+                                             for i in range(0, latents.shape[0], 64)]))
+        if n < 2:
+            return images, None, None
+        errors = base_errors(latents)
+        if self.manifold_calibration is None:
+            if stage == "before":
+                plain = errors
+            else:  # a resumed run: the base model's images of the evaluation noises
+                with self._base_model():
+                    plain_latents = latents_of()
+                plain = base_errors(plain_latents)
+            self.manifold_calibration = ManifoldCalibration.from_errors(plain)
+        z = self.manifold_calibration.z(errors).float()
+        return images, z, off_manifold(z, self.manifold_calibration.threshold)
+
+    @contextmanager
+    def _base_model(self):
+        """The network as it was before training, for the duration: the LoRA adapters switched off, or the full
+        weights swapped for their host copy (and back)."""
+        network = self.session.network
+        if self.base_weights is None:
+            trainable = {k: p.requires_grad for k, p in self.params.items()}
+            network.disable_adapters()
+            try:
+                yield
+            finally:
+                network.enable_adapters()
+                for k, p in self.params.items():  # (peft's switch sets requires_grad itself: put ours back)
+                    p.requires_grad_(trainable[k])
+            return
+        trained = {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()}
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.base_weights[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(trained[k])
 
     # ------------------------------------------------------------------ state a resumed run needs
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -480,6 +579,11 @@ class FinetuneTask(Task):
             out["diversity_kept"] = after["diversity"] / before["diversity"]
         if self.opts.keep_best:
             out["kept_best"] = self.best
+        if "off_manifold_count" in after:  # the final evaluation's images off the base model's manifold
+            out.update(off_manifold_after=after["off_manifold_count"],
+                       off_manifold_images_after=after["off_manifold_images"],
+                       off_manifold_per_prompt_after={p: v["off_manifold"] for p, v in after["per_prompt"].items()},
+                       manifold_calibration=before.get("manifold_calibration"))
         return out
 
     def pipeline_call(self) -> dict:
@@ -559,6 +663,7 @@ def _read_images(folder: Path, n: int) -> torch.Tensor | None:
 
 
 APPLICATION = Application(
-    name="finetune", options=Options, build=build, report_keys=("reward", "judge", "judge_accuracy", "diversity"),
+    name="finetune", options=Options, build=build, report_keys=("reward", "judge", "judge_accuracy", "diversity",
+                                                                 "off_manifold_fraction"),
     help="Reward fine-tuning over prompts: LoRA or all weights, by the exact gradient, DRaFT-K, AlignProp, ReFL, "
          "the continuous adjoint or Adjoint Matching.")

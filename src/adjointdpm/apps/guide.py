@@ -151,26 +151,24 @@ class GuideTask(Task):
         self.done = torch.zeros(n, dtype=torch.bool, device=x.device)
         self._rows = None
         self._active = torch.arange(n, device=x.device)
-        self.manifold = self._manifold_check() if (o.manifold_threshold > 0 or o.manifold_weight > 0) else None
+        self.manifold = self.manifold_check() if (o.manifold_threshold > 0 or o.manifold_weight > 0) else None
         self._last_z = self._last_critic = None
 
     #: seed offset of the calibration's plain noises (never the run's own noises)
     CALIBRATION_SEED = 104_729
 
-    def _manifold_check(self):
-        """The base model's denoising error on this prompt, calibrated on plain samples from fresh noises."""
-        import adjointdpm as adpm
-
-        from .manifold import ManifoldCheck
+    def manifold_check(self, threshold: float | None = None):
+        """The base model's denoising error on this prompt, calibrated on plain samples from fresh noises
+        (``threshold``: the flag's, default --manifold-threshold; 0 never flags)."""
+        from .manifold import ManifoldCheck, base_sampler
 
         s, o = self.session, self.opts
-        sampler = adpm.build_sampler(s.network, s.schedule, s.timesteps(0), solver="ddim",
-                                     prediction_type=s.comps.prediction_type, guidance_scale=1.0)
+        sampler = base_sampler(s.network, s.schedule, s.timesteps(0), s.comps.prediction_type)
         with torch.no_grad():
             plain = torch.cat([s.sample(s.noise(o.calibration_samples, self.seed + self.CALIBRATION_SEED)[i:i + 64],
                                         self.cond0) for i in range(0, o.calibration_samples, 64)])
-        return ManifoldCheck.calibrated(sampler, self.cond0, plain, threshold=o.manifold_threshold or float("inf"),
-                                        seed=self.seed)
+        threshold = o.manifold_threshold if threshold is None else threshold
+        return ManifoldCheck.calibrated(sampler, self.cond0, plain, threshold=threshold or float("inf"), seed=self.seed)
 
     #: what ranks a flagged iterate after every unflagged one in keep-best
     OFF_MANIFOLD_RANK = 1e6
@@ -349,14 +347,14 @@ class GuideTask(Task):
         per_image = self.target.loss(images, prompts=prompts, indices=list(range(images.shape[0])))
         captions = [f"loss {float(v):.3g}" for v in per_image.flatten().tolist()]
         if self.manifold is not None:  # per image: the base model's denoising-error z-score and the flag
-            from .manifold import typicality_z
+            from .manifold import flag_captions, typicality_z
 
             z, flags = self.manifold.flags(latents)
             z, flags = self.dp.gather_shards(z.float()), self.dp.gather_shards(flags)
             metrics.update(manifold_z=[round(float(v), 2) for v in z], off_manifold=[bool(f) for f in flags],
                            off_manifold_count=int(flags.sum()),
                            noise_typicality_z=[round(float(v), 2) for v in self.dp.gather_shards(typicality_z(x.float()))])
-            captions = [f"{c}, z {float(v):.1f}" + (" OFF" if f else "") for c, v, f in zip(captions, z, flags)]
+            captions = flag_captions(z, flags, captions)
             if stage == "before":
                 metrics["manifold_calibration"] = self.manifold.calibration.describe()
         if self.judge is not None:

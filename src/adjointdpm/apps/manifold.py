@@ -23,9 +23,11 @@ denoised back to itself up to the usual error; an adversarial speckle is not (th
 ``ManifoldCalibration`` measures e on the model's own plain samples and turns e into a z-score
 z = (e − median) / (1.4826 · MAD) (robust mean and standard deviation of the plain samples).
 
-**The flag.** ``off_manifold(z) = z > threshold`` (default 3.0: the fraction of plain samples flagged is the
-calibration's false-positive rate, written next to it). :func:`flag_images` is the one call a fine-tuning
-evaluation makes on its images: ``flag_images(sampler, latents, cond, uncond, calibration)`` → (z, flags).
+**The flag.** ``off_manifold(z) = z > threshold`` (default 6.0; a non-finite z is flagged too; the fraction of
+plain samples flagged is the calibration's false-positive rate, written next to it). :func:`flag_images` is the one call a fine-tuning
+evaluation makes on its images: ``flag_images(sampler, latents, cond, uncond, calibration)`` → (z, flags);
+``base_sampler`` is the sampler it reads the model through (DDIM on the run's grid, no guidance) and
+``flag_captions`` the per-image captions of comparison.png ("z 1.3", "z 9.1 OFF").
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ class ManifoldCheck:
     @torch.no_grad()
     def flags(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.z(x0)
-        return z, z > self.calibration.threshold
+        return z, off_manifold(z, self.calibration.threshold)
 
 
 @torch.no_grad()
@@ -209,4 +211,24 @@ def flag_images(sampler, latents: torch.Tensor, cond=None, uncond=None, calibrat
     errors = denoising_error(sampler, latents, cond, uncond, seed=seed)
     cal = calibration or ManifoldCalibration.from_errors(errors)
     z = cal.z(errors)
-    return z.float(), z > cal.threshold
+    return z.float(), off_manifold(z, cal.threshold)
+
+
+def off_manifold(z: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
+    """z > threshold, and a non-finite z (an image the model cannot denoise at all, e.g. NaN pixels) too."""
+    return ~(z <= threshold)
+
+
+def base_sampler(network, schedule, timesteps, prediction_type: str):
+    """The model as the denoising error reads it: DDIM on the run's grid, no guidance (scale 1), so x̂₀ is the
+    conditional prediction of the prompt alone."""
+    import adjointdpm as adpm
+
+    return adpm.build_sampler(network, schedule, timesteps, solver="ddim", prediction_type=prediction_type,
+                              guidance_scale=1.0)
+
+
+def flag_captions(z: torch.Tensor, flags: torch.Tensor, captions: list[str] | None = None) -> list[str]:
+    """Per image "z 1.3" (after its caption, if any), with " OFF" when flagged: what comparison.png writes."""
+    head = [f"{c}, " for c in captions] if captions is not None else [""] * len(z)
+    return [f"{h}z {float(v):.1f}" + (" OFF" if bool(f) else "") for h, v, f in zip(head, z, flags)]

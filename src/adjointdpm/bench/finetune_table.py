@@ -10,6 +10,9 @@ by the digits model's independent judge (never optimised):
   to the base model's;
 * Fréchet distance per digit: judge features of prompt d's images against the real held-out images of digit d
   (few real images per class: comparable between rows, not an absolute FID);
+* flagged: the images off the base model's manifold (:mod:`adjointdpm.apps.manifold`: the base model's
+  denoising error, z > 6 against the base model's own images of the table, its n per digit prompt; the base
+  row's count is the flag's false positives on its calibration images), in all and per digit;
 * from the run's summary.json: method, iterations, training model calls and seconds.
 
     python -m adjointdpm.bench.finetune_table RUN... [--n 32] [--seed 7] [--json FILE] [--grids DIR]
@@ -39,7 +42,8 @@ def measure(run: Path | None, n: int = 32, seed: int = 7, steps: int | None = No
     critics = load_critics()
     prompts = [prompt_for(d) for d in range(10) for _ in range(n)]
     x_T = comps.noise(n, seed).repeat(10, 1, 1, 1)  # the same n noises for every digit
-    images = comps.generate(prompts, x_T=x_T, steps=steps, solver=solver, guidance_scale=guidance_scale).clamp(-1, 1)
+    latents = comps.generate(prompts, x_T=x_T, steps=steps, solver=solver, guidance_scale=guidance_scale, decode=False)
+    images = torch.cat([comps.decode(latents[i:i + 256]).float() for i in range(0, latents.shape[0], 256)]).clamp(-1, 1)
     real_x, real_y = load_data().held_out
     out = {"accuracy": {}, "diversity": {}, "frechet": {}}
     with torch.no_grad():
@@ -54,8 +58,41 @@ def measure(run: Path | None, n: int = 32, seed: int = 7, steps: int | None = No
         out["frechet"][WORDS[d]] = float(frechet_distance(*feature_stats(feats[rows]), *feature_stats(real)))
     for key in ("accuracy", "diversity", "frechet"):
         out[f"mean_{key}"] = sum(out[key].values()) / 10
-    out["images"] = images
+    out["images"], out["latents"] = images, latents
     return out
+
+
+class BaseModelFlag:
+    """The off-manifold flag of the table's images: the base model's denoising error (its own DDIM grid of the
+    default steps, no guidance), calibrated on the base model's images of the table (``calibrate`` with the
+    base row's latents)."""
+
+    def __init__(self, n: int):
+        from ..apps.manifold import base_sampler
+        from ..components import load_components
+        from ..embedded.data import prompt_for
+
+        comps = load_components()  # (a model of its own: the runs' weights are loaded into theirs)
+        setup = comps.family_spec.sampling_setup(comps, int(comps.settings["default_steps"]), 1.0, with_uncond=False)
+        self.sampler = base_sampler(comps.network, setup.schedule, setup.timesteps, comps.prediction_type)
+        with torch.no_grad():
+            self.cond = comps.encode_prompt([prompt_for(d) for d in range(10) for _ in range(n)], **setup.encode_kwargs)
+        self.n, self.calibration = n, None
+
+    def calibrate(self, base_latents: torch.Tensor) -> dict:
+        from ..apps.manifold import calibrate
+
+        self.calibration = calibrate(self.sampler, base_latents, self.cond)
+        return self.calibration.describe()
+
+    def flagged(self, latents: torch.Tensor) -> dict:
+        """The flagged images in all and per digit."""
+        from ..apps.manifold import flag_images
+        from ..embedded.data import WORDS
+
+        _, flags = flag_images(self.sampler, latents, self.cond, calibration=self.calibration)
+        per = {WORDS[d]: int(flags[d * self.n:(d + 1) * self.n].sum()) for d in range(10)}
+        return {"flagged": int(flags.sum()), "flagged_per_digit": per}
 
 
 def run_record(run: Path) -> dict:
@@ -114,20 +151,25 @@ def main(argv=None) -> None:
     from ..images import make_grid, save_png
 
     base = measure(None, args.n, args.seed)
-    rows = [{"run": "base", "method": "(base model)", **{k: v for k, v in base.items() if k != "images"}}]
+    flag = BaseModelFlag(args.n)
+    calibration = flag.calibrate(base["latents"])
+    tensors = ("images", "latents")
+    rows = [{"run": "base", "method": "(base model)", **{k: v for k, v in base.items() if k not in tensors},
+             **flag.flagged(base["latents"])}]
     grids = {"base": base["images"]}
     for run in args.runs:
         rec = run_record(run)
         m = measure(run, args.n, args.seed, rec["steps"], rec["solver"], rec["guidance_scale"])
         m["diversity_kept"] = m["mean_diversity"] / base["mean_diversity"]
-        rows.append({**rec, **{k: v for k, v in m.items() if k != "images"}})
+        rows.append({**rec, **{k: v for k, v in m.items() if k not in tensors}, **flag.flagged(m["latents"])})
         grids[run.name] = m["images"]
     for r in rows:
         acc = " ".join(f"{v:.2f}" for v in r["accuracy"].values())
         print(f"{r['method']:<40} calls {r.get('model_calls', 0)!s:>6} s {r.get('seconds', 0)!s:>7} acc [{acc}] "
-              f"div {r['mean_diversity']:.3f} fd {r['mean_frechet']:.2f}")
+              f"div {r['mean_diversity']:.3f} fd {r['mean_frechet']:.2f} flagged {r['flagged']}/{10 * args.n}")
     if args.json:
-        args.json.write_text(json.dumps({"n": args.n, "seed": args.seed, "rows": rows}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"n": args.n, "seed": args.seed, "manifold_calibration": calibration,
+                                         "rows": rows}, indent=1) + "\n")
     if args.grids:
         args.grids.mkdir(parents=True, exist_ok=True)
         cols = min(args.n, 8)
