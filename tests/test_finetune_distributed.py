@@ -126,34 +126,26 @@ def fsdp2(tmp_path_factory):
     return load_file(str(weights)), json.loads(record.read_text())
 
 
-def test_fsdp2_on_gloo_trains_the_one_process_weights_with_plain_autograd(fsdp2):
-    """FSDP2 (torch's ``fully_shard``) works on CPU processes with gloo: the full weights after two steps are
-    one process's to rounding (float64)."""
-    from _fsdp2_worker import train
+@pytest.mark.parametrize("mode", ["backprop", "exact", "exact_kept", "adjoint", "adjoint_weighted"])
+def test_fsdp2_trains_the_one_process_weights_with_every_gradient_mode(fsdp2, mode):
+    """FSDP2 (torch's ``fully_shard``) on CPU processes with gloo: plain autograd, the exact adjoint (steps
+    recomputed or replayed from kept graphs) and the continuous adjoint (one or two passes per step) reach
+    every sharded parameter, and the full weights after two steps are one process's to rounding (float64)."""
+    from _fsdp2_worker import MODES, train
     from conftest import tiny_conditional_unet
 
     sharded, record = fsdp2
-    assert record["parameter_type"] == "DTensor" and record["backprop_missing"] == [0, 0]
+    assert record["parameter_type"] == "DTensor" and record["missing"][mode] == [0, 0]
+    assert set(record["missing"]) == set(MODES)
     unet = tiny_conditional_unet()
     initial = {n: p.detach().clone() for n, p in unet.named_parameters()}
-    train(unet, slice(None), 1.0)
+    train(unet, slice(None), 1.0, mode)
     names = sorted(initial)
     full = torch.cat([p.detach().flatten() for _, p in sorted(unet.named_parameters())])
-    two = torch.cat([sharded[n].flatten() for n in names])
+    two = torch.cat([sharded[f"{mode}.{n}"].flatten() for n in names])
     start = torch.cat([initial[n].flatten() for n in names])
     assert float((full - start).norm() / start.norm()) > 1e-2, "the weights must move for the test to mean anything"
     assert float((two - full).norm() / (full - start).norm()) <= 1e-12  # (measured ~1e-15)
-
-
-def test_fsdp2_parameters_are_not_what_the_engine_differentiates(fsdp2):
-    """Why finetune refuses FSDP: the exact adjoint back-propagates into ``inputs=parameters``, and FSDP2's
-    sharded parameters are not the tensors its forward uses, so not one of them gets a gradient; the methods
-    say so in one line instead of training nothing."""
-    _, record = fsdp2
-    from conftest import tiny_conditional_unet
-
-    assert record["exact_missing"] == [len(list(tiny_conditional_unet().parameters()))]
-    assert record["methods"].startswith("the network's weights are sharded (FSDP, DTensor parameters)")
 
 
 def test_finetune_refuses_an_fsdp_launch():
