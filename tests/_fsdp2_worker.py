@@ -1,8 +1,8 @@
 """Worker for tests/test_finetune_distributed.py, run under torchrun (gloo on CPU): the tiny conditional UNet
 sharded with FSDP2 (``fully_shard`` on each block and the root), float64, trained with two SGD steps on the
 global mean loss by each gradient mode of :data:`MODES` (plain autograd through the sampler, the exact adjoint
-recomputing its steps or replaying graphs kept from the forward pass, the continuous adjoint with its weights
-pulled back in one pass or in a second weighted one). Rank 0 saves each mode's full weights (``<mode>.<name>``)
+recomputing its steps or replaying graphs kept from the forward pass, the continuous adjoint with every step's
+weights pulled back by the weighted pass, which under FSDP2 is a single walk). Rank 0 saves each mode's full weights (``<mode>.<name>``)
 and a record of the parameters' type and of the parameters left without a gradient.
 The single-process reference is :func:`train` without FSDP."""
 import json
@@ -24,7 +24,6 @@ MODES = {
     "backprop": ("backprop", False),
     "exact": ("exact", False),
     "exact_kept": (adpm.Exact(memory="inf"), False),
-    "adjoint": ("adjoint", False),
     "adjoint_weighted": ("adjoint", True),
 }
 
