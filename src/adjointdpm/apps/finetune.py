@@ -32,6 +32,9 @@ Matching's outlier percentile is taken over the global batch (its ``gather``); t
 method's numbers are the global batch's; the training model calls are summed over the processes. The
 evaluation's images are generated in shards and gathered (:meth:`Session.generate_all`), so its numbers are one
 process's; only the first process writes.
+``--fsdp`` (with ``--lora-rank 0``) shards the weights, their gradients and AdamW's state over the processes
+with FSDP2 (:mod:`adjointdpm.fsdp`; equal shards of the batch, FSDP2 averaging their gradients); checkpoints and
+the written weights hold the whole tensors, gathered.
 
 Outputs: a LoRA as diffusers' ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(OUT)``,
 ``adjointdpm sample --lora OUT``), full weights as ``unet/`` (``--lora-rank 0``); the text encoders stay
