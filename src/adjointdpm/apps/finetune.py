@@ -416,6 +416,10 @@ class FinetuneTask(Task):
             self.best_weights = {k: p.detach().clone() for k, p in self.params.items()}
 
     def _restore_best(self) -> None:
+        if self.opts.fsdp:  # (the shards change: the root's weights an evaluation gathered must not stay in use)
+            from ..fsdp import reshard
+
+            reshard(self.session.network)
         for k, p in self.params.items():
             p.data.copy_(self.best_weights[k])
         if self.dp.is_main:
