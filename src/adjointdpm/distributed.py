@@ -11,11 +11,11 @@ Noises (guided sampling, auditing). Each initial noise is its own optimisation v
 act on samples independently, so the noises are sharded and optimised without any communication; the
 results are gathered at the end.
 
-FSDP (sharded weights) is not supported: the engine's gradient modes and the fine-tuning methods differentiate
-with ``torch.autograd.backward(…, inputs=parameters)``, and FSDP2's parameters (sharded DTensors) are not the
-tensors its forward uses (it all-gathers them into other tensors), so the gradient would never reach them. A
-2-process FSDP2 run on gloo matches one process with plain autograd (``grad="backprop"``) but leaves every
-gradient empty with ``grad="exact"``; the fine-tuning methods refuse sharded parameters with one line.
+Sharded weights (FSDP2, :mod:`adjointdpm.fsdp`): the weights' gradients are reduce-scattered by FSDP2 itself
+during each reverse pass, so :meth:`DataParallel.all_reduce_gradients` leaves sharded (DTensor) parameters
+alone. ``finetune --fsdp`` shards the network itself under torchrun or ``accelerate launch --multi_gpu``; an
+``accelerate launch`` with an FSDP configuration (``distributed_type: FSDP``, :attr:`DataParallel.shards_weights`)
+would expect accelerate's own wrapping and is refused by finetune with one line.
 
 Launch on several GPUs or processes with ``accelerate launch --num_processes P your_script.py`` (or
 ``torchrun --nproc_per_node P``); a single process works unchanged (every call is then a no-op).
@@ -28,6 +28,8 @@ import os
 from typing import Iterable
 
 import torch
+
+from .gradients.sharded import is_sharded
 
 
 def from_environment(device: torch.device | str = "cpu"):
@@ -133,8 +135,9 @@ class DataParallel:
         return (stop - start) / global_size
 
     def all_reduce_gradients(self, params: Iterable[torch.Tensor]) -> None:
-        """Sum ``p.grad`` over processes, in one flat bucket (missing gradients count as zero)."""
-        params = [p for p in params if p.requires_grad]
+        """Sum ``p.grad`` over processes, in one flat bucket (missing gradients count as zero). Sharded
+        (FSDP2, DTensor) parameters are skipped: their gradients were reduce-scattered in the reverse pass."""
+        params = [p for p in params if p.requires_grad and not is_sharded([p])]
         if self.world_size == 1 or not params:
             return
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])

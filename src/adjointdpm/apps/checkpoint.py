@@ -5,7 +5,7 @@ state, the torch RNG) and ``checkpoint.json`` everything else (iteration, histor
 scalars), and names the tensor file. Each file is written to a temporary name, flushed and renamed
 (``os.replace``); ``checkpoint.json`` is replaced last, so a crash at any moment leaves the previous
 checkpoint readable. With several processes the sharded tensors are gathered (a run resumes on any number of
-processes) and only the main process writes.
+processes) and only the main process writes; so are the weights FSDP2 shards, and their optimiser state.
 """
 
 from __future__ import annotations
@@ -115,17 +115,19 @@ class CheckpointFolder:
     def save(self, iteration: int, groups: list[ParamGroup], opt: torch.optim.Optimizer, task: Task, meta: dict) -> None:
         """Called on every process (sharded tensors are gathered, in the same order everywhere); the main
         process writes."""
+        from ..fsdp import full_tensor  # (weights sharded by FSDP2, their optimiser state: the whole tensors)
+
         dp = task.dp
         tensors: dict[str, torch.Tensor] = {}
         for g in groups:
             for name, t in g.tensors.items():
-                tensors[f"param/{g.name}/{name}"] = dp.gather_shards(t) if g.sharded else t
+                tensors[f"param/{g.name}/{name}"] = dp.gather_shards(t) if g.sharded else full_tensor(t.detach())
         for name, t in task.state_tensors().items():
-            tensors[f"task/{name}"] = dp.gather_shards(t) if name in task.sharded_state else t
+            tensors[f"task/{name}"] = dp.gather_shards(t) if name in task.sharded_state else full_tensor(t)
         tensors["rng/torch"] = torch.get_rng_state()
         rows = sharded_optimizer_params(opt, groups)
         opt_tensors, opt_meta = optimizer_to_files(
-            opt.state_dict(), lambda i, v: dp.gather_shards(v) if is_row_state(v, rows.get(i)) else v)
+            opt.state_dict(), lambda i, v: dp.gather_shards(v) if is_row_state(v, rows.get(i)) else full_tensor(v))
         tensors.update(opt_tensors)
         if not dp.is_main:
             return

@@ -41,6 +41,9 @@ Matching's outlier percentile is taken over the global batch (its ``gather``); t
 method's numbers are the global batch's; the training model calls are summed over the processes. The
 evaluation's images are generated in shards and gathered (:meth:`Session.generate_all`), so its numbers are one
 process's; only the first process writes.
+``--fsdp`` (with ``--lora-rank 0``) shards the weights, their gradients and AdamW's state over the processes
+with FSDP2 (:mod:`adjointdpm.fsdp`; equal shards of the batch, FSDP2 averaging their gradients); checkpoints and
+the written weights hold the whole tensors, gathered.
 
 Outputs: a LoRA as diffusers' ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(OUT)``,
 ``adjointdpm sample --lora OUT``), full weights as ``unet/`` (``--lora-rank 0``); the text encoders stay
@@ -109,6 +112,10 @@ class Options:
                                            f"{METHOD_RECIPES['adjoint-matching']['reward_scale']:g}).")
     lora_rank: int = option(4, "--lora-rank", help="LoRA rank (peft); 0 fine-tunes all the weights of the "
                                                    "denoising network (the text encoders stay frozen).")
+    fsdp: bool = option(False, "--fsdp/--no-fsdp", help="With --lora-rank 0 under torchrun or accelerate launch "
+                        "--multi_gpu: shard the weights, their gradients and the optimiser's state over the processes "
+                        "(torch's FSDP2 on each block of the network and on the network); --batch a multiple of "
+                        "the number of processes.")
     lr: Optional[float] = option(None, "--lr", help="AdamW learning rate (default: the method's recipe).")
     max_grad_norm: float = option(0.0, "--max-grad-norm", help="Clip the global norm of the weights' gradient "
                                   "to this before each step (diffusers' training scripts use 1.0; default 0: no "
@@ -206,9 +213,10 @@ class FinetuneTask(Task):
             raise UserInputError(f"--report-to must be none or tensorboard, got {opts.report_to!r}")
         self.dp = session.dp
         if getattr(self.dp, "shards_weights", False):
-            raise UserInputError("finetune runs data parallel (replicated weights), not FSDP: the engine's gradients go "
-                                 "into the parameters themselves, which FSDP's forward does not use; launch without the "
-                                 "FSDP configuration (torchrun, or accelerate launch --multi_gpu)")
+            raise UserInputError("finetune shards the weights itself (--fsdp with --lora-rank 0), not through accelerate's "
+                                 "FSDP configuration: launch with torchrun or accelerate launch --multi_gpu, and pass --fsdp")
+        if opts.fsdp:
+            self._check_fsdp(opts)
         if opts.batch < self.dp.world_size:
             raise UserInputError(f"--batch ({opts.batch}) must be at least the number of processes ({self.dp.world_size}): "
                                  "each process samples its share of the batch")
@@ -220,6 +228,19 @@ class FinetuneTask(Task):
         self.tracker = None
 
     # ------------------------------------------------------------------ checks before anything runs
+    def _check_fsdp(self, opts: Options) -> None:
+        world = self.dp.world_size
+        if opts.lora_rank != 0:
+            raise UserInputError("--fsdp shards all the weights: use it with --lora-rank 0 (a LoRA is small enough to "
+                                 "replicate: leave --fsdp out)")
+        if world < 2:
+            raise UserInputError("--fsdp shards the weights over the processes of a launch (torchrun --nproc_per_node P, "
+                                 "or accelerate launch --multi_gpu); this run has one process")
+        if opts.batch % world:
+            raise UserInputError(f"--fsdp needs --batch ({opts.batch}) to be a multiple of the number of processes "
+                                 f"({world}): FSDP averages the processes' gradients, the global batch's mean only "
+                                 "over equal shards")
+
     def _probe(self) -> None:
         """Call the reward (and the judge) once on two images of the model's shape: a wrong shape or no
         gradient is one line now, before the run writes anything."""
@@ -272,7 +293,12 @@ class FinetuneTask(Task):
         self.base_weights = (None if o.lora_rank > 0 else
                              {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()})
         self.manifold_calibration = None
-        self.method.prepare(s.network)
+        self.method.prepare(s.network)  # (Adjoint Matching's frozen copy of the base weights: before any sharding)
+        if o.fsdp:
+            from ..fsdp import shard_network
+
+            shard_network(s.network)
+            self.params = dict(s.network.named_parameters())  # (the sharded weights are new tensors)
         if self.dp.world_size > 1 and hasattr(self.method, "gather"):
             self.method.gather = self.dp.gather_shards  # Adjoint Matching's outlier percentile: the global batch's
         # the run's own record (resumed with the checkpoint): training model calls and seconds, evaluations
@@ -361,7 +387,7 @@ class FinetuneTask(Task):
         w = self.dp.loss_weight(self.opts.batch)
         with torch.no_grad():
             for p in self.params.values():
-                if p.grad is not None:
+                if p.grad is not None and not self.opts.fsdp:  # (--fsdp: FSDP2 averaged equal shards already)
                     p.grad.mul_(w)
         keys = sorted(logs)
         local = torch.tensor([report.loss * w, *(logs[k] * w for k in keys), float(report.model_calls)],
@@ -372,8 +398,13 @@ class FinetuneTask(Task):
     def before_step(self, iteration: int) -> None:
         """Clip the global gradient norm (after the processes' gradients are reduced); log it unclipped."""
         limit = self.opts.max_grad_norm
+        from ..fsdp import full_tensor, reshard
+
+        if self.opts.fsdp:  # (the step updates the shards: no gathered weights of an evaluation may stay in use)
+            reshard(self.session.network)
+        # (--fsdp: the gradients are sharded DTensors; torch's clip takes the norm over the whole of them)
         norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), limit if limit > 0 else math.inf)
-        self._step_logs["grad_norm"] = float(norm)
+        self._step_logs["grad_norm"] = float(full_tensor(norm))
 
     def after_step(self, iteration: int) -> None:
         done = iteration + 1
@@ -399,6 +430,10 @@ class FinetuneTask(Task):
             self.best_weights = {k: p.detach().clone() for k, p in self.params.items()}
 
     def _restore_best(self) -> None:
+        if self.opts.fsdp:  # (the shards change: the root's weights an evaluation gathered must not stay in use)
+            from ..fsdp import reshard
+
+            reshard(self.session.network)
         for k, p in self.params.items():
             p.data.copy_(self.best_weights[k])
         if self.dp.is_main:
@@ -533,13 +568,20 @@ class FinetuneTask(Task):
                 for k, p in self.params.items():  # (peft's switch sets requires_grad itself: put ours back)
                     p.requires_grad_(trainable[k])
             return
-        trained = {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()}
+        from ..fsdp import like, reshard
+
+        if self.opts.fsdp:  # (FSDP2 may still hold the gathered weights of the last forward)
+            reshard(network)
+        trained = {k: p.detach().clone() if self.opts.fsdp else p.detach().to("cpu", copy=True)
+                   for k, p in self.params.items()}
         with torch.no_grad():
             for k, p in self.params.items():
-                p.copy_(self.base_weights[k])
+                p.copy_(like(p, self.base_weights[k]))
         try:
             yield
         finally:
+            if self.opts.fsdp:
+                reshard(network)
             with torch.no_grad():
                 for k, p in self.params.items():
                     p.copy_(trained[k])
@@ -567,7 +609,9 @@ class FinetuneTask(Task):
         self.method.load_state_dict(record["method"])
         self.best = record.get("best")
         if self.best is not None:
-            self.best_weights = {k: tensors[f"best/{k}"].to(p.device, p.dtype) for k, p in self.params.items()}
+            from ..fsdp import like
+
+            self.best_weights = {k: like(p.detach(), tensors[f"best/{k}"]) for k, p in self.params.items()}
 
     # ------------------------------------------------------------------ outputs
     def summarize(self, before, after):
@@ -595,9 +639,13 @@ class FinetuneTask(Task):
                              prompts=list(self.eval_texts), **saved_weights_call(self.session.comps, self.opts.lora_rank))
 
     def write_artifacts(self, out):
+        from ..fsdp import full_weights, saving_full_weights
+
+        full = full_weights(self.session.network, keep=self.dp.is_main)  # (--fsdp: gathered by every process)
         if not self.dp.is_main:  # (the weights and every record are the same in every process)
             return {}
-        files = {**save_weights(self.session.comps, out, self.opts.lora_rank)}
+        with saving_full_weights(self.session.network, full):
+            files = {**save_weights(self.session.comps, out, self.opts.lora_rank)}
         from safetensors.torch import save_file
 
         save_file({"latents": self.eval_noise.cpu().contiguous()}, str(out / "eval_latents.safetensors"))

@@ -288,7 +288,11 @@ def _sync(dp, loss, problem: bool, calls: tuple[int, int], interrupt: bool):
 
 
 def _restore(groups, opt, task, meta, tensors) -> None:
-    """Load a checkpoint (full tensors) into this process: sharded tensors keep this process's rows."""
+    """Load a checkpoint (full tensors) into this process: sharded tensors keep this process's rows, weights
+    sharded by FSDP2 (and their optimiser state) this process's shards."""
+    from ..fsdp import like
+    from ..gradients.sharded import is_sharded
+
     dp = task.dp
     with torch.no_grad():
         for g in groups:
@@ -299,13 +303,16 @@ def _restore(groups, opt, task, meta, tensors) -> None:
                     src = dp.shard(src)
                 if src is None or src.shape != t.shape:
                     raise UserInputError(f"--resume: the checkpoint has no tensor {key} of shape {tuple(t.shape)}")
-                t.copy_(src)
+                t.copy_(like(t, src))
     rows = sharded_optimizer_params(opt, groups)
+    params = [p for group in opt.param_groups for p in group["params"]]
 
     def reshard(i, val):  # the rows of a sharded parameter's state (the full tensor in the checkpoint)
         p = rows.get(i)
         if p is not None and val.dim() >= 1 and val.dim() == p.dim() and val.shape[1:] == p.shape[1:]:
             return dp.shard(val)
+        if i < len(params) and is_sharded([params[i]]) and val.shape == params[i].shape:
+            return like(params[i].detach(), val)  # (FSDP2: this process's shard of the weight's state)
         return val
 
     opt.load_state_dict(optimizer_from_files(tensors, meta["optimizer"], reshard))

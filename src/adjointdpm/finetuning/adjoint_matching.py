@@ -44,7 +44,7 @@ from .counting import CallCounter
 from .errors import MethodError
 from .lean_adjoint import lean_adjoint
 from .memoryless import MemorylessChain
-from .method import MethodBase, seed_from, trainable
+from .method import MethodBase, backward_to_params, seed_from, trainable
 from .rollout import Rollout, StepReport, checked_rewards
 
 PAIRINGS = ("next", "current")
@@ -184,7 +184,7 @@ class AdjointMatchingMethod(MethodBase):
                     threshold = self._ema_update(float(torch.quantile(everyone.flatten().double(), self.quantile)))
                     kept = (root < threshold).to(e.dtype)
                 loss = (e * kept).mean()
-                torch.autograd.backward(loss, inputs=params)
+                backward_to_params(loss, params)
         stats = {"steps": picked, "kept": float(kept.mean()), "threshold": threshold,
                  "control_norm": float(torch.stack(control, 1).mean()), "target_norm": float(torch.stack(target, 1).mean())}
         return StepReport(r.detach(), float(loss.detach()), calls.forward, calls.vjp, stats)

@@ -13,11 +13,11 @@ The methods differ only in where the gradient of E[r(x_0)] comes from (see each 
 
 from __future__ import annotations
 
-import sys
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from ..gradients.sharded import backward_to
 from ..model import trainable_parameters
 from .errors import MethodError
 from .rollout import Reward, Rollout, StepReport
@@ -80,23 +80,16 @@ class MethodBase:
 def trainable(network: Callable) -> list[torch.Tensor]:
     """The network's parameters with requires_grad; none is a MethodError (nothing to fine-tune)."""
     params = trainable_parameters(network)
-    if _sharded(params):
-        raise MethodError("the network's weights are sharded (FSDP, DTensor parameters): the fine-tuning methods "
-                          "back-propagate into the parameters themselves, which FSDP's forward does not use, so the "
-                          "gradient would be lost; use data parallelism (torchrun, or accelerate launch without FSDP)")
     if not params:
         raise MethodError("the network has no parameter with requires_grad: add LoRA adapters "
                           "or call requires_grad_(True) on the weights to fine-tune")
     return params
 
 
-def _sharded(params) -> bool:
-    """Whether any parameter is a DTensor (FSDP2's sharded parameters; none exists before that module is loaded)."""
-    if "torch.distributed.tensor" not in sys.modules:
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in params)
+def backward_to_params(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """Add ∇_θ loss to ``p.grad`` of ``params`` only (a reward model's weights are never touched); under FSDP2
+    (sharded DTensor parameters) the pass reaches the gathered weights instead, see ``gradients.sharded``."""
+    backward_to(loss, None, params)
 
 
 def seed_from(generator: torch.Generator) -> int:

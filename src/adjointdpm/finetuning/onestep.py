@@ -13,7 +13,7 @@ import torch
 
 from .counting import CallCounter
 from .errors import MethodError
-from .method import MethodBase, trainable
+from .method import MethodBase, backward_to_params, trainable
 from .rollout import StepReport, checked_rewards
 
 
@@ -48,6 +48,6 @@ class OneStepMethod(MethodBase):
                 r = checked_rewards(reward, x0_hat, need_grad=True)
                 loss = torch.relu(self.margin - r).mean()
                 if loss.requires_grad:
-                    torch.autograd.backward(loss, inputs=params)
+                    backward_to_params(loss, params)
         return StepReport(r.detach(), float(loss.detach()), calls.forward, calls.vjp,
                           {"step": m, "active": float((r.detach() < self.margin).float().mean())})

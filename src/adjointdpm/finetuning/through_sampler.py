@@ -26,7 +26,7 @@ from ..solvers import solver_name
 from ..stochastic import is_stochastic
 from .counting import CallCounter
 from .errors import MethodError
-from .method import MethodBase, trainable
+from .method import MethodBase, backward_to_params, trainable
 from .rollout import Reward, Rollout, StepReport, checked_rewards
 
 
@@ -39,7 +39,7 @@ def backward_through_sampler(rollout: Rollout, reward: Reward, mode: GradMode, g
         x0 = sample(rollout.network, rollout.x_T, grad=mode, **rollout.sample_kwargs())
         r = checked_rewards(reward, x0, need_grad=True)
         loss = -r.mean()
-        torch.autograd.backward(loss, inputs=params)
+        backward_to_params(loss, params)
     return StepReport(r.detach(), float(loss.detach()), calls.forward, calls.vjp, dict(stats or {}))
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..conditioning import Tree, floating_leaves, replace_floating
+from .sharded import backward_to, is_sharded
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -50,6 +51,7 @@ class VJPAccumulator:
         self.param_grads: list[torch.Tensor | None] = [None] * len(self.params)
         embeddings = self.cond_leaves + self.uncond_leaves
         self._targets = [t for t in embeddings if t.requires_grad] + self.params
+        self.sharded = is_sharded(self.params)  # FSDP2: every pass goes without inputs= (see .sharded)
         # float32 buffers of the half-precision targets, by position in _targets
         self._wide = {i: None for i, t in enumerate(self._targets) if t.dtype in LOW_PRECISION}
 
@@ -110,10 +112,28 @@ class VJPAccumulator:
         if pairs:
             outs, vs = [o for o, _ in pairs], [v.to(o.dtype) for o, v in pairs]
             if target_weight is None:
-                torch.autograd.backward(outs, vs, inputs=leaves + self._targets)
+                backward_to(outs, vs, leaves + self._targets, self.sharded)
+            elif self.sharded:
+                self._weighted_single_pass(outs, vs, target_weight)
             else:
                 torch.autograd.backward(outs, vs, inputs=leaves, retain_graph=bool(self._targets))
                 if self._targets:
                     torch.autograd.backward(outs, [target_weight * v for v in vs], inputs=self._targets)
             self._fold_low_precision()
         return [o.detach() for o in outputs], [leaf.grad for leaf in leaves]
+
+    def _weighted_single_pass(self, outs, vs, target_weight: float) -> None:
+        """One pass for leaves (weight 1) and targets (``target_weight``): FSDP2 frees the gathered weights
+        after a pass, so a retained graph cannot be walked twice. The targets' sums are set aside, the pass
+        leaves their fresh vᵀJ in ``.grad``, and the weighted sum is put back."""
+        kept = [t.grad for t in self._targets]
+        for t in self._targets:
+            t.grad = None
+        torch.autograd.backward(outs, vs)
+        for t, before in zip(self._targets, kept):
+            fresh = t.grad
+            if fresh is None:
+                t.grad = before
+            else:
+                fresh.mul_(target_weight)
+                t.grad = fresh if before is None else before.add_(fresh)

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from ..conditioning import Tree, floating_leaves, replace_floating
+from .sharded import backward_to
 
 
 class GraphLeaves:
@@ -75,12 +76,13 @@ class _Replay(torch.autograd.Function):
         wanted = [leaf for leaf, need in zip(graph.leaves.all, need_cond) if need]
         pairs = [(o, g) for o, g in zip(graph.outputs, grads) if g is not None and o.requires_grad]
         if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs],
-                                    inputs=graph.inputs + wanted + list(graph.params))
+            backward_to([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs],
+                        graph.inputs + wanted + list(graph.params))
         input_grads = [t.grad for t in graph.inputs]
         cond_grads = []
         for leaf, need in zip(graph.leaves.all, need_cond):
             cond_grads.append(leaf.grad if need else None)
-            leaf.grad = None  # shared by every kept step: each step hands over its own share
+            leaf.grad = None  # shared by every kept step: each step hands over its own share (a pass without
+            # inputs=, under FSDP2, fills the unwanted ones too: cleared alike)
         graph.outputs = graph.inputs = None  # free the graph
         return (None, *input_grads, *cond_grads)
