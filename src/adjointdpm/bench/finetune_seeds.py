@@ -53,7 +53,8 @@ def recipe_key(row: dict) -> str:
     scale = [p for p in row["method"].split(":", 1)[-1].split(",") if p.startswith("reward_scale=")]
     if scale and method == "adjoint-matching":
         key += f", λ {float(scale[0].split('=')[1]):g}"
-    return key + f", {row['iterations']} it"
+    key += f", {row['iterations']} it"
+    return key + (", --keep-best" if row.get("keep_best") is not None else "")
 
 
 def row_metrics(row: dict, base: dict, real: dict[str, float]) -> dict:
@@ -75,6 +76,7 @@ def aggregate(table: dict, real: dict[str, float]) -> tuple[dict, "OrderedDict[s
         if r["run"] == "base":
             continue
         groups.setdefault(recipe_key(r), []).append({"seed": r["seed"], "calls": r["model_calls"],
+                                                     "kept": r.get("keep_best"),
                                                      **row_metrics(r, base, real)})
     base_metrics = row_metrics(base, base, real)
     base_metrics["base_known_vs_real"] = sum(base["diversity"][w] / real[w] for w in KNOWN) / len(KNOWN)
@@ -91,12 +93,12 @@ def _cell(values: list[float], fmt: str, percent: bool = False) -> str:
 
 def markdown(base: dict, groups: dict) -> str:
     head = ("| recipe | training seeds | model calls | eight | nine | lowest of 0–7 | diversity kept, 0–7 | "
-            "diversity vs real, 8 / 9 | FD mean | FD worst digit |")
+            "diversity vs real, 8 / 9 | FD mean | FD worst digit | off-manifold images (of 320) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     lines.append(f"| base model | — | — | {base['eight'] * 100:.0f} | {base['nine'] * 100:.0f} | "
                  f"{base['min_known'] * 100:.0f} | 100 % (base vs real on 0–7: {base['base_known_vs_real'] * 100:.0f} %) "
                  f"| {base['eight_vs_real'] * 100:.0f} / {base['nine_vs_real'] * 100:.0f} % (mixed digits) | "
-                 f"{base['fd_mean']:.1f} | {base['fd_max']:.1f} |")
+                 f"{base['fd_mean']:.1f} | {base['fd_max']:.1f} | {base.get('flagged', '–')} |")
     for key, runs in groups.items():
         seeds = ", ".join(str(r["seed"]) for r in runs)
         calls = round(sum(r["calls"] for r in runs) / len(runs))
@@ -105,7 +107,8 @@ def markdown(base: dict, groups: dict) -> str:
                      f"{_cell(col('nine'), '.0f', True)} | {_cell(col('min_known'), '.0f', True)} | "
                      f"{_cell(col('kept_known'), '.0f', True)} % | {_cell(col('eight_vs_real'), '.0f', True)} / "
                      f"{_cell(col('nine_vs_real'), '.0f', True)} % | {_cell(col('fd_mean'), '.1f')} | "
-                     f"{_cell(col('fd_max'), '.1f')} |")
+                     f"{_cell(col('fd_max'), '.1f')} | "
+                     f"{', '.join(str(r.get('flagged', '–')) for r in runs)} |")
     return "\n".join(lines) + "\n"
 
 

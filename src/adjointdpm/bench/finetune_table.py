@@ -103,7 +103,8 @@ def run_record(run: Path) -> dict:
             "train_calls": points[-1]["calls"] if points else None,
             "train_seconds": points[-1]["seconds"] if points else None, "seconds": s["seconds"], "seed": s["seed"],
             "steps": s["settings"]["steps"], "solver": s["settings"]["solver"],
-            "guidance_scale": s["settings"]["guidance_scale"], "batch": s["settings"]["batch"]}
+            "guidance_scale": s["settings"]["guidance_scale"], "batch": s["settings"]["batch"],
+            "keep_best": (s.get("kept_best") or {}).get("iteration") if s["settings"].get("keep_best") else None}
 
 
 def plot_curves(runs: list[Path], path: Path) -> None:
