@@ -51,7 +51,8 @@ VAE_HELP = ("differentiable VAE decoding (adjointdpm.vae.decode) with Stable Dif
 GPU_HELP = ("model families (SD-1.5, SDXL UNets; SD3, Flux transformers) at their native sizes, random weights, on a "
             "CUDA device: peak GPU memory and seconds per step of plain sampling and of an optimisation step "
             "through the sampler for x_T, the text embeddings, LoRA adapters and the full weights, with and "
-            "without torch.compile, plus a high-resolution VAE decode; --reduced runs tiny configs on a CPU")
+            "without torch.compile, plus a high-resolution VAE decode, and (--targets finetune) one LoRA fine-tuning "
+            "iteration per method; --reduced runs tiny configs on a CPU")
 FAMILIES_HELP = ("x_T and LoRA gradient cost per model family on reduced configs (SD 1.5, SDXL, SD3, Flux, PixArt "
                  "shapes, random weights, CPU): seconds and peak RSS of exact and backprop gradients beside the "
                  "forward sample")
@@ -138,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             from .vae import vae_table
 
             print(vae_table(result))
+        elif result.get("suite") == "finetune_cost":
+            from .finetune_cost import markdown_table
+
+            print(markdown_table(result["rows"]))
         elif result.get("suite") != "gpu":
             print(sweep_tables(result, markdown=not args.text))
             print()
