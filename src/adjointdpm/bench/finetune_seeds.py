@@ -53,6 +53,10 @@ def recipe_key(row: dict) -> str:
     scale = [p for p in row["method"].split(":", 1)[-1].split(",") if p.startswith("reward_scale=")]
     if scale and method == "adjoint-matching":
         key += f", λ {float(scale[0].split('=')[1]):g}"
+    if "guidance=all" in row["method"]:
+        key += ", guidance=all"
+    if row.get("max_grad_norm"):
+        key += f", --max-grad-norm {row['max_grad_norm']:g}"
     key += f", {row['iterations']} it"
     return key + (", --keep-best" if row.get("keep_best") is not None else "")
 

@@ -104,7 +104,8 @@ def run_record(run: Path) -> dict:
             "train_seconds": points[-1]["seconds"] if points else None, "seconds": s["seconds"], "seed": s["seed"],
             "steps": s["settings"]["steps"], "solver": s["settings"]["solver"],
             "guidance_scale": s["settings"]["guidance_scale"], "batch": s["settings"]["batch"],
-            "keep_best": (s.get("kept_best") or {}).get("iteration") if s["settings"].get("keep_best") else None}
+            "keep_best": (s.get("kept_best") or {}).get("iteration") if s["settings"].get("keep_best") else None,
+            "max_grad_norm": s["settings"].get("max_grad_norm", 0.0)}
 
 
 def plot_curves(runs: list[Path], path: Path) -> None:
