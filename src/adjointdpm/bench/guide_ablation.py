@@ -84,9 +84,18 @@ def run_one(variant: str, digit: int, seed: int, out: Path, n: int = 16, iters: 
     return {"variant": variant, "digit": digit, "seed": seed, "n": n, "options": VARIANTS[variant],
             "judge_accuracy": after.get("judge_accuracy"), "frechet_to_class": after.get("frechet_to_class"),
             "flagged": int((z > THRESHOLD).sum()), "flagged_by_run": after.get("off_manifold_count"),
-            "manifold_z_max": round(float(z.max()), 2), "model_calls": summary["model_calls"]["total"],
+            "manifold_z_max": round(float(z.max()), 2), "flagged_iterates": flagged_iterates(summary),
+            "model_calls": summary["model_calls"]["total"],
             "iterations": summary["iterations"], "seconds": round(summary["seconds"], 1),
             "flag_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def flagged_iterates(summary: dict) -> int | None:
+    """How many (iteration, sample) iterates the run's own flag fired on (None: the variant does not flag)."""
+    history = summary["loss"]["history"]
+    if not summary["settings"].get("manifold_threshold") or not any("off_manifold" in h for h in history):
+        return None
+    return int(round(sum(h.get("off_manifold", 0.0) * h.get("active", 0.0) for h in history)))
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
