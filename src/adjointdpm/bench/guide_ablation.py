@@ -84,9 +84,18 @@ def run_one(variant: str, digit: int, seed: int, out: Path, n: int = 16, iters: 
     return {"variant": variant, "digit": digit, "seed": seed, "n": n, "options": VARIANTS[variant],
             "judge_accuracy": after.get("judge_accuracy"), "frechet_to_class": after.get("frechet_to_class"),
             "flagged": int((z > THRESHOLD).sum()), "flagged_by_run": after.get("off_manifold_count"),
-            "manifold_z_max": round(float(z.max()), 2), "model_calls": summary["model_calls"]["total"],
+            "manifold_z_max": round(float(z.max()), 2), "flagged_iterates": flagged_iterates(summary),
+            "model_calls": summary["model_calls"]["total"],
             "iterations": summary["iterations"], "seconds": round(summary["seconds"], 1),
             "flag_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def flagged_iterates(summary: dict) -> int | None:
+    """How many (iteration, sample) iterates the run's own flag fired on (None: the variant does not flag)."""
+    history = summary["loss"]["history"]
+    if not summary["settings"].get("manifold_threshold") or not any("off_manifold" in h for h in history):
+        return None
+    return int(round(sum(h.get("off_manifold", 0.0) * h.get("active", 0.0) for h in history)))
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -104,19 +113,24 @@ def aggregate(rows: list[dict]) -> list[dict]:
                           "runs": len(sel), "judge_accuracy_mean": sum(acc) / len(acc), "judge_accuracy_min": min(acc),
                           "frechet_max": max(fd), "frechet_mean": sum(fd) / len(fd),
                           "flagged": sum(r["flagged"] for r in sel), "images": sum(r["n"] for r in sel),
+                          "flagged_iterates": (None if any(r.get("flagged_iterates") is None for r in sel)
+                                               else sum(r["flagged_iterates"] for r in sel)),
                           "model_calls_mean": sum(calls) / len(calls), "model_calls_total": sum(calls)})
     return table
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| variant | digit | seeds | judge accuracy mean (min) | Fréchet to class max (mean) | flagged after-images "
-             "| model calls per run (mean) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | digit | seeds | judge accuracy mean (min) | Fréchet to class max (mean) "
+             "| flagged after-images | iterates the run flagged | model calls per run (mean) |",
+             "|---|---|---|---|---|---|---|---|"]
     for t in table:
         seeds = t["seeds"]
-        span = f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ",".join(map(str, seeds))
+        contiguous = seeds == list(range(seeds[0], seeds[-1] + 1))
+        span = f"{seeds[0]}–{seeds[-1]}" if contiguous else ",".join(map(str, seeds))
+        iterates = "—" if t["flagged_iterates"] is None else t["flagged_iterates"]
         lines.append(f"| {t['variant']} | {t['digit']} | {span} | {100 * t['judge_accuracy_mean']:.1f} % "
                      f"({100 * t['judge_accuracy_min']:.0f} %) | {t['frechet_max']:.1f} ({t['frechet_mean']:.1f}) | "
-                     f"{t['flagged']} / {t['images']} | {t['model_calls_mean']:.0f} |")
+                     f"{t['flagged']} / {t['images']} | {iterates} | {t['model_calls_mean']:.0f} |")
     return "\n".join(lines)
 
 
@@ -135,8 +149,18 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}; use {', '.join(VARIANTS)}")
     rows = json.loads(args.json.read_text())["rows"] if args.json.exists() else []
+    for r in rows:  # (rows of an earlier version of this table: the count from their run folders)
+        folder = args.out / r["variant"] / f"digit_{r['digit']}" / f"seed_{r['seed']}"
+        if "flagged_iterates" not in r and (folder / "summary.json").exists():
+            r["flagged_iterates"] = flagged_iterates(json.loads((folder / "summary.json").read_text()))
     done = {(r["variant"], r["digit"], r["seed"], r["n"]) for r in rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        meta = {"command": "python -m adjointdpm.bench.guide_ablation", "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "labels": LABELS}
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "table": aggregate(rows)}, indent=1) + "\n")
+
     for seed in _ints(args.seeds):  # seed-major: a partial run has every variant on its first seeds
         for digit in _ints(args.digits):
             for variant in variants:
@@ -148,9 +172,8 @@ def main(argv=None) -> None:
                 print(f"{variant:<7} digit {digit} seed {seed}: judge {row['judge_accuracy']:.2f} "
                       f"fd {row['frechet_to_class']:.1f} flagged {row['flagged']} calls {row['model_calls']} "
                       f"{row['seconds']:.0f} s", flush=True)
-                meta = {"command": "python -m adjointdpm.bench.guide_ablation", "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "labels": LABELS}
-                args.json.write_text(json.dumps({"meta": meta, "rows": rows, "table": aggregate(rows)}, indent=1) + "\n")
+                save()
+    save()
     print(markdown(aggregate(rows)))
 
 
