@@ -181,6 +181,34 @@ def test_method_lean_adjoint_uses_base_with_lora():
     assert report.vjp_calls > 0 and math.isfinite(report.loss)
 
 
+
+def test_guidance_all_regresses_the_guided_control_at_the_base():
+    """``guidance=all``: with the current model equal to the base, the guided control is zero, so the loss is
+    the target alone — ‖s_k ã_{k+1}‖² of the guided chain's lean adjoint — and differs from the conditional
+    chain's; an unknown value is one line."""
+    from adjointdpm.finetuning import MethodError
+
+    with pytest.raises(MethodError, match="guidance must be one of sampling, all"):
+        AdjointMatchingMethod(guidance="cfg")
+    steps = 5
+    sched, net = ddpm_scheduler(steps), TinyNet(seed=6)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, dtype=F64, generator=gen)
+    cond, uncond = torch.randn(4, 2, dtype=F64, generator=gen), torch.randn(4, 2, dtype=F64, generator=gen)
+    noises = torch.randn(steps, 4, 3, dtype=F64, generator=gen)
+    losses = {}
+    for guidance in ("sampling", "all"):
+        method = AdjointMatchingMethod(reward_scale=2.0, steps=steps, quantile="off", guidance=guidance)
+        method.prepare(net)
+        rollout = _rollout(net, sched, x, cond=cond, uncond=uncond, guidance_scale=3.0, noise=noises)
+        report = method.backward(rollout, lambda y: torch.sin(y).sum(1), torch.Generator().manual_seed(0))
+        assert report.stats["control_norm"] == pytest.approx(0.0, abs=1e-20)
+        assert report.loss == pytest.approx(report.stats["target_norm"], rel=1e-12)
+        losses[guidance] = report.loss
+        net.zero_grad(set_to_none=True)
+    assert abs(losses["all"] - losses["sampling"]) > 1e-6 * losses["sampling"]
+
+
 class _LiveSaved:
     """Counts the bytes autograd keeps saved for backward, live at once (a graph freed frees its entries)."""
 
