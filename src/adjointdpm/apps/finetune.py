@@ -517,31 +517,22 @@ class FinetuneTask(Task):
         calibrate on: then z and the flags are None."""
         from .manifold import ManifoldCalibration, base_sampler, denoising_error, off_manifold
 
-        s, dp = self.session, self.session.dp
+        s = self.session
         n = self.eval_noise.shape[0]
-        index = torch.arange(n)
-        sharded = dp.world_size > 1 and n >= dp.world_size
-        if sharded:
-            index = dp.shard(index)
+        index = s.rows_here(n)  # this process's rows, as Session.generate_all shares them
         cond = prompt_embeddings.rows(self.eval_cond, index)
+        noise = None if self.eval_streams is None else self.eval_streams.rows(index)
         sampler = base_sampler(s.network, s.schedule, s.timesteps(0), s.comps.prediction_type)
 
-        def latents_of() -> torch.Tensor:  # this process's rows, in batches as Session.generate samples them
-            out = []
-            for i in range(0, index.numel(), 64):
-                rows = index[i:i + 64]
-                c = cond if prompt_embeddings.count(cond) == 1 else prompt_embeddings.rows(cond, slice(i, i + 64))
-                noise = None if self.eval_streams is None else self.eval_streams.rows(rows)
-                out.append(s.sample(self.eval_noise[rows], c, noise=noise))
-            return torch.cat(out)
+        def latents_of() -> torch.Tensor:
+            return s.sample_latents(self.eval_noise[index], cond, noise=noise)
 
         def base_errors(latents: torch.Tensor) -> torch.Tensor:
             with self._base_model():
-                return dp.gather_shards(denoising_error(sampler, latents, cond))
+                return s.gather_rows(denoising_error(sampler, latents, cond), n)
 
         latents = latents_of()
-        images = dp.gather_shards(torch.cat([s.decode(latents[i:i + 64]).float()
-                                             for i in range(0, latents.shape[0], 64)]))
+        images = s.gather_rows(s.decode_images(latents), n)
         if n < 2:
             return images, None, None
         errors = base_errors(latents)
@@ -561,15 +552,11 @@ class FinetuneTask(Task):
         """The network as it was before training, for the duration: the LoRA adapters switched off, or the full
         weights swapped for their host copy (and back)."""
         network = self.session.network
-        if self.base_weights is None:
-            trainable = {k: p.requires_grad for k, p in self.params.items()}
-            network.disable_adapters()
-            try:
+        if self.base_weights is None:  # (the adapters switched off, the parameters' requires_grad kept)
+            from ..finetuning import BaseModel
+
+            with BaseModel(network)():
                 yield
-            finally:
-                network.enable_adapters()
-                for k, p in self.params.items():  # (peft's switch sets requires_grad itself: put ours back)
-                    p.requires_grad_(trainable[k])
             return
         from ..fsdp import like, reshard
 
