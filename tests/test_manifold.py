@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import adjointdpm as adpm
 from adjointdpm.apps import manifold as M
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -62,8 +61,7 @@ def test_denoising_error_flags_a_speckled_digit_and_not_the_models_own():
     from adjointdpm.apps.session import Session
 
     s = Session(EngineOptions())  # the embedded model as guide samples it (20 steps)
-    sampler = adpm.build_sampler(s.network, s.schedule, s.timesteps(0), solver="ddim",
-                                 prediction_type=s.comps.prediction_type, guidance_scale=1.0)
+    sampler = M.base_sampler(s.network, s.schedule, s.timesteps(0), s.comps.prediction_type)
     cond = s.encode(["a handwritten digit three"])
     with torch.no_grad():
         plain = s.sample(s.noise(32, 0), cond)
@@ -97,8 +95,7 @@ def test_flags_on_tiny_families(folders, family):
     from adjointdpm.apps.session import Session
 
     s = Session(EngineOptions(model=folders[family], steps=4))
-    sampler = adpm.build_sampler(s.network, s.schedule, s.timesteps(0), solver="ddim",
-                                 prediction_type=s.comps.prediction_type, guidance_scale=1.0)
+    sampler = M.base_sampler(s.network, s.schedule, s.timesteps(0), s.comps.prediction_type)
     cond = s.encode(["a photo"])
     with torch.no_grad():
         plain = s.sample(s.noise(24, 0), cond)

@@ -120,13 +120,10 @@ class AuditTask(Task):
     def _manifold_check(self, original_latents: torch.Tensor):
         """The base model's denoising error, calibrated on the original samples (the model's own, unattacked):
         an attacked image above the threshold left the model's manifold (:mod:`.manifold`)."""
-        import adjointdpm as adpm
-
-        from .manifold import ManifoldCalibration, ManifoldCheck, denoising_error
+        from .manifold import ManifoldCalibration, ManifoldCheck, base_sampler, denoising_error
 
         s = self.session
-        sampler = adpm.build_sampler(s.network, s.schedule, s.timesteps(0), solver="ddim",
-                                     prediction_type=s.comps.prediction_type, guidance_scale=1.0)
+        sampler = base_sampler(s.network, s.schedule, s.timesteps(0), s.comps.prediction_type)
         with torch.no_grad():  # every process's original samples calibrate (one process: these rows)
             errors = self.dp.gather_shards(denoising_error(sampler, original_latents, self.cond, seed=self.seed))
         return ManifoldCheck(sampler, self.cond, ManifoldCalibration.from_errors(errors), seed=self.seed)
