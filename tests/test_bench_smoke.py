@@ -2,6 +2,7 @@
 report) on tiny models: the numbers are meaningless, the plumbing and the checks are not."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +17,21 @@ def test_peak_rss_sees_torch_allocations():
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         del block
     assert 56 <= peak.peak_mib <= 160, peak.peak_mib
+
+
+def test_peak_rss_falls_back_to_sampling_where_clear_refs_does_nothing(monkeypatch):
+    """A kernel that accepts the clear_refs write without resetting VmHWM is detected (the old peak would
+    otherwise be read as this block's): the probe says so and PeakRSS samples RSS instead, still measuring."""
+    from adjointdpm.bench import common
+
+    monkeypatch.setattr(common, "_CLEAR_REFS_WORKS", None)
+    monkeypatch.setattr(common, "_write_clear_refs", lambda: True)
+    assert common.clear_refs_resets_high_water_mark() is False
+    with PeakRSS() as peak:
+        block = torch.ones(64 * 2**20 // 4)
+        time.sleep(0.05)
+        del block
+    assert peak.method == "RSS sampled every 1 ms" and 56 <= peak.peak_mib <= 160, (peak.method, peak.peak_mib)
 
 
 def test_compare():

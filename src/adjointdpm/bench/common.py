@@ -6,7 +6,9 @@ the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``); after the cal
 mark again (``VmHWM``). The difference is every page the call made resident — torch tensors, the
 autograd graph, allocator slack, Python objects — at its worst moment. (tracemalloc does not see torch's
 allocations and torch's profiler only sees tensors; RSS sees everything.) Where clear_refs is not
-writable, a thread samples RSS every millisecond instead (the JSON says which method was used).
+writable or the kernel accepts the write without resetting the mark (probed once per process by unmapping
+32 MiB and checking that VmHWM follows), a thread samples RSS every millisecond instead (the JSON says which
+method was used).
 """
 
 from __future__ import annotations
@@ -99,13 +101,51 @@ def _malloc_trim() -> None:
         pass
 
 
-def _reset_high_water_mark() -> bool:
+def _status_kib_pair() -> tuple[int, int]:
+    """(VmHWM, VmRSS) from one read of /proc/self/status."""
+    text = Path("/proc/self/status").read_text()
+    return tuple(int(re.search(rf"{key}:\s+(\d+)", text).group(1)) for key in ("VmHWM", "VmRSS"))
+
+
+def _write_clear_refs() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _status_kib("VmHWM") <= _status_kib("VmRSS") + 64
+        return True
     except OSError:
         return False
+
+
+_CLEAR_REFS_WORKS: bool | None = None
+
+
+def clear_refs_resets_high_water_mark() -> bool:
+    """Whether this kernel really resets VmHWM on ``clear_refs`` (probed once per process).
+
+    A kernel (or sandbox) may accept the write and do nothing; then VmHWM keeps the process's old peak and a
+    peak read from it is wrong whenever the process once held more than it holds now. The probe makes that
+    case visible: it maps and touches 32 MiB, unmaps them (VmHWM now exceeds VmRSS by about 32 MiB), writes
+    ``clear_refs`` and checks that VmHWM came down to VmRSS.
+    """
+    global _CLEAR_REFS_WORKS
+    if _CLEAR_REFS_WORKS is None:
+        import mmap
+
+        size = 32 << 20
+        try:
+            block = mmap.mmap(-1, size)
+            block.write(b"\1" * size)
+            block.close()
+        except (OSError, ValueError):
+            _CLEAR_REFS_WORKS = False
+            return False
+        hwm, rss = _status_kib_pair()
+        if hwm < rss + (size >> 10) // 2 or not _write_clear_refs():
+            _CLEAR_REFS_WORKS = False
+        else:
+            hwm, rss = _status_kib_pair()
+            _CLEAR_REFS_WORKS = hwm <= rss + (size >> 10) // 4
+    return _CLEAR_REFS_WORKS
 
 
 class PeakRSS:
@@ -114,7 +154,8 @@ class PeakRSS:
     def __enter__(self) -> "PeakRSS":
         gc.collect()
         _malloc_trim()
-        self.method = "VmHWM after clear_refs" if _reset_high_water_mark() else "RSS sampled every 1 ms"
+        use_hwm = clear_refs_resets_high_water_mark() and _write_clear_refs()
+        self.method = "VmHWM after clear_refs" if use_hwm else "RSS sampled every 1 ms"
         self.baseline_mib = rss_mib()
         if self.method.startswith("RSS"):
             self._max = self.baseline_mib
