@@ -71,6 +71,65 @@ def test_exact_is_backprop_of_minus_the_mean_reward(solver, memory):
     assert report.rewards.shape == (B,) and abs(report.loss + float(report.rewards.mean())) < 1e-12
 
 
+# --------------------------------------------------------------------------------------- KL anchor
+def _kl_reference(rollout, base, beta, steps, seed):
+    """−mean r(x_0) + β·A written from its definition: the grid points and ξ drawn as the anchor draws them
+    from the method's generator, α, σ from the scheduler's ᾱ, ε̂ the networks' outputs (ε-prediction)."""
+    net, sched = rollout.network, rollout.schedule
+    gen = torch.Generator().manual_seed(seed)
+    points = sorted(int(i) for i in torch.randperm(N, generator=gen)[:steps])
+    xi = torch.randn((len(points), B, 3), generator=gen, dtype=F64)
+    x0 = adpm.sample(net, rollout.x_T, grad="backprop", **rollout.sample_kwargs())
+    terms = []
+    for j, i in enumerate(points):
+        t = sched.timesteps[i]
+        abar = sched.alphas_cumprod[int(t)].to(F64)
+        x_i = abar.sqrt() * x0.detach() + (1 - abar).sqrt() * xi[j]
+        t_vec = torch.full((B,), float(t), dtype=F64)
+        with torch.no_grad():
+            target = base(x_i, t_vec, rollout.cond)
+        terms.append((net(x_i, t_vec, rollout.cond) - target).pow(2).mean())
+    loss = -_reward(x0).mean() + beta * torch.stack(terms).mean()
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(net.parameters()))])
+
+
+@pytest.mark.parametrize("spec", ["exact:kl=0.7,kl_steps=3", "alignprop:kl=0.7,kl_steps=3,std=0"])
+def test_kl_anchor_adds_beta_times_the_mean_squared_distance_to_the_base_model(spec):
+    """Full weights (the base is a frozen copy taken by prepare): the gradient equals autograd of the loss
+    written from its definition; at θ = base the anchor's gradient vanishes (the KL's minimum)."""
+    net = TinyNet(seed=3)
+    rollout = _rollout(net, ddim_scheduler(N))
+    method = parse_method(spec)
+    method.prepare(net)
+    base = method.anchor.base.frozen
+    plain = parse_method(spec.split(":")[0] + (":std=0" if "std=0" in spec else ""))
+    at_base, _ = _method_grads(method, rollout, seed=5)
+    without, _ = _method_grads(plain, rollout, seed=5)
+    assert torch.allclose(at_base, without, rtol=1e-10, atol=1e-13)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(11), dtype=F64))
+    grads, report = _method_grads(method, rollout, seed=5)
+    if spec.startswith("exact"):
+        assert torch.allclose(grads, _kl_reference(rollout, base, 0.7, 3, seed=5), rtol=1e-10, atol=1e-12)
+        assert (report.forward_calls, report.vjp_calls) == (2 * N + 2 * 3, N + 3)
+    assert not torch.allclose(grads, _method_grads(plain, rollout, seed=5)[0], rtol=1e-4)
+    assert report.stats["kl_anchor"] > 0
+
+
+def test_kl_anchor_draws_the_global_batch_and_cuts_this_process_rows():
+    from adjointdpm.finetuning.kl_anchor import KLAnchor
+
+    net = TinyNet()
+    whole = _rollout(net, ddim_scheduler(N))
+    anchor = KLAnchor(1.0, 2)
+    x0 = torch.zeros(B, 3, dtype=F64)
+    points, xi = anchor.draw(whole, x0, torch.Generator().manual_seed(1))
+    part = Rollout(net, whole.x_T[1:], schedule=whole.schedule, timesteps=whole.timesteps, rows=(1, B, B))
+    points_part, xi_part = anchor.draw(part, x0[1:], torch.Generator().manual_seed(1))
+    assert points == points_part and len(points) == 2 and torch.equal(xi[:, 1:], xi_part)
+
+
 # ----------------------------------------------------------------------------------------- truncated
 def _truncated_reference(rollout, k):
     """Autograd through the last k steps, the first N − k without a graph."""
@@ -260,7 +319,8 @@ def test_a_short_fine_tune_raises_the_reward(spec):
 # ------------------------------------------------------------------------------------ the parser
 def test_parse_method_reads_every_method_and_its_spec_back():
     for spec in ("exact", "exact:memory=8GiB", "truncated:k=3", "alignprop:mean=0.8,std=0.05", "onestep:margin=1.5",
-                 "adjoint:state=stored,steps=5,solver=euler", "adjoint-matching:reward_scale=100,pairing=current,quantile=off"):
+                 "adjoint:state=stored,steps=5,solver=euler", "adjoint-matching:reward_scale=100,pairing=current,quantile=off",
+                 "alignprop:kl=0.1", "exact:kl=0.5,kl_steps=3", "truncated:k=2,kl=1"):
         method = parse_method(spec)
         assert parse_method(method.spec).spec == method.spec
     assert set(METHODS) == {"exact", "truncated", "alignprop", "onestep", "adjoint", "adjoint-matching"}
@@ -275,6 +335,8 @@ def test_parse_method_reads_every_method_and_its_spec_back():
     ("exact:memory=lots", "not a size"), ("alignprop:mean=2", "mean must"), ("adjoint:state=magic", "state must"),
     ("adjoint-matching:reward_scale=0", "λ must be a number > 0"), ("adjoint-matching:reward_scale=-1", "> 0"),
     ("adjoint-matching:pairing=later", "pairing"), ("adjoint-matching:quantile=2", "quantile"),
+    ("alignprop:kl=-1", "kl .* must be a number ≥ 0"), ("exact:kl=0.1,kl_steps=0", "kl_steps"),
+    ("onestep:kl=0.1", "no option 'kl'"),
 ])
 def test_parse_method_refuses_bad_specs_in_one_line(spec, words):
     with pytest.raises(MethodError, match=words) as err:

@@ -7,6 +7,7 @@
     alignprop[:mean=F,std=F]            AlignProp's random truncation (fractions of the steps)
     onestep[:margin=M,low=F]            ReFL
     adjoint[:state=S,steps=N,solver=S]  AdjointDPM's continuous adjoint
+    (the four above also take kl=β,kl_steps=S: the KL anchor towards the base model, off at β = 0)
     adjoint-matching[:reward_scale=λ,steps=N,pairing=next|current,quantile=Q|off,ema_decay=D]
 
 Keyword defaults (``parse_method(spec, reward_scale=100.0)``) apply where the spec does not set the option

@@ -10,6 +10,9 @@
 * ``adjoint``        AdjointDPM's continuous adjoint (``Adjoint(state, steps, solver)``); deterministic
                      samplers only.
 
+Each takes ``kl=β`` (default 0: off) and ``kl_steps=S``: the KL anchor of :mod:`.kl_anchor` added to the loss,
+β·mean‖ε̂_θ − ε̂_base‖² at S re-noised grid points, which holds the model near the base distribution.
+
 Each runs ``adjointdpm.sample`` with the rollout's arguments and the mode, then back-propagates into the
 network's trainable parameters only (a reward model's own weights are never touched).
 """
@@ -26,72 +29,99 @@ from ..solvers import solver_name
 from ..stochastic import is_stochastic
 from .counting import CallCounter
 from .errors import MethodError
+from .kl_anchor import KLAnchor, check_kl
 from .method import MethodBase, backward_to_params, trainable
 from .rollout import Reward, Rollout, StepReport, checked_rewards
 
 
 def backward_through_sampler(rollout: Rollout, reward: Reward, mode: GradMode, generator: torch.Generator,
-                             stats: dict | None = None) -> StepReport:
-    """x_0 = sample(…, grad=mode); add ∇_θ(−mean r(x_0)) to the trainable parameters' ``.grad``."""
+                             stats: dict | None = None, anchor: KLAnchor | None = None) -> StepReport:
+    """x_0 = sample(…, grad=mode); add ∇_θ(−mean r(x_0) [+ β·A]) to the trainable parameters' ``.grad``."""
     rollout = rollout.with_noise_from(generator)
     params = trainable(rollout.network)
-    with CallCounter([rollout.network]) as calls:
+    stats = dict(stats or {})
+    with CallCounter([rollout.network, *(anchor.networks() if anchor else [])]) as calls:
         x0 = sample(rollout.network, rollout.x_T, grad=mode, **rollout.sample_kwargs())
         r = checked_rewards(reward, x0, need_grad=True)
         loss = -r.mean()
+        if anchor is not None:
+            penalty = anchor.penalty(rollout, x0, generator)
+            stats["kl_anchor"] = float(penalty.detach())
+            loss = loss + anchor.weight * penalty
         backward_to_params(loss, params)
-    return StepReport(r.detach(), float(loss.detach()), calls.forward, calls.vjp, dict(stats or {}))
+    return StepReport(r.detach(), float(loss.detach()), calls.forward, calls.vjp, stats)
 
 
-class ExactMethod(MethodBase):
+class ThroughSamplerMethod(MethodBase):
+    """What the methods of this module share: the optional KL anchor (``kl``, ``kl_steps``)."""
+
+    def _set_anchor(self, kl, kl_steps) -> None:
+        kl, kl_steps = check_kl(kl, kl_steps, self.name)
+        self.anchor = KLAnchor(kl, kl_steps) if kl > 0 else None
+
+    def anchor_options(self) -> dict:
+        return {} if self.anchor is None else {"kl": self.anchor.weight, "kl_steps": self.anchor.steps}
+
+    def prepare(self, network, base=None) -> None:
+        if self.anchor is not None:
+            self.anchor.prepare(network, base)
+
+    def run(self, rollout, reward, mode, generator, stats=None) -> StepReport:
+        return backward_through_sampler(rollout, reward, mode, generator, stats, self.anchor)
+
+
+class ExactMethod(ThroughSamplerMethod):
     """The full-chain gradient (our exact discrete adjoint); ``memory`` as in ``adjointdpm.Exact``."""
 
     name = "exact"
 
-    def __init__(self, memory=None):
+    def __init__(self, memory=None, kl: float = 0.0, kl_steps: int = 2):
         try:
             parse_memory(memory)
         except (TypeError, ValueError) as err:
             raise MethodError(f"exact: {err}") from None
         self.memory = memory
+        self._set_anchor(kl, kl_steps)
 
     def options(self):
-        return {} if self.memory is None else {"memory": self.memory}
+        return ({} if self.memory is None else {"memory": self.memory}) | self.anchor_options()
 
     def backward(self, rollout, reward, generator):
-        return backward_through_sampler(rollout, reward, Exact(memory=self.memory), generator)
+        return self.run(rollout, reward, Exact(memory=self.memory), generator)
 
 
-class TruncatedMethod(MethodBase):
+class TruncatedMethod(ThroughSamplerMethod):
     """DRaFT-K: the gradient through the last ``k`` sampling steps."""
 
     name = "truncated"
 
-    def __init__(self, k: int = 1):
+    def __init__(self, k: int = 1, kl: float = 0.0, kl_steps: int = 2):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise MethodError(f"truncated: k must be an integer ≥ 1 (the steps to back-propagate), got {k!r}")
         self.k = k
+        self._set_anchor(kl, kl_steps)
 
     def options(self):
-        return {"k": self.k}
+        return {"k": self.k} | self.anchor_options()
 
     def backward(self, rollout, reward, generator):
-        return backward_through_sampler(rollout, reward, Truncated(k=self.k), generator, {"k": self.k})
+        return self.run(rollout, reward, Truncated(k=self.k), generator, {"k": self.k})
 
 
-class AlignPropMethod(MethodBase):
+class AlignPropMethod(ThroughSamplerMethod):
     """AlignProp: the gradient through the last K = N − b steps, b = int(Normal(mean·N, std·N)) per iteration."""
 
     name = "alignprop"
 
-    def __init__(self, mean: float = 0.84, std: float = 0.10):
+    def __init__(self, mean: float = 0.84, std: float = 0.10, kl: float = 0.0, kl_steps: int = 2):
         if not 0.0 < float(mean) < 1.0 or float(std) < 0.0:
             raise MethodError(f"alignprop: mean must lie in (0, 1) and std be ≥ 0 (fractions of the steps), "
                               f"got mean={mean!r}, std={std!r}")
         self.mean, self.std = float(mean), float(std)
+        self._set_anchor(kl, kl_steps)
 
     def options(self):
-        return {"mean": self.mean, "std": self.std}
+        return {"mean": self.mean, "std": self.std} | self.anchor_options()
 
     def draw_k(self, num_steps: int, generator: torch.Generator) -> int:
         """The number of final steps the gradient flows through (1 … N−1; 1 when N = 1)."""
@@ -106,15 +136,16 @@ class AlignPropMethod(MethodBase):
 
     def backward(self, rollout, reward, generator):
         k = self.draw_k(rollout.num_steps, generator)
-        return backward_through_sampler(rollout, reward, Truncated(k=k), generator, {"k": k})
+        return self.run(rollout, reward, Truncated(k=k), generator, {"k": k})
 
 
-class ContinuousAdjointMethod(MethodBase):
+class ContinuousAdjointMethod(ThroughSamplerMethod):
     """AdjointDPM's continuous adjoint (``adjointdpm.Adjoint``): deterministic samplers only."""
 
     name = "adjoint"
 
-    def __init__(self, state: str = "backsolve", steps: int | None = None, solver: str | None = None):
+    def __init__(self, state: str = "backsolve", steps: int | None = None, solver: str | None = None,
+                 kl: float = 0.0, kl_steps: int = 2):
         if state not in ADJOINT_STATES:
             raise MethodError(f"adjoint: state must be one of {', '.join(ADJOINT_STATES)}, got {state!r}")
         if solver is not None and solver not in ADJOINT_SOLVERS:
@@ -122,6 +153,7 @@ class ContinuousAdjointMethod(MethodBase):
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise MethodError(f"adjoint: steps must be an integer ≥ 1, got {steps!r}")
         self.state, self.steps, self.solver = state, steps, solver
+        self._set_anchor(kl, kl_steps)
 
     def options(self):
         out = {"state": self.state}
@@ -129,7 +161,7 @@ class ContinuousAdjointMethod(MethodBase):
             out["steps"] = self.steps
         if self.solver is not None:
             out["solver"] = self.solver
-        return out
+        return out | self.anchor_options()
 
     def check_sampler(self, solver, eta=0.0):
         if is_stochastic(solver_name(solver), float(eta)):
@@ -140,4 +172,4 @@ class ContinuousAdjointMethod(MethodBase):
     def backward(self, rollout, reward, generator):
         self.check_sampler(rollout.solver, rollout.eta)
         mode = Adjoint(state=self.state, steps=self.steps, solver=self.solver)
-        return backward_through_sampler(rollout, reward, mode, generator)
+        return self.run(rollout, reward, mode, generator)
