@@ -55,6 +55,9 @@ def recipe_key(row: dict) -> str:
         key += f", λ {float(scale[0].split('=')[1]):g}"
     if "guidance=all" in row["method"]:
         key += ", guidance=all"
+    kl = [p for p in row["method"].split(":", 1)[-1].split(",") if p.startswith("kl=")]
+    if kl:
+        key += f", KL anchor β {float(kl[0].split('=')[1]):g}"
     if row.get("max_grad_norm"):
         key += f", --max-grad-norm {row['max_grad_norm']:g}"
     key += f", {row['iterations']} it"

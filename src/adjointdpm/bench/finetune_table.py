@@ -122,6 +122,9 @@ def plot_curves(runs: list[Path], path: Path) -> None:
         label = f"{s['settings']['method'].split(':')[0]} lr={s['settings']['lr']:g}"
         if s["settings"].get("reward_scale"):
             label += f" λ={s['settings']['reward_scale']:g}"
+        kl = [o for o in s["settings"]["method"].split(":", 1)[-1].split(",") if o.startswith("kl=")]
+        if kl:
+            label += f" KL β={float(kl[0].split('=')[1]):g}"
         calls = [p["calls"] for p in points]
         for ax, key in zip(axes, ("judge", "judge_accuracy", "diversity")):
             ax.plot(calls, [p[key] for p in points], marker="o", ms=3, label=label)
