@@ -288,6 +288,59 @@ def test_adjoint_matching_with_a_diffusers_unet_and_lora_adapters():
     assert report.forward_calls > 0 and report.vjp_calls > 0
 
 
+def test_kl_anchor_on_lora_adapters_reads_the_base_with_the_adapters_off():
+    """LoRA adapters in a diffusers UNet: gradient(kl=β) = gradient(kl=0) + β·∇A with A written by hand, the
+    base model being the same UNet with diffusers' disable_adapters(); the adapters' flags are restored."""
+    peft = pytest.importorskip("peft")
+    from conftest import SD_BETAS, tiny_conditional_unet
+    from diffusers import DDIMScheduler
+
+    unet = tiny_conditional_unet()
+    unet.requires_grad_(False)
+    unet.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    lora = [p for n, p in unet.named_parameters() if "lora" in n]
+    sched = DDIMScheduler(**SD_BETAS, clip_sample=False)
+    sched.set_timesteps(3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 8, 8, dtype=F64, generator=gen)
+    cond, uncond = torch.randn(2, 3, 8, dtype=F64, generator=gen), torch.randn(1, 3, 8, dtype=F64, generator=gen)
+    rollout = Rollout(unet, x, schedule=sched, timesteps=sched.timesteps, cond=cond, uncond=uncond, guidance_scale=3.0)
+
+    def reward(y):
+        return y.mean((1, 2, 3))
+
+    def grads(spec):
+        method = parse_method(spec)
+        method.prepare(unet)
+        for p in lora:
+            p.grad = None
+        report = method.backward(rollout, reward, torch.Generator().manual_seed(4))
+        assert all(p.requires_grad for p in lora)
+        return torch.cat([p.grad.flatten() for p in lora]), report
+
+    with_anchor, report = grads("alignprop:std=0,kl=0.5,kl_steps=2")
+    without, _ = grads("alignprop:std=0")
+    gen = torch.Generator().manual_seed(4)
+    torch.randn((), generator=gen, dtype=torch.float64)  # AlignProp's draw of the truncation
+    points = sorted(int(i) for i in torch.randperm(3, generator=gen)[:2])
+    xi = torch.randn((2, *x.shape), generator=gen, dtype=F64)
+    with torch.no_grad():
+        x0 = adpm.sample(unet, x, grad=None, **rollout.sample_kwargs())
+    terms = []
+    for j, i in enumerate(points):
+        t = sched.timesteps[i]
+        abar = sched.alphas_cumprod[int(t)].to(F64)
+        x_i = abar.sqrt() * x0 + (1 - abar).sqrt() * xi[j]
+        unet.disable_adapters()
+        with torch.no_grad():
+            target = unet(x_i, t, cond).sample
+        unet.enable_adapters()
+        terms.append((unet(x_i, t, cond).sample - target).pow(2).mean())
+    by_hand = torch.cat([g.flatten() for g in torch.autograd.grad(torch.stack(terms).mean(), lora)])
+    assert torch.allclose(with_anchor, without + 0.5 * by_hand, rtol=1e-9, atol=1e-12)
+    assert by_hand.norm() > 1e-3 * without.norm() and report.stats["kl_anchor"] > 0
+
+
 # ------------------------------------------------------------------------- a short fine-tune, each
 @pytest.mark.parametrize("spec", ["exact", "truncated:k=2", "alignprop", "onestep", "adjoint", "adjoint-matching"])
 def test_a_short_fine_tune_raises_the_reward(spec):
