@@ -49,13 +49,15 @@ def _cases(tmp_path, plugins):
         "no-gradient": (["--reward", f"{plugins}:no_gradient"], "no gradient"),
         "lambda": (["--method", "adjoint-matching", "--reward-scale", "-1"], "--reward-scale must be a number > 0"),
         "sampler": (["--method", "adjoint", "--solver", "ddpm"], "cannot take the stochastic sampler"),
+        "kl": (["--kl", "-0.5"], "--kl must be a number ≥ 0"),
+        "kl-method": (["--method", "onestep", "--kl", "1"], "the method 'onestep' does not take it"),
         "method": (["--method", "draft"], "unknown fine-tuning method 'draft'"),
         "report": (["--report-to", "wandb"], "--report-to must be none or tensorboard"),
     }
 
 
 @pytest.mark.parametrize("case", ["kind", "no-safetensors", "empty-prompts", "missing-prompts", "shape",
-                                  "no-gradient", "lambda", "sampler", "method", "report"])
+                                  "no-gradient", "lambda", "sampler", "method", "report", "kl", "kl-method"])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, plugins, case):
     args, words = _cases(tmp_path, plugins)[case]
     out = tmp_path / "out"
@@ -169,6 +171,11 @@ def test_defaults_are_the_digits_recipe():
     assert method_recipe(Options(method="adjoint-matching", reward_scale=3.0))[0].reward_scale == 3.0
     assert Options().iters == METHOD_RECIPES[DEFAULT_METHOD].get("iters", 40) and Options(iters=3).iters == 3
     assert Options(method="adjoint-matching:steps=2").iters == METHOD_RECIPES["adjoint-matching"].get("iters", 40)
+    recipe_kl = METHOD_RECIPES[DEFAULT_METHOD].get("kl")
+    assert (method.anchor.weight if method.anchor else None) == recipe_kl
+    assert method_recipe(Options(kl=0.25))[0].anchor.weight == 0.25  # --kl over the recipe's
+    assert method_recipe(Options(method="alignprop:kl=2", kl=0.25))[0].anchor.weight == 2.0  # the spec over --kl
+    assert method_recipe(Options(kl=0))[0].anchor is None and method_recipe(Options(method="exact"))[0].anchor is None
 
 
 def test_the_hacking_alarm_rings_when_the_judge_falls(tmp_path):

@@ -113,6 +113,10 @@ class Options:
     reward_scale: Optional[float] = option(None, "--reward-scale", help="Adjoint Matching's λ > 0: it fine-tunes "
                                            "towards p_base·exp(λ·reward) (default: its recipe's, "
                                            f"{METHOD_RECIPES['adjoint-matching']['reward_scale']:g}).")
+    kl: Optional[float] = option(None, "--kl", help="The KL anchor's weight β ≥ 0 for the methods that back-propagate "
+                                 "through the sampler (exact, truncated, alignprop, adjoint): β·‖ε_θ − ε_base‖² at "
+                                 "re-noised samples keeps the model near the base distribution (default: the "
+                                 "method's recipe's; 0: off).")
     lora_rank: int = option(4, "--lora-rank", help="LoRA rank (peft); 0 fine-tunes all the weights of the "
                                                    "denoising network (the text encoders stay frozen).")
     fsdp: bool = option(False, "--fsdp/--no-fsdp", help="With --lora-rank 0 under torchrun or accelerate launch "
@@ -149,7 +153,7 @@ SETTINGS = ("prompts", "eval_prompts", "reward", "judge_reward", "method", "rewa
 
 
 def method_recipe(options: Options):
-    """The method ``options`` name, with its recipe's λ and learning rate where not given:
+    """The method ``options`` name, with its recipe's λ, KL anchor and learning rate where not given:
     (method, learning rate)."""
     from ..finetuning import MethodError, parse_method
 
@@ -158,12 +162,18 @@ def method_recipe(options: Options):
         raise UserInputError(f"--reward-scale must be a number > 0 (Adjoint Matching's λ), got {options.reward_scale:g}")
     recipe = METHOD_RECIPES.get(method_name(spec), {})
     scale = options.reward_scale if options.reward_scale is not None else recipe.get("reward_scale")
+    if options.kl is not None and not (options.kl >= 0 and math.isfinite(options.kl)):
+        raise UserInputError(f"--kl must be a number ≥ 0 (the KL anchor's weight; 0 switches it off), got {options.kl:g}")
+    kl = options.kl if options.kl is not None else recipe.get("kl")
     try:
-        method = parse_method(spec, reward_scale=scale)
+        method = parse_method(spec, reward_scale=scale, kl=kl)
     except MethodError as e:
         raise UserInputError(f"--method: {e}") from None
     if options.reward_scale is not None and not hasattr(method, "reward_scale"):
         raise UserInputError(f"--reward-scale is Adjoint Matching's λ; the method {method.name!r} does not use it")
+    if options.kl is not None and not hasattr(method, "anchor"):
+        raise UserInputError(f"--kl is the KL anchor of the methods that back-propagate through the sampler (exact, "
+                             f"truncated, alignprop, adjoint); the method {method.name!r} does not take it")
     lr = options.lr if options.lr is not None else recipe.get("lr", 1e-3)
     if not lr > 0:
         raise UserInputError(f"--lr must be > 0, got {lr:g}")
