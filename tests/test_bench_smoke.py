@@ -165,8 +165,9 @@ def _documented_calls(method: str, n: int, stats: dict) -> tuple[int, int] | Non
         return n, 0
     if method == "exact":
         return 2 * n, n  # the sampling pass, its recomputation in the backward pass, one VJP per step
-    if method.startswith("truncated:k=") or method == "alignprop":
-        return n, stats["k"]
+    if method.startswith("truncated:k=") or method.startswith("alignprop"):
+        anchor = min(2, n) if "kl=" in method else 0  # the KL anchor: S forwards of each model, S VJPs
+        return n + 2 * anchor, stats["k"] + anchor
     if method == "onestep":
         return stats["step"] + 1, 1
     if method == "adjoint-matching":  # sampling + lean adjoint down to ã_{lowest} + one μ_base below it + the loss

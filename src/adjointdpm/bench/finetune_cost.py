@@ -55,7 +55,8 @@ from ..finetuning import CallCounter, Rollout, parse_method
 from .family_configs import FAMILIES, build_network, build_vae
 from .gpu import GUIDANCE, Inputs, sample_kwargs
 
-METHOD_SPECS = ("exact", "truncated:k=1", "truncated:k=2", "alignprop", "onestep", "adjoint", "adjoint-matching")
+METHOD_SPECS = ("exact", "truncated:k=1", "truncated:k=2", "alignprop", "alignprop:kl=3", "onestep", "adjoint",
+                "adjoint-matching")
 SAMPLE = "sample"
 MODELS = ("embedded", "sd15-reduced")
 LORA_RANK = 4
