@@ -218,3 +218,20 @@ def test_gpu_finetune_target_reduced_on_cpu(tmp_path, capsys):
     assert "| sd15 | ddim, 2 | exact | 6 (3.00) |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--methods"):
         main(["gpu", "--reduced", "--targets", "finetune", "--methods", "draft"])
+
+
+def test_the_finetune_doc_table_is_the_one_its_measurements_give(tmp_path):
+    """docs/finetune.md's recipe table is what bench.finetune_seeds makes of docs/bench/finetune_table.json (the
+    scored runs): a row edited by hand, or measurements added without regenerating the table, fail here."""
+    from pathlib import Path
+
+    from adjointdpm.bench.finetune_seeds import main as finetune_seeds
+    from adjointdpm.bench.finetune_seeds import recipe_key
+
+    root = Path(__file__).resolve().parents[1]
+    md = tmp_path / "table.md"
+    finetune_seeds([str(root / "docs/bench/finetune_table.json"), "--markdown", str(md)])
+    table = md.read_text().strip()
+    assert table.count("\n") >= 3 and table in (root / "docs/finetune.md").read_text()
+    row = {"method": "alignprop:mean=0.84,std=0.1,kl=3.0,kl_steps=2", "lr": 5e-4, "iterations": 400}
+    assert recipe_key(row) == "alignprop, lr 0.0005, KL anchor β 3, 400 it"
