@@ -77,7 +77,7 @@ EVAL_SEED_OFFSET = 104729
 #: break the model — DRaFT-1 did — so 1e-3 (about 2400 model calls each); AlignProp at 1e-3 broke one training
 #: seed of three, at 5e-4 none but it kept 55-92 % of the diversity; with the KL anchor at β = 3 over 400
 #: iterations (12 000 calls) it kept 79-92 % on training seeds 0-3 and taught both words on every one (β 1 kept
-#: less, β 5 taught "nine" on fewer seeds); Adjoint Matching moves slowly at 3e-3 with λ = 10, and at 1e-2,
+#: less, β 4 and 5 taught "nine" on fewer seeds); Adjoint Matching moves slowly at 3e-3 with λ = 10, and at 1e-2,
 #: λ = 30 its best point was 40 iterations: longer runs oscillate)
 METHOD_RECIPES = {
     "exact": {"lr": 1e-3, "iters": 40},
