@@ -85,9 +85,14 @@ def _mem_total_gib() -> float | None:
 # -- memory -----------------------------------------------------------------------------------------
 
 
-def _status_kib(key: str) -> int:
+def _status_kibs(*keys: str) -> tuple[int, ...]:
+    """The given /proc/self/status fields in KiB, from one read of the file."""
     text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{key}:\s+(\d+)", text).group(1))
+    return tuple(int(re.search(rf"{key}:\s+(\d+)", text).group(1)) for key in keys)
+
+
+def _status_kib(key: str) -> int:
+    return _status_kibs(key)[0]
 
 
 def rss_mib() -> float:
@@ -99,12 +104,6 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _status_kib_pair() -> tuple[int, int]:
-    """(VmHWM, VmRSS) from one read of /proc/self/status."""
-    text = Path("/proc/self/status").read_text()
-    return tuple(int(re.search(rf"{key}:\s+(\d+)", text).group(1)) for key in ("VmHWM", "VmRSS"))
 
 
 def _write_clear_refs() -> bool:
@@ -139,11 +138,11 @@ def clear_refs_resets_high_water_mark() -> bool:
         except (OSError, ValueError):
             _CLEAR_REFS_WORKS = False
             return False
-        hwm, rss = _status_kib_pair()
+        hwm, rss = _status_kibs("VmHWM", "VmRSS")
         if hwm < rss + (size >> 10) // 2 or not _write_clear_refs():
             _CLEAR_REFS_WORKS = False
         else:
-            hwm, rss = _status_kib_pair()
+            hwm, rss = _status_kibs("VmHWM", "VmRSS")
             _CLEAR_REFS_WORKS = hwm <= rss + (size >> 10) // 4
     return _CLEAR_REFS_WORKS
 

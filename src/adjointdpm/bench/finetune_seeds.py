@@ -47,17 +47,23 @@ def real_diversity() -> dict[str, float]:
     return {WORDS[d]: pairwise_mean_distance(feats[y == d]) for d in range(10)}
 
 
+def method_options(spec: str) -> tuple[str, dict]:
+    """A run's ``--method`` spec as ``parse_method`` reads it: (name, every option with its value)."""
+    from ..finetuning import parse_method
+
+    method = parse_method(spec)
+    return method.name, method.options()
+
+
 def recipe_key(row: dict) -> str:
-    method = row["method"].split(":")[0]
-    key = f"{method}, lr {row['lr']:g}"
-    scale = [p for p in row["method"].split(":", 1)[-1].split(",") if p.startswith("reward_scale=")]
-    if scale and method == "adjoint-matching":
-        key += f", λ {float(scale[0].split('=')[1]):g}"
-    if "guidance=all" in row["method"]:
-        key += ", guidance=all"
-    kl = [p for p in row["method"].split(":", 1)[-1].split(",") if p.startswith("kl=")]
-    if kl:
-        key += f", KL anchor β {float(kl[0].split('=')[1]):g}"
+    name, options = method_options(row["method"])
+    key = f"{name}, lr {row['lr']:g}"
+    if name == "adjoint-matching":
+        key += f", λ {options['reward_scale']:g}"
+        if options["guidance"] == "all":
+            key += ", guidance=all"
+    if "kl" in options:
+        key += f", KL anchor β {options['kl']:g}"
     if row.get("max_grad_norm"):
         key += f", --max-grad-norm {row['max_grad_norm']:g}"
     key += f", {row['iterations']} it"

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .finetune_seeds import method_options
+
 
 def measure(run: Path | None, n: int = 32, seed: int = 7, steps: int | None = None, solver: str | None = None,
             guidance_scale: float | None = None) -> dict:
@@ -119,12 +121,12 @@ def plot_curves(runs: list[Path], path: Path) -> None:
     for run in runs:
         s = json.loads((run / "summary.json").read_text())
         points = s["evaluations"]
-        label = f"{s['settings']['method'].split(':')[0]} lr={s['settings']['lr']:g}"
+        name, options = method_options(s["settings"]["method"])
+        label = f"{name} lr={s['settings']['lr']:g}"
         if s["settings"].get("reward_scale"):
             label += f" λ={s['settings']['reward_scale']:g}"
-        kl = [o for o in s["settings"]["method"].split(":", 1)[-1].split(",") if o.startswith("kl=")]
-        if kl:
-            label += f" KL β={float(kl[0].split('=')[1]):g}"
+        if "kl" in options:
+            label += f" KL β={options['kl']:g}"
         calls = [p["calls"] for p in points]
         for ax, key in zip(axes, ("judge", "judge_accuracy", "diversity")):
             ax.plot(calls, [p[key] for p in points], marker="o", ms=3, label=label)
