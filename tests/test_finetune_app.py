@@ -53,11 +53,15 @@ def _cases(tmp_path, plugins):
         "kl-method": (["--method", "onestep", "--kl", "1"], "the method 'onestep' does not take it"),
         "method": (["--method", "draft"], "unknown fine-tuning method 'draft'"),
         "report": (["--report-to", "wandb"], "--report-to must be none or tensorboard"),
+        "lr-scheduler": (["--lr-scheduler", "cosin"], "--lr-scheduler must be one of constant,"),
+        "warmup-constant": (["--lr-warmup-steps", "5"], "pass --lr-scheduler constant_with_warmup"),
+        "warmup-negative": (["--lr-scheduler", "cosine", "--lr-warmup-steps", "-1"], "--lr-warmup-steps must be >= 0"),
     }
 
 
 @pytest.mark.parametrize("case", ["kind", "no-safetensors", "empty-prompts", "missing-prompts", "shape",
-                                  "no-gradient", "lambda", "sampler", "method", "report", "kl", "kl-method"])
+                                  "no-gradient", "lambda", "sampler", "method", "report", "kl", "kl-method",
+                                  "lr-scheduler", "warmup-constant", "warmup-negative"])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, plugins, case):
     args, words = _cases(tmp_path, plugins)[case]
     out = tmp_path / "out"
@@ -158,6 +162,31 @@ def test_adjoint_matching_resumes_identically(tmp_path):
     ta, tb = (load_file(str(f / "pytorch_lora_weights.safetensors")) for f in (full, part))
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert a["settings"]["method"].startswith("adjoint-matching:reward_scale=")
+
+
+def test_the_learning_rate_follows_diffusers_schedule_and_resumes(tmp_path):
+    """--lr-scheduler cosine --lr-warmup-steps 1: each iteration steps at lr·λ(i) of diffusers' get_scheduler
+    (λ(0) = 0: the first step moves nothing); interrupted after one iteration and resumed, the rates and the weights
+    are those of the uninterrupted run."""
+    from diffusers.optimization import get_scheduler
+
+    args = ["finetune", *TINY, "--method", "alignprop", "--lr", "0.01", "--lr-scheduler", "cosine",
+            "--lr-warmup-steps", "1", "--eval-every", "5", "--checkpoint-every", "1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    for extra in ([full, "--iters", "3"], [part, "--iters", "1"], [part, "--iters", "3", "--resume"]):
+        code, _, err = cli([*args, "--out", *extra])
+        assert code == 0, err
+    a, b = (json.loads((f / "summary.json").read_text()) for f in (full, part))
+    probe = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    factor = get_scheduler("cosine", probe, num_warmup_steps=1, num_training_steps=3).lr_lambdas[0]
+    expected = [0.01 * factor(i) for i in range(3)]
+    assert expected[0] == 0 and expected[1] == pytest.approx(0.01) and 0 < expected[2] < 0.01
+    for summary in (a, b):
+        assert [h["lr"] for h in summary["loss"]["history"]] == pytest.approx(expected, rel=1e-12)
+    assert a["settings"]["lr_scheduler"] == "cosine" and a["settings"]["lr_warmup_steps"] == 1
+    ta, tb = (load_file(str(f / "pytorch_lora_weights.safetensors")) for f in (full, part))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert any(ta[k].any() for k in ta if "lora_B" in k)  # (the later steps moved the LoRA)
 
 
 def test_defaults_are_the_digits_recipe():

@@ -87,6 +87,9 @@ METHOD_RECIPES = {
     "adjoint": {"lr": 1e-3, "iters": 40},
     "adjoint-matching": {"lr": 1e-2, "reward_scale": 30.0, "iters": 40},
 }
+#: the learning-rate schedules --lr-scheduler takes: diffusers.optimization's (its training scripts' choices)
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
 #: the method of ``adjointdpm finetune`` without --method (the best of the measured table, docs/finetune.md: over
 #: training seeds 0-3 its recipe, AlignProp with the KL anchor, gave "eight" 94-100 % and "nine" 97-100 % on
 #: fresh seeds, the known digits ≥ 97 %, 79-92 % of their diversity kept and no image off the manifold)
@@ -125,6 +128,11 @@ class Options:
                         "(torch's FSDP2 on each block of the network and on the network); --batch a multiple of "
                         "the number of processes.")
     lr: Optional[float] = option(None, "--lr", help="AdamW learning rate (default: the method's recipe).")
+    lr_scheduler: Optional[str] = option(None, "--lr-scheduler", help="How the learning rate changes over the "
+                                         f"iterations, diffusers' schedules: {' | '.join(LR_SCHEDULES)} "
+                                         "(default: the method's recipe's, constant if it names none).")
+    lr_warmup_steps: int = option(0, "--lr-warmup-steps", help="Iterations of linear warm-up from 0 to --lr "
+                                  "(schedules other than constant).")
     max_grad_norm: float = option(0.0, "--max-grad-norm", help="Clip the global norm of the weights' gradient "
                                   "to this before each step (diffusers' training scripts use 1.0; default 0: no "
                                   "clipping, the measured recipes of docs/finetune.md).")
@@ -150,7 +158,7 @@ def method_name(spec: str | None) -> str:
 
 #: what summary.json's settings hold and --resume compares, in this order
 SETTINGS = ("prompts", "eval_prompts", "reward", "judge_reward", "method", "reward_scale", "lora_rank", "lr",
-            "max_grad_norm", "keep_best", "batch", "eval_every", "eval_seeds")
+            "lr_scheduler", "lr_warmup_steps", "max_grad_norm", "keep_best", "batch", "eval_every", "eval_seeds")
 
 
 def method_recipe(options: Options):
@@ -181,6 +189,19 @@ def method_recipe(options: Options):
     return method, float(lr)
 
 
+def lr_schedule_of(options: Options) -> str:
+    """The learning-rate schedule ``options`` name (else the method's recipe's, else constant), checked."""
+    name = options.lr_scheduler or METHOD_RECIPES.get(method_name(options.method), {}).get("lr_scheduler", "constant")
+    if name not in LR_SCHEDULES:
+        raise UserInputError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULES)}, got {name!r}")
+    if options.lr_warmup_steps < 0:
+        raise UserInputError(f"--lr-warmup-steps must be >= 0, got {options.lr_warmup_steps}")
+    if options.lr_warmup_steps > 0 and name == "constant":
+        raise UserInputError("--lr-warmup-steps needs a schedule with a warm-up: pass --lr-scheduler "
+                             "constant_with_warmup (or linear, cosine, …)")
+    return name
+
+
 def build(session: Session, options: Options, seed: int = 0) -> "FinetuneTask":
     """The finetune run ``options`` describe: prompts, rewards and judge (:func:`.choose.finetune_rewards`),
     the method and its recipe, all checked before anything runs."""
@@ -189,6 +210,7 @@ def build(session: Session, options: Options, seed: int = 0) -> "FinetuneTask":
     from .choose import finetune_rewards
 
     method, lr = method_recipe(options)
+    lr_scheduler = lr_schedule_of(options)
     try:
         method.check_sampler(session.solver, session.eta)
     except MethodError as e:
@@ -205,7 +227,7 @@ def build(session: Session, options: Options, seed: int = 0) -> "FinetuneTask":
     train, held = prompt_sets
     reward, judge, reward_specs, judge_spec = finetune_rewards(session, options)
     resolved = replace(options, prompts=str(prompts_source), eval_prompts=str(eval_source), reward=reward_specs,
-                       judge_reward=judge_spec, method=method.spec, lr=lr,
+                       judge_reward=judge_spec, method=method.spec, lr=lr, lr_scheduler=lr_scheduler,
                        reward_scale=getattr(method, "reward_scale", None))
     return FinetuneTask(session, resolved, method, reward, judge, train, held, seed=seed)
 
@@ -334,6 +356,16 @@ class FinetuneTask(Task):
         return [ParamGroup("lora" if self.opts.lora_rank > 0 else "unet", self.params,
                            {"lr": self.opts.lr, "weight_decay": 0.0})]
 
+    def make_optimizer(self, groups):
+        """AdamW with diffusers' learning-rate schedule over ``--iters`` (:meth:`before_step` sets each
+        iteration's rate from the iteration alone, so a resumed run follows the same schedule)."""
+        from diffusers.optimization import get_scheduler
+
+        opt = super().make_optimizer(groups)
+        self.lr_schedule = get_scheduler(self.opts.lr_scheduler, opt, num_warmup_steps=self.opts.lr_warmup_steps,
+                                         num_training_steps=self.opts.iters)
+        return opt
+
     def counted_modules(self):
         return [self.session.network]
 
@@ -419,6 +451,9 @@ class FinetuneTask(Task):
         # (--fsdp: the gradients are sharded DTensors; torch's clip takes the norm over the whole of them)
         norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), limit if limit > 0 else math.inf)
         self._step_logs["grad_norm"] = float(full_tensor(norm))
+        for group, factor in zip(self.lr_schedule.optimizer.param_groups, self.lr_schedule.lr_lambdas):
+            group["lr"] = group["initial_lr"] * factor(iteration)
+        self._step_logs["lr"] = self.lr_schedule.optimizer.param_groups[0]["lr"]
 
     def after_step(self, iteration: int) -> None:
         done = iteration + 1

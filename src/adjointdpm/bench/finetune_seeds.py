@@ -58,6 +58,10 @@ def method_options(spec: str) -> tuple[str, dict]:
 def recipe_key(row: dict) -> str:
     name, options = method_options(row["method"])
     key = f"{name}, lr {row['lr']:g}"
+    if row.get("lr_scheduler", "constant") != "constant":
+        key += f" {row['lr_scheduler']}"
+        if row.get("lr_warmup_steps"):
+            key += f" (warm-up {row['lr_warmup_steps']})"
     if name == "adjoint-matching":
         key += f", λ {options['reward_scale']:g}"
         if options["guidance"] == "all":

@@ -107,7 +107,9 @@ def run_record(run: Path) -> dict:
             "steps": s["settings"]["steps"], "solver": s["settings"]["solver"],
             "guidance_scale": s["settings"]["guidance_scale"], "batch": s["settings"]["batch"],
             "keep_best": (s.get("kept_best") or {}).get("iteration") if s["settings"].get("keep_best") else None,
-            "max_grad_norm": s["settings"].get("max_grad_norm", 0.0)}
+            "max_grad_norm": s["settings"].get("max_grad_norm", 0.0),
+            "lr_scheduler": s["settings"].get("lr_scheduler", "constant"),
+            "lr_warmup_steps": s["settings"].get("lr_warmup_steps", 0)}
 
 
 def plot_curves(runs: list[Path], path: Path) -> None:
