@@ -27,6 +27,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..embedded.data import WORDS
+from ..finetuning.kl_anchor import DEFAULT_ANCHOR_STEPS
 
 KNOWN = WORDS[:8]
 NEW = WORDS[8:]
@@ -68,6 +69,8 @@ def recipe_key(row: dict) -> str:
             key += ", guidance=all"
     if "kl" in options:
         key += f", KL anchor β {options['kl']:g}"
+        if options.get("kl_steps", DEFAULT_ANCHOR_STEPS) != DEFAULT_ANCHOR_STEPS:
+            key += f" at {options['kl_steps']} points"
     if row.get("max_grad_norm"):
         key += f", --max-grad-norm {row['max_grad_norm']:g}"
     key += f", {row['iterations']} it"

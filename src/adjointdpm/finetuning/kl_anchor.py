@@ -30,6 +30,9 @@ from .base_model import BaseModel
 from .errors import MethodError
 from .rollout import Rollout
 
+#: grid points per iteration at which the anchor compares the two models unless ``kl_steps`` says otherwise
+DEFAULT_ANCHOR_STEPS = 2
+
 
 def check_kl(kl, kl_steps, method: str) -> tuple[float, int]:
     if isinstance(kl, bool) or not isinstance(kl, (int, float)) or not math.isfinite(kl) or kl < 0:

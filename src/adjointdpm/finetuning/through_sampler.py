@@ -29,7 +29,7 @@ from ..solvers import solver_name
 from ..stochastic import is_stochastic
 from .counting import CallCounter
 from .errors import MethodError
-from .kl_anchor import KLAnchor, check_kl
+from .kl_anchor import DEFAULT_ANCHOR_STEPS, KLAnchor, check_kl
 from .method import MethodBase, backward_to_params, trainable
 from .rollout import Reward, Rollout, StepReport, checked_rewards
 
@@ -75,7 +75,7 @@ class ExactMethod(ThroughSamplerMethod):
 
     name = "exact"
 
-    def __init__(self, memory=None, kl: float = 0.0, kl_steps: int = 2):
+    def __init__(self, memory=None, kl: float = 0.0, kl_steps: int = DEFAULT_ANCHOR_STEPS):
         try:
             parse_memory(memory)
         except (TypeError, ValueError) as err:
@@ -95,7 +95,7 @@ class TruncatedMethod(ThroughSamplerMethod):
 
     name = "truncated"
 
-    def __init__(self, k: int = 1, kl: float = 0.0, kl_steps: int = 2):
+    def __init__(self, k: int = 1, kl: float = 0.0, kl_steps: int = DEFAULT_ANCHOR_STEPS):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise MethodError(f"truncated: k must be an integer ≥ 1 (the steps to back-propagate), got {k!r}")
         self.k = k
@@ -113,7 +113,7 @@ class AlignPropMethod(ThroughSamplerMethod):
 
     name = "alignprop"
 
-    def __init__(self, mean: float = 0.84, std: float = 0.10, kl: float = 0.0, kl_steps: int = 2):
+    def __init__(self, mean: float = 0.84, std: float = 0.10, kl: float = 0.0, kl_steps: int = DEFAULT_ANCHOR_STEPS):
         if not 0.0 < float(mean) < 1.0 or float(std) < 0.0:
             raise MethodError(f"alignprop: mean must lie in (0, 1) and std be ≥ 0 (fractions of the steps), "
                               f"got mean={mean!r}, std={std!r}")
@@ -145,7 +145,7 @@ class ContinuousAdjointMethod(ThroughSamplerMethod):
     name = "adjoint"
 
     def __init__(self, state: str = "backsolve", steps: int | None = None, solver: str | None = None,
-                 kl: float = 0.0, kl_steps: int = 2):
+                 kl: float = 0.0, kl_steps: int = DEFAULT_ANCHOR_STEPS):
         if state not in ADJOINT_STATES:
             raise MethodError(f"adjoint: state must be one of {', '.join(ADJOINT_STATES)}, got {state!r}")
         if solver is not None and solver not in ADJOINT_SOLVERS:
