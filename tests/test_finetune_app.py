@@ -54,7 +54,7 @@ def _cases(tmp_path, plugins):
         "method": (["--method", "draft"], "unknown fine-tuning method 'draft'"),
         "report": (["--report-to", "wandb"], "--report-to must be none or tensorboard"),
         "lr-scheduler": (["--lr-scheduler", "cosin"], "--lr-scheduler must be one of constant,"),
-        "warmup-constant": (["--lr-warmup-steps", "5"], "pass --lr-scheduler constant_with_warmup"),
+        "warmup-constant": (["--method", "exact", "--lr-warmup-steps", "5"], "pass --lr-scheduler constant_with_warmup"),
         "warmup-negative": (["--lr-scheduler", "cosine", "--lr-warmup-steps", "-1"], "--lr-warmup-steps must be >= 0"),
     }
 
@@ -166,31 +166,36 @@ def test_adjoint_matching_resumes_identically(tmp_path):
 
 def test_the_learning_rate_follows_diffusers_schedule_and_resumes(tmp_path):
     """--lr-scheduler cosine --lr-warmup-steps 1: each iteration steps at lr·λ(i) of diffusers' get_scheduler
-    (λ(0) = 0: the first step moves nothing); interrupted after one iteration and resumed, the rates and the weights
-    are those of the uninterrupted run."""
+    over --iters (λ(0) = 0: the first step moves nothing); a run stopped early (by --budget) and resumed follows the
+    same schedule to the same weights; resuming with other --iters, which would change the schedule, is refused."""
     from diffusers.optimization import get_scheduler
 
     args = ["finetune", *TINY, "--method", "alignprop", "--lr", "0.01", "--lr-scheduler", "cosine",
-            "--lr-warmup-steps", "1", "--eval-every", "5", "--checkpoint-every", "1"]
+            "--lr-warmup-steps", "1", "--eval-every", "5", "--checkpoint-every", "1", "--iters", "4"]
     full, part = tmp_path / "full", tmp_path / "part"
-    for extra in ([full, "--iters", "3"], [part, "--iters", "1"], [part, "--iters", "3", "--resume"]):
+    for extra in ([full], [part, "--budget", "40"], [part, "--resume"]):
         code, _, err = cli([*args, "--out", *extra])
         assert code == 0, err
+        if "--budget" in extra:  # (stopped before the end of the schedule)
+            stopped = json.loads((part / "summary.json").read_text())
+            assert stopped["stopped_by"] == "budget" and 1 <= stopped["iterations"] < 4, stopped["iterations"]
     a, b = (json.loads((f / "summary.json").read_text()) for f in (full, part))
     probe = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    factor = get_scheduler("cosine", probe, num_warmup_steps=1, num_training_steps=3).lr_lambdas[0]
-    expected = [0.01 * factor(i) for i in range(3)]
-    assert expected[0] == 0 and expected[1] == pytest.approx(0.01) and 0 < expected[2] < 0.01
+    factor = get_scheduler("cosine", probe, num_warmup_steps=1, num_training_steps=4).lr_lambdas[0]
+    expected = [0.01 * factor(i) for i in range(4)]
+    assert expected[0] == 0 and expected[1] == pytest.approx(0.01) and 0 < expected[3] < expected[2] < 0.01
     for summary in (a, b):
         assert [h["lr"] for h in summary["loss"]["history"]] == pytest.approx(expected, rel=1e-12)
     assert a["settings"]["lr_scheduler"] == "cosine" and a["settings"]["lr_warmup_steps"] == 1
     ta, tb = (load_file(str(f / "pytorch_lora_weights.safetensors")) for f in (full, part))
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert any(ta[k].any() for k in ta if "lora_B" in k)  # (the later steps moved the LoRA)
+    code, _, err = cli([*args, "--out", full, "--iters", "6", "--resume"])
+    assert code == 2 and "different settings (lr_schedule_iters)" in err
 
 
 def test_defaults_are_the_digits_recipe():
-    from adjointdpm.apps.finetune import DEFAULT_METHOD, METHOD_RECIPES, Options, method_recipe
+    from adjointdpm.apps.finetune import DEFAULT_METHOD, METHOD_RECIPES, Options, lr_schedule_of, method_recipe
 
     method, lr = method_recipe(Options())
     assert method.name == DEFAULT_METHOD.partition(":")[0] and lr == METHOD_RECIPES[method.name]["lr"]
@@ -202,6 +207,9 @@ def test_defaults_are_the_digits_recipe():
     assert Options(method="adjoint-matching:steps=2").iters == METHOD_RECIPES["adjoint-matching"].get("iters", 40)
     recipe_kl = METHOD_RECIPES[DEFAULT_METHOD].get("kl")
     assert (method.anchor.weight if method.anchor else None) == recipe_kl
+    assert lr_schedule_of(Options()) == METHOD_RECIPES[DEFAULT_METHOD].get("lr_scheduler", "constant")
+    assert lr_schedule_of(Options(lr_scheduler="linear")) == "linear"  # --lr-scheduler over the recipe's
+    assert lr_schedule_of(Options(method="exact")) == "constant"  # (a recipe that names none)
     assert method_recipe(Options(kl=0.25))[0].anchor.weight == 0.25  # --kl over the recipe's
     assert method_recipe(Options(method="alignprop:kl=2", kl=0.25))[0].anchor.weight == 2.0  # the spec over --kl
     assert method_recipe(Options(kl=0))[0].anchor is None and method_recipe(Options(method="exact"))[0].anchor is None

@@ -134,7 +134,9 @@ class TestInvert(ApplicationContract):
 
 class TestFinetune(ApplicationContract):
     command = "finetune"
-    options = ["--batch", "2", "--eval-seeds", "2", "--eval-every", "2", "--lora-rank", "2"]
+    # (a constant learning rate: the contract stops a run by a smaller --iters, which a decaying schedule follows;
+    # a decaying schedule's resume is tested in tests/test_finetune_app.py)
+    options = ["--batch", "2", "--eval-seeds", "2", "--eval-every", "2", "--lora-rank", "2", "--lr-scheduler", "constant"]
     n_images = 20  # the ten digit prompts x 2 evaluation seeds
     tensors = "pytorch_lora_weights.safetensors"
     bad_input = (["--method", "adjoint-matching", "--reward-scale", "0"], "--reward-scale must be a number > 0")

@@ -125,6 +125,8 @@ def plot_curves(runs: list[Path], path: Path) -> None:
         points = s["evaluations"]
         name, options = method_options(s["settings"]["method"])
         label = f"{name} lr={s['settings']['lr']:g}"
+        if s["settings"].get("lr_scheduler", "constant") != "constant":
+            label += f" {s['settings']['lr_scheduler']}"
         if s["settings"].get("reward_scale"):
             label += f" λ={s['settings']['reward_scale']:g}"
         if "kl" in options:
