@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .finetune_seeds import method_options
+from .finetune_seeds import recipe_key
 
 
 def measure(run: Path | None, n: int = 32, seed: int = 7, steps: int | None = None, solver: str | None = None,
@@ -123,14 +123,7 @@ def plot_curves(runs: list[Path], path: Path) -> None:
     for run in runs:
         s = json.loads((run / "summary.json").read_text())
         points = s["evaluations"]
-        name, options = method_options(s["settings"]["method"])
-        label = f"{name} lr={s['settings']['lr']:g}"
-        if s["settings"].get("lr_scheduler", "constant") != "constant":
-            label += f" {s['settings']['lr_scheduler']}"
-        if s["settings"].get("reward_scale"):
-            label += f" λ={s['settings']['reward_scale']:g}"
-        if "kl" in options:
-            label += f" KL β={options['kl']:g}"
+        label = recipe_key(run_record(run))  # (the table's name for the run's recipe)
         calls = [p["calls"] for p in points]
         for ax, key in zip(axes, ("judge", "judge_accuracy", "diversity")):
             ax.plot(calls, [p[key] for p in points], marker="o", ms=3, label=label)
